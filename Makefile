@@ -1,0 +1,41 @@
+# Every target installs what it needs; running one twice is safe and quick.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+export OMP_WAIT_POLICY ?= PASSIVE
+
+.PHONY: demo test bench lint install fashion-mnist clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[data,report,export,dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist; installed when missing and we are root.
+fashion-mnist:
+	@if [ -f $(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1; DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist >/dev/null; } || \
+	  echo "warning: could not install dataset-fashion-mnist; Fashion-MNIST runs will be skipped"; \
+	else echo "note: Fashion-MNIST is not in $(FMNIST_DIR); run 'sudo apt-get install dataset-fashion-mnist' or pass --data-dir"; fi
+
+demo: install fashion-mnist
+	$(VENV)/bin/visionmix demo
+
+test: install fashion-mnist lint
+	$(PY) -m pytest -n 2 -q
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bench: install
+	$(PY) benchmarks/layers.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
