@@ -1,0 +1,27 @@
+"""Measure models (params, MACs, speed, memory) and compare them under one training recipe (SPACH, 2108.13002)."""
+
+from visionmix.bench.profile import (
+    BenchResult,
+    bench_models,
+    count_macs,
+    count_params,
+    format_table,
+    matmul_gflops,
+    peak_memory,
+    profile_model,
+    save_results,
+    time_call,
+)
+
+__all__ = [
+    "BenchResult",
+    "bench_models",
+    "count_macs",
+    "count_params",
+    "format_table",
+    "matmul_gflops",
+    "peak_memory",
+    "profile_model",
+    "save_results",
+    "time_call",
+]

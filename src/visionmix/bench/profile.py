@@ -1,0 +1,329 @@
+"""Profile a model: parameters, MACs, latency, throughput, peak memory, train form vs deployed form.
+
+Conventions (SPEC.md, "MACs"): MACs are ``torch.utils.flop_counter.FlopCounterMode``'s flop total / 2 for one image,
+so they count matmuls, convolutions and attention, not norms, activations or bias adds. Timings run the model in
+``eval()`` under ``torch.inference_mode()``: a few warm-up calls, then ``repeats`` samples, each long enough to be
+timed reliably; we report the median and the inter-quartile range relative to it ("spread").
+
+Peak memory is the largest number of bytes held at once by tensors created during one forward pass at the
+throughput batch size (activations and outputs; not the weights or the input). On CUDA it is
+``torch.cuda.max_memory_allocated`` above the level before the call, which also includes kernel workspaces. On CPU
+we track tensor storages with a dispatch mode: ``tracemalloc`` does not see torch's allocator and the process's
+peak RSS (``getrusage``) only grows, so neither can attribute a peak to one call.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import platform
+import statistics
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from visionmix.layers.validation import check_choice, check_positive
+
+FORMS = ("train", "deploy")
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameters, ``sum(p.numel())`` (buffers such as BN statistics are not parameters)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore every submodule's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass of ``model(inputs)`` in eval mode (FlopCounterMode flops / 2)."""
+    with _eval_mode(model), torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(inputs)
+    return counter.get_total_flops() // 2
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds per call over repeated samples: median and quartiles."""
+
+    median: float
+    q1: float
+    q3: float
+    samples: int
+
+    @property
+    def spread(self) -> float:
+        """Inter-quartile range relative to the median (0.05 = the middle half of the runs lie within 5%)."""
+        return (self.q3 - self.q1) / self.median
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 10, min_sample_s: float = 0.02,
+              sync: Callable[[], None] | None = None) -> Timing:
+    """Time ``fn()``: ``warmup`` calls, then ``repeats`` samples, each looping ``fn`` enough times to last about
+    ``min_sample_s`` seconds. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read."""
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    if check_positive("repeats", repeats) < 2:
+        raise ValueError(f"repeats must be at least 2 to give a spread, got {repeats}")
+    sync = sync or (lambda: None)
+
+    def clock() -> float:
+        sync()
+        return time.perf_counter()
+
+    for _ in range(warmup):
+        fn()
+    start = clock()
+    fn()
+    inner = max(1, math.ceil(min_sample_s / max(clock() - start, 1e-9)))
+    samples = []
+    for _ in range(repeats):
+        start = clock()
+        for _ in range(inner):
+            fn()
+        samples.append((clock() - start) / inner)
+    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+    return Timing(median, q1, q3, repeats)
+
+
+class _LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of storages created under the mode that are still alive, and their peak."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._tracked: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._tracked.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # Views and in-place results share an argument's storage (a weight's transpose, ``x.add_``): not new memory.
+        existing = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for leaf in tree_leaves(out):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            storage = leaf.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in existing or key in self._tracked:
+                continue
+            self._tracked.add(key)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._release, key, nbytes)
+        return out
+
+
+def peak_memory(model: nn.Module, inputs: torch.Tensor) -> int:
+    """Peak bytes of the tensors created by one eval-mode forward pass of ``model(inputs)`` (see the module doc)."""
+    with _eval_mode(model), torch.inference_mode():
+        if inputs.device.type == "cuda":
+            torch.cuda.synchronize(inputs.device)
+            before = torch.cuda.memory_allocated(inputs.device)
+            torch.cuda.reset_peak_memory_stats(inputs.device)
+            model(inputs)
+            torch.cuda.synchronize(inputs.device)
+            return torch.cuda.max_memory_allocated(inputs.device) - before
+        tracker = _LiveTensorBytes()
+        with tracker:
+            model(inputs)
+        return tracker.peak
+
+
+def _sync_for(device: torch.device) -> Callable[[], None] | None:
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def matmul_gflops(n: int = 2048, *, device: str | torch.device = "cpu", repeats: int = 10) -> float:
+    """GFLOP/s of an ``n x n @ n x n`` fp32 matmul (2 n^3 flops): the machine's practical peak, as the yardstick
+    for a model's achieved rate. Measure it in the same process as the model, since shared machines drift."""
+    device = torch.device(device)
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    out = torch.empty(n, n, device=device)
+    timing = time_call(lambda: torch.mm(a, b, out=out), repeats=repeats, sync=_sync_for(device))
+    return 2 * n**3 / timing.median / 1e9
+
+
+@dataclass
+class BenchResult:
+    """One model in one form, profiled at a given input size. ``gflops`` is the achieved rate at batch
+    ``batch_size`` (2 x MACs x images/s); ``matmul_fraction`` compares it with :func:`matmul_gflops`."""
+
+    model: str
+    form: str
+    compiled: str | None
+    device: str
+    input_size: tuple[int, int, int]
+    batch_size: int
+    params: int
+    macs: int
+    latency_ms: float
+    latency_spread: float
+    throughput: float
+    throughput_spread: float
+    peak_mem_mb: float
+    gflops: float
+    matmul_fraction: float | None = None
+
+
+def profile_model(model: nn.Module, *, name: str, form: str = "train", input_size: Sequence[int] = (3, 224, 224),
+                  batch_size: int = 8, device: str | torch.device = "cpu", compile_backend: str | None = None,
+                  warmup: int = 3, repeats: int = 10, reference_gflops: float | None = None) -> BenchResult:
+    """Profile ``model`` (moved to ``device``, put in eval mode) on random ``(B, *input_size)`` inputs.
+
+    Latency is at batch 1, throughput (images/s) and peak memory at ``batch_size``. ``compile_backend`` times
+    ``torch.compile(model, backend=...)`` instead of the eager model (params, MACs and memory stay eager).
+    ``reference_gflops`` (from :func:`matmul_gflops`, same process) fills ``matmul_fraction``.
+    """
+    check_choice("form", form, FORMS)
+    check_positive("batch_size", batch_size)
+    input_size = tuple(input_size)
+    if len(input_size) != 3:
+        raise ValueError(f"input_size must be (channels, height, width), got {input_size!r}")
+    device = torch.device(device)
+    model = model.to(device).eval()
+    one = torch.randn(1, *input_size, device=device)
+    batch = torch.randn(batch_size, *input_size, device=device)
+    runner = torch.compile(model, backend=compile_backend, dynamic=False) if compile_backend else model
+    sync = _sync_for(device)
+    with torch.inference_mode():
+        latency = time_call(lambda: runner(one), warmup=warmup, repeats=repeats, sync=sync)
+        per_batch = time_call(lambda: runner(batch), warmup=warmup, repeats=repeats, sync=sync)
+    macs = count_macs(model, one)
+    throughput = batch_size / per_batch.median
+    gflops = 2 * macs * throughput / 1e9
+    return BenchResult(
+        model=name, form=form, compiled=compile_backend, device=str(device), input_size=input_size,
+        batch_size=batch_size, params=count_params(model), macs=macs, latency_ms=latency.median * 1e3,
+        latency_spread=latency.spread, throughput=throughput, throughput_spread=per_batch.spread,
+        peak_mem_mb=peak_memory(model, batch) / 2**20, gflops=gflops,
+        matmul_fraction=gflops / reference_gflops if reference_gflops else None,
+    )
+
+
+def bench_models(names: Sequence[str], *, deploy: bool = False, batch_size: int = 8, img_size: int | None = None,
+                 in_chans: int | None = None, device: str | torch.device = "cpu", compile_backend: str | None = None,
+                 warmup: int = 3, repeats: int = 10, reference_gflops: float | None = None,
+                 model_kwargs: dict[str, Any] | None = None) -> list[BenchResult]:
+    """Build each registered model (random weights) and profile it at its default input size, or at
+    ``img_size``/``in_chans``; with ``deploy`` also profile ``visionmix.reparameterize(model)``."""
+    from visionmix.models import create_model
+    from visionmix.reparam import reparameterize
+
+    results = []
+    for name in names:
+        model = create_model(name, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
+        forms = {"train": model}
+        if deploy:
+            forms["deploy"] = reparameterize(model.eval())
+        for form, module in forms.items():
+            results.append(profile_model(
+                module, name=name, form=form, input_size=model.pretrained_cfg["input_size"], batch_size=batch_size,
+                device=device, compile_backend=compile_backend, warmup=warmup, repeats=repeats,
+                reference_gflops=reference_gflops))
+    return results
+
+
+def _si(value: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f}{suffix}"
+    return f"{value:.0f}"
+
+
+def format_table(results: Sequence[BenchResult]) -> str:
+    """A plain-text table of ``results`` for the terminal."""
+    header = ["model", "form", "input", "params", "MACs", "latency b1 (ms)", "img/s", "peak MB", "GFLOP/s"]
+    with_fraction = any(r.matmul_fraction is not None for r in results)
+    if with_fraction:
+        header.append("of matmul")
+    rows = [header]
+    for r in results:
+        row = [r.model, r.form + (f"+{r.compiled}" if r.compiled else ""), "x".join(map(str, r.input_size)),
+               _si(r.params), _si(r.macs), f"{r.latency_ms:.2f} ±{r.latency_spread:.0%}",
+               f"{r.throughput:.1f} ±{r.throughput_spread:.0%} (b{r.batch_size})", f"{r.peak_mem_mb:.1f}",
+               f"{r.gflops:.1f}"]
+        if with_fraction:
+            row.append("-" if r.matmul_fraction is None else f"{r.matmul_fraction:.2f}")
+        rows.append(row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    aligned = [[cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+               for row in rows]
+    lines = ["  ".join(row) for row in aligned]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_atomic(path: str | Path, text: str, *, force: bool = True) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader never sees half a file.
+    With ``force=False`` an existing file is an error rather than overwritten."""
+    path = Path(path)
+    if not force and path.exists():
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def environment() -> dict[str, Any]:
+    """Where a measurement was taken: versions, threads, CPU."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine(), "processor": platform.processor() or None,
+            "python": platform.python_version()}
+
+
+def to_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV text of flat dicts (the union of their keys as the header, in first-seen order)."""
+    header = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=header, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def save_results(results: Sequence[BenchResult], path: str | Path, *, force: bool = False,
+                 meta: dict[str, Any] | None = None) -> Path:
+    """Write ``results`` as JSON (``{"meta", "results"}``) or CSV, chosen by the suffix of ``path``."""
+    path = Path(path)
+    check_choice("output suffix", path.suffix, (".json", ".csv"))
+    rows = [asdict(r) for r in results]
+    if path.suffix == ".json":
+        text = json.dumps({"meta": {**environment(), **(meta or {})}, "results": rows}, indent=2) + "\n"
+    else:
+        text = to_csv([{**row, "input_size": "x".join(map(str, row["input_size"]))} for row in rows])
+    return write_atomic(path, text, force=force)
