@@ -1,5 +1,6 @@
 """Model zoo: importing this package registers every family (SPEC.md section 2)."""
 
+from visionmix.models import mlp_mixer, s2mlp, spach  # noqa: F401  (importing registers the families)
 from visionmix.models._registry import (
     Reference,
     create_model,
@@ -9,5 +10,7 @@ from visionmix.models._registry import (
     model_entry,
     register_model,
 )
+from visionmix.models.checkpoint import load_checkpoint
 
-__all__ = ["Reference", "create_model", "default_cfg", "is_model", "list_models", "model_entry", "register_model"]
+__all__ = ["Reference", "create_model", "default_cfg", "is_model", "list_models", "load_checkpoint", "model_entry",
+           "register_model"]
