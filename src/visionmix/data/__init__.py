@@ -1,0 +1,23 @@
+"""In-memory image datasets, batched loading and batched augmentation (SPEC.md section 4)."""
+
+from visionmix.data.datasets import (
+    DATASETS,
+    FASHION_MNIST_DIR,
+    DataError,
+    ImageDataset,
+    build_dataset,
+    load_cifar,
+    load_digits,
+    load_fashion_mnist,
+    load_image_folder,
+    read_cifar_batch,
+    read_idx,
+)
+from visionmix.data.loader import BatchLoader, stable_seed
+from visionmix.data.transforms import CropFlip, normalize
+
+__all__ = [
+    "DATASETS", "FASHION_MNIST_DIR", "BatchLoader", "CropFlip", "DataError", "ImageDataset", "build_dataset",
+    "load_cifar", "load_digits", "load_fashion_mnist", "load_image_folder", "normalize", "read_cifar_batch",
+    "read_idx", "stable_seed",
+]

@@ -1,0 +1,362 @@
+"""Image classification datasets held in memory as uint8 tensors (N, C, H, W) with int64 labels.
+
+Readers: Fashion-MNIST IDX files (raw or ``.gz``), CIFAR-10/100 python batches (through a restricted unpickler),
+ImageFolder trees (Pillow) and scikit-learn's bundled 8x8 digits (upsampled to 28x28 so every nano model takes
+them). Every reader checks what it reads and raises :class:`DataError` with a one-line message naming the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import pickle
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "digits")
+SPLITS = ("train", "test")
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+DIGITS_TEST_FRACTION = 0.2
+
+
+class DataError(ValueError):
+    """A dataset is missing, malformed or unusable; the message is one line saying which file and what to do."""
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """An in-memory split: ``images`` uint8 (N, C, H, W), ``labels`` int64 (N,) in ``[0, num_classes)``.
+
+    ``mean``/``std`` (per channel, for images scaled to [0, 1]) normalise inputs; ``hflip`` says whether a
+    horizontal flip keeps the label (clothes, objects: yes; digits: no); ``crop_padding`` is the padding of the
+    random-crop augmentation.
+    """
+
+    name: str
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool
+    crop_padding: int
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"{self.name} {self.split}: images must be a uint8 (N, C, H, W) tensor, "
+                            f"got {self.images.dtype} of shape {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise DataError(f"{self.name} {self.split}: {len(self.images)} images but labels of shape "
+                            f"{tuple(self.labels.shape)} ({self.labels.dtype}); they must be int64 (N,)")
+        _check_label_range(self.labels, len(self.classes), f"{self.name} {self.split}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise DataError(f"{self.name}: mean/std need {self.channels} entries, got {self.mean} / {self.std}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (self.images.shape[2], self.images.shape[3])
+
+    def subset(self, max_samples: int | None) -> ImageDataset:
+        """At most ``max_samples`` images, a fixed random choice (the same for every call and seed)."""
+        if max_samples is None or max_samples >= len(self):
+            return self
+        if max_samples <= 0:
+            raise DataError(f"max_samples must be positive, got {max_samples}")
+        keep = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:max_samples].sort().values
+        return replace(self, images=self.images[keep], labels=self.labels[keep])
+
+    def with_stats(self, mean: Sequence[float], std: Sequence[float]) -> ImageDataset:
+        """The same images normalised with other statistics (a test split uses its training split's)."""
+        return replace(self, mean=tuple(mean), std=tuple(std))
+
+
+def build_dataset(name: str, split: str = "train", data_dir: str | Path | None = None,
+                  max_samples: int | None = None, *, image_size: int | None = None) -> ImageDataset:
+    """Load split ``split`` of dataset ``name`` (one of :data:`DATASETS`) into memory.
+
+    ``data_dir`` defaults to Debian's Fashion-MNIST directory for ``fashion-mnist``; the other file-based datasets
+    need it. ``image_size`` resizes (bilinear) to a square size; by default images keep their size, except
+    ImageFolder (32) and digits (8 -> 28).
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if image_size is not None and image_size <= 0:
+        raise DataError(f"image_size must be positive, got {image_size}")
+    if name == "fashion-mnist":
+        ds = load_fashion_mnist(data_dir or FASHION_MNIST_DIR, split)
+    elif name in ("cifar10", "cifar100"):
+        ds = load_cifar(name, data_dir, split)
+    elif name == "imagefolder":
+        ds = load_image_folder(data_dir, split, image_size or 32)
+    else:
+        ds = load_digits(split, image_size or 28)
+    ds = ds.subset(max_samples)
+    if image_size is not None and ds.image_size != (image_size, image_size):
+        ds = replace(ds, images=resize_uint8(ds.images, image_size))
+    return ds
+
+
+# --------------------------------------------------------------------------------------------------- IDX files
+_IDX_UBYTE = 0x08
+
+
+def _read_bytes(path: Path) -> bytes:
+    """Whole file, gunzipped when it ends in .gz; a damaged gzip stream is a :class:`DataError`."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise DataError(f"{path}: damaged or truncated gzip file ({exc}); re-install or re-download it") from exc
+
+
+def read_idx(path: str | Path, ndim: int) -> torch.Tensor:
+    """Read an IDX file of unsigned bytes with ``ndim`` dimensions (LeCun's MNIST format) into a uint8 tensor.
+
+    Layout: magic ``0x00 0x00 0x08 ndim``, ``ndim`` big-endian uint32 sizes, then the row-major data.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    header = 4 + 4 * ndim
+    expected_magic = (_IDX_UBYTE << 8) | ndim
+    if len(raw) < 4:
+        raise DataError(f"{path}: {len(raw)} bytes is too short for an IDX file")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(f"{path}: bad magic number 0x{magic:08x}; an IDX file of {ndim}-d unsigned bytes starts "
+                        f"with 0x{expected_magic:08x}")
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header ({len(raw)} of {header} bytes)")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims))
+    if len(raw) - header != size:
+        state = "truncated" if len(raw) - header < size else "longer than its header says"
+        raise DataError(f"{path}: {state}: header says {'x'.join(map(str, dims))} = {size} bytes of data, "
+                        f"the file holds {len(raw) - header}")
+    return torch.from_numpy(np.frombuffer(raw, dtype=np.uint8, count=size, offset=header).reshape(dims).copy())
+
+
+def _find_file(directory: Path, stem: str) -> Path | None:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_fashion_mnist(data_dir: str | Path, split: str) -> ImageDataset:
+    """Fashion-MNIST (1708.07747) from the four standard IDX files, ``.gz`` or uncompressed, in ``data_dir``."""
+    data_dir = Path(data_dir)
+    prefix = "train" if split == "train" else "t10k"
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    found = [_find_file(data_dir, stem) for stem in stems]
+    missing = [stem for stem, path in zip(stems, found, strict=True) if path is None]
+    if missing:
+        where = "is not a directory" if not data_dir.is_dir() else "lacks " + ", ".join(f"{m}[.gz]" for m in missing)
+        raise DataError(f"Fashion-MNIST {split} split not found: {data_dir} {where}; install it with "
+                        f"'sudo apt-get install dataset-fashion-mnist' (files go to {FASHION_MNIST_DIR}) "
+                        f"or pass --data-dir DIR holding the four IDX files")
+    images, labels = read_idx(found[0], 3), read_idx(found[1], 1)
+    if len(images) != len(labels):
+        raise DataError(f"Fashion-MNIST {split}: {found[0].name} holds {len(images)} images but "
+                        f"{found[1].name} holds {len(labels)} labels")
+    return ImageDataset("fashion-mnist", split, images.unsqueeze(1), labels.long(), FASHION_MNIST_CLASSES,
+                        mean=(0.2860,), std=(0.3530,), hflip=True, crop_padding=2)
+
+
+# ------------------------------------------------------------------------------------------------- CIFAR batches
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what a CIFAR python batch is made of: dicts, lists, ints, bytes/str and uint8 numpy arrays."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path) -> dict[str, object]:
+    """Unpickle one CIFAR python batch (a dict) without executing anything but numpy array reconstruction.
+
+    Keys come back as ``str`` whether the file was written by Python 2 (bytes keys) or Python 3.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            obj = _CifarUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise DataError(f"{path}: not a CIFAR python batch ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: not a CIFAR python batch (holds a {type(obj).__name__}, expected a dict)")
+    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
+
+
+def _cifar_arrays(path: Path, label_key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = read_cifar_batch(path)
+    data, labels = batch.get("data"), batch.get(label_key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: 'data' must be a uint8 array of shape (N, 3072), got {got}")
+    if not isinstance(labels, list | np.ndarray) or len(labels) != len(data):
+        count = len(labels) if isinstance(labels, list | np.ndarray) else type(labels).__name__
+        raise DataError(f"{path}: {len(data)} images but {count} entries under {label_key!r}")
+    try:
+        targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise DataError(f"{path}: {label_key!r} must hold integers ({exc})") from exc
+    return torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()), targets
+
+
+def _cifar_names(meta_path: Path, key: str, fallback: Sequence[str]) -> tuple[str, ...]:
+    if not meta_path.is_file():
+        return tuple(fallback)
+    names = read_cifar_batch(meta_path).get(key)
+    if not isinstance(names, list) or len(names) != len(fallback):
+        raise DataError(f"{meta_path}: expected {len(fallback)} names under {key!r}")
+    return tuple(n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names)
+
+
+def load_cifar(name: str, data_dir: str | Path | None, split: str) -> ImageDataset:
+    """CIFAR-10 or CIFAR-100 from the "python version" batches (Krizhevsky 2009), fine labels for CIFAR-100."""
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    how = (f"download cifar-{name[5:]}-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html, extract it "
+           f"and pass --data-dir pointing at {folder}")
+    if data_dir is None:
+        raise DataError(f"{name} needs --data-dir: {how}")
+    root = Path(data_dir)
+    if (root / folder).is_dir():
+        root = root / folder
+    if name == "cifar10":
+        files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+        label_key, meta, meta_key, fallback = "labels", "batches.meta", "label_names", CIFAR10_CLASSES
+    else:
+        files = [split]
+        label_key, meta, meta_key, fallback = "fine_labels", "meta", "fine_label_names", tuple(map(str, range(100)))
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise DataError(f"{name} {split} split not found: {root} lacks {', '.join(missing)}; {how}")
+    arrays = [_cifar_arrays(root / f, label_key) for f in files]
+    images, labels = torch.cat([a[0] for a in arrays]), torch.cat([a[1] for a in arrays])
+    classes = _cifar_names(root / meta, meta_key, fallback)
+    if name == "cifar10":
+        stats = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    else:
+        stats = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+    return ImageDataset(name, split, images, labels, classes, *stats, hflip=True, crop_padding=4)
+
+
+# ------------------------------------------------------------------------------------------------- ImageFolder
+def load_image_folder(data_dir: str | Path | None, split: str, image_size: int = 32) -> ImageDataset:
+    """``data_dir/{train,test}/<class>/<image>`` (``val`` is accepted for ``test``), decoded with Pillow to RGB and
+    resized to ``image_size`` x ``image_size``. Classes are the sorted sub-folders of ``train`` (else of the split).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if data_dir is None:
+        raise DataError("imagefolder needs --data-dir DIR with DIR/train/<class>/*.png and DIR/test/<class>/*.png")
+    root = Path(data_dir)
+    names = ("train",) if split == "train" else ("test", "val")
+    split_dir = next((root / n for n in names if (root / n).is_dir()), None)
+    if split_dir is None:
+        raise DataError(f"imagefolder: {root} has no {' or '.join(names)} folder (expected "
+                        f"{root}/{names[0]}/<class>/<image>)")
+    class_root = root / "train" if (root / "train").is_dir() else split_dir
+    classes = tuple(sorted(p.name for p in class_root.iterdir() if p.is_dir()))
+    if not classes:
+        raise DataError(f"imagefolder: {class_root} has no class sub-folders")
+    unknown = sorted({p.name for p in split_dir.iterdir() if p.is_dir()} - set(classes))
+    if unknown:
+        raise DataError(f"imagefolder: {split_dir} has classes missing from {class_root}: {', '.join(unknown)}")
+    images, labels = [], []
+    for index, cls in enumerate(classes):
+        if not (split_dir / cls).is_dir():
+            continue
+        for path in sorted((split_dir / cls).iterdir()):
+            if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                continue
+            try:
+                with Image.open(path) as im:
+                    rgb = im.convert("RGB")
+            except (UnidentifiedImageError, OSError) as exc:
+                raise DataError(f"imagefolder: cannot decode {path} ({exc})") from exc
+            if rgb.size != (image_size, image_size):
+                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            images.append(np.asarray(rgb, dtype=np.uint8))
+            labels.append(index)
+    if not images:
+        raise DataError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}/<class>/")
+    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    mean, std = channel_stats(tensor)
+    return ImageDataset("imagefolder", split, tensor, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
+                        hflip=True, crop_padding=max(1, image_size // 8))
+
+
+# ------------------------------------------------------------------------------------------------------ digits
+def load_digits(split: str, image_size: int = 28) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 17 grey levels) as uint8, upsampled bilinearly to
+    ``image_size`` (default 28, the nano models' input). A fixed shuffle puts 20% in ``test``. No flips."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_test = round(len(labels) * DIGITS_TEST_FRACTION)
+    train_idx, test_idx = order[n_test:], order[:n_test]
+    images = resize_uint8(images, image_size)
+    mean, std = channel_stats(images[train_idx])
+    keep = train_idx if split == "train" else test_idx
+    return ImageDataset("digits", split, images[keep], labels[keep], tuple(map(str, range(10))), mean, std,
+                        hflip=False, crop_padding=max(1, image_size // 14))
+
+
+# ------------------------------------------------------------------------------------------------------ helpers
+def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
+    """Bilinear resize of uint8 (N, C, H, W) images to (size, size), in chunks to bound memory."""
+    out = [F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=part.shape[-1] > size).round_().clamp_(0, 255).to(torch.uint8)
+           for part in images.split(chunk)]
+    return torch.cat(out)
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, C, H, W) images scaled to [0, 1], in float64."""
+    x = images.transpose(0, 1).reshape(images.shape[1], -1).double() / 255.0
+    return tuple(x.mean(1).tolist()), tuple(x.std(1).clamp_min(1e-3).tolist())
+
+
+def _check_label_range(labels: torch.Tensor, num_classes: int, what: str) -> None:
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise DataError(f"{what}: labels span [{int(labels.min())}, {int(labels.max())}], expected [0, "
+                        f"{num_classes - 1}]")
+

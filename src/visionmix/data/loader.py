@@ -1,0 +1,78 @@
+"""Batches of an in-memory :class:`~visionmix.data.datasets.ImageDataset`, sharded like a DistributedSampler.
+
+Epoch ``e`` visits ``randperm(N)`` drawn from ``stable_seed(seed, e)``; global batch ``k`` is positions
+``[k*B, (k+1)*B)`` of it and rank ``r`` of ``W`` takes every W-th of those rows, so the union of the W shards is
+exactly the single-process batch, and a W-process run with global batch B follows the single-process run. The
+augmentation of batch ``k`` is drawn for all B rows from ``stable_seed(seed, e, k)`` and sliced the same way. No
+state beyond (epoch, step) is needed to resume in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+from visionmix.data.datasets import ImageDataset
+from visionmix.data.transforms import CropFlip, normalize
+
+
+def stable_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a fixed function of ``parts``, the same on every machine and Python run."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+class BatchLoader:
+    """Yields ``(images, labels)``: float32 normalised (b, C, H, W) and int64 (b,) on ``device``.
+
+    ``train=True``: shuffled each epoch, the last partial global batch dropped, augmented when ``augment``;
+    ``batch_size`` is the global batch and must be divisible by ``world_size``. ``train=False``: the dataset in
+    order, rank ``r`` evaluating samples ``r, r + W, ...`` in batches of ``batch_size``.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, *, train: bool, augment: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu") -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if train and batch_size % world_size:
+            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
+        if train and batch_size > len(dataset):
+            raise ValueError(f"batch_size={batch_size} exceeds the {len(dataset)} training images; use a smaller "
+                             f"--batch-size or more --max-train-samples")
+        self.dataset = dataset
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size = rank, world_size
+        self.device = torch.device(device)
+        self.images = dataset.images.to(self.device)
+        self.labels = dataset.labels.to(self.device)
+        self.augment = CropFlip(dataset.crop_padding, dataset.hflip) if train and augment else None
+
+    def __len__(self) -> int:
+        """Steps per epoch."""
+        if self.train:
+            return len(self.dataset) // self.batch_size
+        shard = len(range(self.rank, len(self.dataset), self.world_size))
+        return -(-shard // self.batch_size)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches ``start_step, start_step + 1, ...`` of epoch ``epoch``."""
+        n, b, r, w = len(self.dataset), self.batch_size, self.rank, self.world_size
+        if self.train:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(self.seed, epoch)))
+        else:
+            order = torch.arange(r, n, w)
+        for step in range(start_step, len(self)):
+            index = order[step * b: (step + 1) * b]
+            if self.train:
+                index = index[r::w]
+            index = index.to(self.device)
+            images = self.images[index]
+            if self.augment is not None:
+                generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, step))
+                offsets, flips = self.augment.sample(b, generator)
+                images = self.augment(images, offsets[r::w], flips[r::w])
+            yield normalize(images, self.dataset.mean, self.dataset.std), self.labels[index]
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)

@@ -1,0 +1,58 @@
+"""Batched augmentation and normalisation of uint8 image batches (N, C, H, W): no per-sample Python.
+
+Random crop with zero padding and horizontal flip are one gather: output pixel (b, c, i, j) reads padded pixel
+(b, c, i + dy_b, j' + dx_b) with j' = W - 1 - j for flipped samples. Their random parameters are drawn by
+:meth:`CropFlip.sample` from an explicit generator, so a batch's augmentation is a fixed function of its seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class CropFlip:
+    """Random crop of the original size from the image zero-padded by ``padding`` (2 for 28 px, 4 for 32 px is
+    the usual choice) and, when ``hflip``, a horizontal flip with probability 1/2."""
+
+    padding: int = 0
+    hflip: bool = False
+
+    def __post_init__(self) -> None:
+        if self.padding < 0:
+            raise ValueError(f"padding must be >= 0, got {self.padding}")
+
+    def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crop offsets (n, 2) int64 in ``[0, 2 * padding]`` (dy, dx) and flip flags (n,) bool."""
+        offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=generator)
+        flips = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        return offsets, flips
+
+    def __call__(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+        """Apply the crops/flips given by :meth:`sample` to ``images`` (N, C, H, W), any dtype, any device."""
+        n, c, h, w = images.shape
+        p = self.padding
+        device = images.device
+        padded = F.pad(images, (p, p, p, p)) if p else images
+        offsets, flips = offsets.to(device), flips.to(device)
+        rows = offsets[:, :1] + torch.arange(h, device=device)  # (N, H)
+        cols = torch.arange(w, device=device).expand(n, w)
+        cols = torch.where(flips[:, None], cols.flip(1), cols) + offsets[:, 1:]  # (N, W)
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        chans = torch.arange(c, device=device)[None, :, None, None]
+        return padded[batch, chans, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
+    c = images.shape[1]
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean/std need {c} entries for {c}-channel images, got {len(mean)}/{len(std)}")
+    std_t = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(1, c, 1, 1).to(images.device)
+    shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).to(torch.float32).view(1, c, 1, 1).to(images.device)
+    return images.float().mul_(scale).add_(shift)
