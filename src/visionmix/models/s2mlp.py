@@ -136,3 +136,12 @@ def s2mlpv2_small(**kwargs: object) -> S2MLPv2:
 def s2mlpv2_medium(**kwargs: object) -> S2MLPv2:
     """S2-MLPv2-Medium: 256 x 7 then 512 x 17 (2108.01072, table 1)."""
     return S2MLPv2(**{"embed_dims": (256, 512), "depths": (7, 17), **kwargs})
+
+
+# Nano, 28x28 grey input: patch 2 -> 14x14 (C=64), merge -> 7x7 (C=128). Figures at 1x1x28x28 with 10 classes.
+@register_model(cfg=_s2mlp_cfg(input_size=(1, 28, 28), num_classes=10, mean=(0.5,), std=(0.5,)),
+                reference=Reference(params=1_035_210, gmacs=0.0579))
+def s2mlpv2_nano(**kwargs: object) -> S2MLPv2:
+    """S2-MLPv2 for 28x28 inputs: patch 2, 64 x 2 then 128 x 5."""
+    return S2MLPv2(**{"num_classes": 10, "in_chans": 1, "img_size": 28, "patch_size": 2, "embed_dims": (64, 128),
+                      "depths": (2, 5), **kwargs})

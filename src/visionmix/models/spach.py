@@ -215,19 +215,15 @@ def _spach_cfg(fixed: bool, **overrides: object) -> dict:
             "paper_ids": "arXiv:2108.13002", **overrides}
 
 
-def _register_spach(name: str, arch: list[list[tuple[str, int]]], ref: Reference, **defaults: object) -> None:
-    fixed = any(kind == "mlp" for stage in arch for kind, _ in stage)
-
+def _register_spach(name: str, arch: list[list[tuple[str, int]]], ref: Reference, cfg: dict | None = None,
+                    **defaults: object) -> None:
     def build(**kwargs: object) -> Spach:
         return Spach(**{"net_arch": arch, **defaults, **kwargs})
 
     build.__name__ = build.__qualname__ = name
     build.__doc__ = f"SPACH {name}: net_arch={arch}, {defaults} (2108.13002)."
-    cfg = _spach_cfg(fixed)
-    if "img_size" in defaults:  # nano: 28x28 grey, 10 classes
-        cfg.update(input_size=(defaults.get("in_chans", 3), defaults["img_size"], defaults["img_size"]),
-                   num_classes=defaults["num_classes"], mean=(0.5,), std=(0.5,))
-    register_model(build, cfg=cfg, reference=ref)
+    fixed = any(kind == "mlp" for stage in arch for kind, _ in stage)
+    register_model(build, cfg=_spach_cfg(fixed, **(cfg or {})), reference=ref)
 
 
 # Single-stage, patch 16: (size, type) -> (C, heads, R, depth, params, GMACs, top-1)
@@ -274,3 +270,20 @@ for (_size, _kind), (_dim, _heads, _ratio, _depths, _params, _gmacs, _top1) in _
 for _size, (_dim, _heads, _ratio, _arch, _params, _gmacs, _top1) in _HYBRID.items():
     _register_spach(f"spach_ms_{_size}_patch4_224_hybrid", _arch, Reference(params=_params, gmacs=_gmacs, top1=_top1),
                     patch_size=4, hidden_dim=_dim, num_heads=_heads, channel_ratio=_ratio)
+
+# Nano models for 28x28 grey input (10 classes): patch 4 -> 7x7 tokens (single stage, C=192), or patch 2 -> 14x14
+# then 7x7 (two stages, C=96 then 192). Attention blocks carry twice the weights of conv/mlp blocks, so the attention
+# variants have half the blocks: the three mixing types then match in parameters and MACs (SPACH's fairness rule).
+# Reference figures here are at the nano default (1x1x28x28, 10-class head), not 224.
+_NANO_CFG = {"input_size": (1, 28, 28), "num_classes": 10, "mean": (0.5,), "std": (0.5,)}
+_NANO_ARGS = {"num_classes": 10, "in_chans": 1, "img_size": 28, "num_heads": 6, "channel_ratio": 2.0}
+_NANO = {  # type -> (single-stage depth, multi-stage stage-2 depth, SS reference, MS reference)
+    "conv": (8, 6, Reference(params=1_208_650, gmacs=0.0586), Reference(params=1_055_722, gmacs=0.0623)),
+    "attn": (4, 3, Reference(params=1_202_506, gmacs=0.0620), Reference(params=1_051_114, gmacs=0.0649)),
+    "mlp": (8, 6, Reference(params=1_232_658, gmacs=0.0622), Reference(params=1_073_728, gmacs=0.0650)),
+}
+for _kind, (_ss_depth, _ms_depth, _ss_ref, _ms_ref) in _NANO.items():
+    _register_spach(f"spach_nano_{_kind}", [[(_kind, _ss_depth)]], _ss_ref, _NANO_CFG,
+                    patch_size=4, hidden_dim=192, **_NANO_ARGS)
+    _register_spach(f"spach_ms_nano_{_kind}", [[("conv", 2)], [(_kind, _ms_depth)]], _ms_ref, _NANO_CFG,
+                    patch_size=2, hidden_dim=96, **_NANO_ARGS)

@@ -1,0 +1,128 @@
+"""load_checkpoint: .pth / .safetensors round trips, training-script wrappers, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import visionmix
+from visionmix.models import create_model, load_checkpoint
+from visionmix.models.checkpoint import read_state_dict
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model("spach_ms_nano_attn")
+    with torch.no_grad():  # the head is zero-initialised: make every tensor distinguishable
+        for p in model.parameters():
+            p.normal_()
+    return model
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda sd: sd,
+    lambda sd: {"state_dict": sd, "epoch": 3},
+    lambda sd: {"model": sd, "optimizer": {"lr": 0.1}},
+    lambda sd: {"state_dict_ema": sd},
+    lambda sd: {"model": {f"module.{k}": v for k, v in sd.items()}},
+], ids=["flat", "state_dict", "model", "state_dict_ema", "module_prefix"])
+def test_pth_round_trip_with_wrappers(tmp_path, wrap):
+    src, dst = _model(0), _model(1)
+    path = tmp_path / "weights.pth"
+    torch.save(wrap(src.state_dict()), path)
+    assert load_checkpoint(dst, path) is dst
+    _assert_same_weights(src, dst)
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(src.eval()(x), dst.eval()(x), rtol=0, atol=0)
+
+
+def test_safetensors_round_trip_and_create_model(tmp_path):
+    src = _model(0)
+    path = tmp_path / "weights.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    _assert_same_weights(src, load_checkpoint(_model(1), path))
+    _assert_same_weights(src, visionmix.create_model("spach_ms_nano_attn", checkpoint_path=str(path)))
+
+
+def test_state_dict_ema_is_not_preferred_over_live_weights(tmp_path):
+    live, ema = _model(0), _model(1)
+    path = tmp_path / "train.pt"
+    torch.save({"state_dict_ema": ema.state_dict(), "state_dict": live.state_dict()}, path)
+    _assert_same_weights(live, load_checkpoint(_model(2), path))
+
+
+def test_weights_only_refuses_pickled_objects(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": _model(0).state_dict(), "obj": object()}, path)
+    with pytest.raises(Exception, match="weights_only|Unsupported global|WeightsUnpickler"):
+        read_state_dict(path)
+
+
+def test_missing_file_and_unknown_suffix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        load_checkpoint(_model(0), tmp_path / "nope.pth")
+    bad = tmp_path / "weights.npz"
+    bad.write_bytes(b"\0")
+    with pytest.raises(ValueError, match=r"unknown checkpoint suffix '\.npz'.*\.safetensors"):
+        load_checkpoint(_model(0), bad)
+
+
+def test_dict_without_weights_is_explained(tmp_path):
+    path = tmp_path / "meta.pth"
+    torch.save({"epoch": 3, "args": {"lr": 0.1}}, path)
+    with pytest.raises(ValueError, match="no tensors and none of the wrapper keys"):
+        load_checkpoint(_model(0), path)
+
+
+def test_key_mismatches_are_listed(tmp_path):
+    state = _model(0).state_dict()
+    state.pop("head.weight")
+    state["extra.weight"] = torch.zeros(1)
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"1 missing keys: head\.weight.*1 unexpected keys: extra\.weight"):
+        load_checkpoint(_model(1), path)
+    model = _model(1)
+    before = model.head.weight.clone()
+    load_checkpoint(model, path, strict=False)  # non-strict: loads what fits, leaves the rest
+    torch.testing.assert_close(model.head.weight, before)
+    torch.testing.assert_close(model.norm2.weight, state["norm2.weight"])
+
+
+def test_shape_mismatch_raises_even_when_not_strict(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save(create_model("spach_ms_nano_attn", num_classes=7).state_dict(), path)
+    with pytest.raises(ValueError, match=r"2 shape mismatches: head\.weight: checkpoint \(7, 192\) vs model \(10, 192\)"):
+        load_checkpoint(_model(0), path, strict=False)
+
+
+def test_many_missing_keys_are_abbreviated(tmp_path):
+    path = tmp_path / "w.pth"
+    torch.save({"head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)}, path)
+    with pytest.raises(ValueError, match=r"missing keys: .*\(\+\d+ more\)"):
+        load_checkpoint(_model(0), path)
+
+
+def test_checkpoint_filter_fn_is_applied(tmp_path):
+    class Renamed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 3)
+
+        @staticmethod
+        def checkpoint_filter_fn(state, model):
+            return {k.replace("linear.", "fc."): v for k, v in state.items()}
+
+    src = torch.nn.Linear(2, 3)
+    path = tmp_path / "foreign.pth"
+    torch.save({f"linear.{k}": v for k, v in src.state_dict().items()}, path)
+    model = load_checkpoint(Renamed(), path)
+    torch.testing.assert_close(model.fc.weight, src.weight)
