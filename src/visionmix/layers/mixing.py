@@ -42,6 +42,7 @@ class TokenMixingMLP(Mlp):
 
     def __init__(self, num_tokens: int, hidden_features: int | None = None, *,
                  act_layer: Callable[[], nn.Module] = nn.GELU, drop: float = 0.0) -> None:
+        check_positive("num_tokens", num_tokens)
         super().__init__(num_tokens, hidden_features, act_layer=act_layer, drop=drop)
         self.num_tokens = num_tokens
 
@@ -105,6 +106,8 @@ class LocalMHRA(nn.Module):
                  drop_path: float = 0.0) -> None:
         super().__init__()
         check_positive("dim", dim)
+        if check_positive("kernel_size", kernel_size) % 2 == 0:
+            raise ValueError(f"kernel_size must be odd so the residual keeps the size, got {kernel_size}")
         self.dim = dim
         self.pos_embed = ConvPosEnc(dim, 3)
         self.norm1 = nn.BatchNorm2d(dim)
