@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from visionmix.layers.fusion import fuse_conv_bn
+from visionmix.layers.fusion import conv2d_from_kernel, fuse_conv_bn
 from visionmix.layers.validation import check_choice, check_divisible, check_input, check_positive, to_pair
 
 
@@ -137,9 +138,10 @@ class LayerScale(nn.Module):
 
 
 class ConvBN(nn.Module):
-    """``BN(conv(x))`` with a bias-free conv; ``reparameterize()`` folds the BN into one biased ``nn.Conv2d``.
+    """``BN(conv(x))`` with a bias-free conv; ``reparameterize()`` folds the BN into one biased conv.
 
-    Parameter names ``conv.*`` and ``bn.*`` follow the DBB/RepVGG layouts.
+    Parameter names ``conv.*`` and ``bn.*`` follow the DBB/RepVGG layouts; the deployed form keeps the name
+    (``conv.weight``, ``conv.bias``) as the official deploy checkpoints do.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
@@ -158,13 +160,14 @@ class ConvBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
 
-    def reparameterize(self) -> nn.Conv2d:
-        """Return the equivalent single conv (exact in eval mode)."""
-        kernel, bias = fuse_conv_bn(self.conv.weight, self.bn)
-        c = self.conv
-        fused = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, c.dilation, c.groups,
-                          bias=True, device=kernel.device, dtype=kernel.dtype)
-        fused.weight.data.copy_(kernel)
-        fused.bias.data.copy_(bias)
-        return fused
+    @torch.no_grad()
+    def reparameterize(self) -> nn.Sequential:
+        """Return ``Sequential(conv=<biased nn.Conv2d>)``, equal to this module in eval mode.
 
+        ``self.conv`` may be any conv exposing nn.Conv2d's ``weight``/``bias``/geometry (e.g. a DOConv2d).
+        """
+        c = self.conv
+        kernel, bias = fuse_conv_bn(c.weight, self.bn, c.bias)
+        fused = conv2d_from_kernel(kernel, bias, stride=c.stride, padding=c.padding, dilation=c.dilation,
+                                   groups=c.groups)
+        return nn.Sequential(OrderedDict(conv=fused))
