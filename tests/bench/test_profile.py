@@ -14,9 +14,11 @@ from visionmix.bench.profile import (
     count_macs,
     count_params,
     format_table,
+    matmul_workload,
     peak_memory,
     profile_model,
     save_results,
+    time_alternately,
     time_call,
 )
 
@@ -98,6 +100,20 @@ def test_compile_backend_eager_gives_the_same_counts():
     compiled = profile_model(net, name="tiny", input_size=(3, 8, 8), batch_size=2, warmup=1, repeats=2,
                              compile_backend="eager")
     assert compiled.compiled == "eager" and (compiled.params, compiled.macs) == (eager.params, eager.macs)
+
+
+def test_time_alternately_interleaves_the_callables():
+    calls = []
+    timings = time_alternately({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1,
+                               repeats=3, min_sample_s=0.0)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up + calibration each, then one of each per round
+    assert set(timings) == {"a", "b"} and all(t.samples == 3 for t in timings.values())
+
+
+def test_matmul_workload_computes_a_product_and_counts_its_flops():
+    fn, flops = matmul_workload(16)
+    out = fn()
+    assert flops == 2 * 16**3 and out.shape == (16, 16)
 
 
 def _result(**overrides) -> BenchResult:

@@ -7,9 +7,11 @@ from visionmix.bench.profile import (
     count_params,
     format_table,
     matmul_gflops,
+    matmul_workload,
     peak_memory,
     profile_model,
     save_results,
+    time_alternately,
     time_call,
 )
 
@@ -20,8 +22,10 @@ __all__ = [
     "count_params",
     "format_table",
     "matmul_gflops",
+    "matmul_workload",
     "peak_memory",
     "profile_model",
     "save_results",
+    "time_alternately",
     "time_call",
 ]

@@ -24,7 +24,7 @@ import statistics
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -80,33 +80,51 @@ class Timing:
         return (self.q3 - self.q1) / self.median
 
 
-def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 10, min_sample_s: float = 0.02,
-              sync: Callable[[], None] | None = None) -> Timing:
-    """Time ``fn()``: ``warmup`` calls, then ``repeats`` samples, each looping ``fn`` enough times to last about
-    ``min_sample_s`` seconds. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read."""
+def time_alternately(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 10,
+                     min_sample_s: float = 0.02, sync: Callable[[], None] | None = None) -> dict[str, Timing]:
+    """Time several callables in interleaved rounds, one sample of each per round, so that the drift of a shared
+    machine hits them alike and ratios of their medians are fair.
+
+    Each callable gets ``warmup`` calls, then ``repeats`` samples, each looping it enough times to last about
+    ``min_sample_s`` seconds. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read.
+    """
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
     if check_positive("repeats", repeats) < 2:
         raise ValueError(f"repeats must be at least 2 to give a spread, got {repeats}")
+    if not fns:
+        raise ValueError("fns must hold at least one callable")
     sync = sync or (lambda: None)
 
     def clock() -> float:
         sync()
         return time.perf_counter()
 
-    for _ in range(warmup):
-        fn()
-    start = clock()
-    fn()
-    inner = max(1, math.ceil(min_sample_s / max(clock() - start, 1e-9)))
-    samples = []
-    for _ in range(repeats):
-        start = clock()
-        for _ in range(inner):
+    inner = {}
+    for name, fn in fns.items():
+        for _ in range(warmup):
             fn()
-        samples.append((clock() - start) / inner)
-    q1, median, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return Timing(median, q1, q3, repeats)
+        start = clock()
+        fn()
+        inner[name] = max(1, math.ceil(min_sample_s / max(clock() - start, 1e-9)))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = clock()
+            for _ in range(inner[name]):
+                fn()
+            samples[name].append((clock() - start) / inner[name])
+    timings = {}
+    for name, values in samples.items():
+        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        timings[name] = Timing(median, q1, q3, repeats)
+    return timings
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 10, min_sample_s: float = 0.02,
+              sync: Callable[[], None] | None = None) -> Timing:
+    """Time one callable (see :func:`time_alternately` for the protocol)."""
+    return time_alternately({"fn": fn}, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s, sync=sync)["fn"]
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -161,14 +179,19 @@ def _sync_for(device: torch.device) -> Callable[[], None] | None:
     return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
-def matmul_gflops(n: int = 2048, *, device: str | torch.device = "cpu", repeats: int = 10) -> float:
-    """GFLOP/s of an ``n x n @ n x n`` fp32 matmul (2 n^3 flops): the machine's practical peak, as the yardstick
-    for a model's achieved rate. Measure it in the same process as the model, since shared machines drift."""
-    device = torch.device(device)
+def matmul_workload(n: int = 2048, *, device: str | torch.device = "cpu") -> tuple[Callable[[], Any], int]:
+    """A callable doing one fp32 ``n x n @ n x n`` matmul into a preallocated output, and its flop count 2 n^3."""
+    check_positive("n", n)
     a, b = (torch.randn(n, n, device=device) for _ in range(2))
     out = torch.empty(n, n, device=device)
-    timing = time_call(lambda: torch.mm(a, b, out=out), repeats=repeats, sync=_sync_for(device))
-    return 2 * n**3 / timing.median / 1e9
+    return (lambda: torch.mm(a, b, out=out)), 2 * n**3
+
+
+def matmul_gflops(n: int = 2048, *, device: str | torch.device = "cpu", repeats: int = 10) -> float:
+    """GFLOP/s of a 2048^3 fp32 matmul: the machine's practical peak, the yardstick for a model's achieved rate.
+    Measure it in the same process as the model (or alternately with it: :func:`time_alternately`)."""
+    fn, flops = matmul_workload(n, device=device)
+    return flops / time_call(fn, repeats=repeats, sync=_sync_for(torch.device(device))).median / 1e9
 
 
 @dataclass
@@ -281,8 +304,8 @@ def format_table(results: Sequence[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: str | Path, text: str, *, force: bool = True) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader never sees half a file.
+def write_atomic(path: str | Path, content: str | bytes, *, force: bool = True) -> Path:
+    """Write ``content`` to ``path`` through a temporary file and a rename, so a reader never sees half a file.
     With ``force=False`` an existing file is an error rather than overwritten."""
     path = Path(path)
     if not force and path.exists():
@@ -290,8 +313,9 @@ def write_atomic(path: str | Path, text: str, *, force: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
