@@ -19,8 +19,8 @@ class Mlp(nn.Module):
                  *, act_layer: Callable[[], nn.Module] = nn.GELU, drop: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         check_positive("in_features", in_features)
-        hidden_features = check_positive("hidden_features", hidden_features or in_features)
-        out_features = check_positive("out_features", out_features or in_features)
+        hidden_features = check_positive("hidden_features", in_features if hidden_features is None else hidden_features)
+        out_features = check_positive("out_features", in_features if out_features is None else out_features)
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
@@ -38,8 +38,8 @@ class ConvMlp(nn.Module):
                  *, act_layer: Callable[[], nn.Module] = nn.GELU, drop: float = 0.0, bias: bool = True) -> None:
         super().__init__()
         check_positive("in_features", in_features)
-        hidden_features = check_positive("hidden_features", hidden_features or in_features)
-        out_features = check_positive("out_features", out_features or in_features)
+        hidden_features = check_positive("hidden_features", in_features if hidden_features is None else hidden_features)
+        out_features = check_positive("out_features", in_features if out_features is None else out_features)
         self.fc1 = nn.Conv2d(in_features, hidden_features, 1, bias=bias)
         self.act = act_layer()
         self.drop1 = nn.Dropout(drop)
@@ -91,7 +91,7 @@ class PatchEmbed(nn.Module):
         x = self.proj(x).permute(0, 2, 3, 1)  # NCHW -> NHWC so the norm acts on channels
         x = self.norm(x)
         if self.output_fmt == "NCHW":
-            return x.permute(0, 3, 1, 2)
+            return x.permute(0, 3, 1, 2).contiguous()  # not a channels-last view: later convs keep NCHW
         if self.output_fmt == "NLC":
             return x.flatten(1, 2)
         return x
@@ -149,6 +149,9 @@ class ConvBN(nn.Module):
         super().__init__()
         check_positive("in_channels", in_channels)
         check_positive("out_channels", out_channels)
+        check_positive("kernel_size", kernel_size)
+        check_positive("stride", stride)
+        check_positive("dilation", dilation)
         check_positive("groups", groups)
         check_divisible("in_channels", in_channels, groups, "groups")
         check_divisible("out_channels", out_channels, groups, "groups")
