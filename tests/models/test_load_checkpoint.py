@@ -100,7 +100,8 @@ def test_key_mismatches_are_listed(tmp_path):
 def test_shape_mismatch_raises_even_when_not_strict(tmp_path):
     path = tmp_path / "w.pth"
     torch.save(create_model("spach_ms_nano_attn", num_classes=7).state_dict(), path)
-    with pytest.raises(ValueError, match=r"2 shape mismatches: head\.weight: checkpoint \(7, 192\) vs model \(10, 192\)"):
+    expected = r"2 shape mismatches: head\.weight: checkpoint \(7, 192\) vs model \(10, 192\)"
+    with pytest.raises(ValueError, match=expected):
         load_checkpoint(_model(0), path, strict=False)
 
 
