@@ -22,7 +22,8 @@ from visionmix.layers.fusion import square_conv_geometry
 from visionmix.layers.overparam import DOConv2d
 from visionmix.layers.validation import check_choice
 
-__all__ = ["Equivalence", "Reparameterizable", "check_equivalence", "convert_convs", "reparameterize"]
+__all__ = ["Equivalence", "Reparameterizable", "check_equivalence", "convert_convs", "randomize_batchnorm",
+           "reparameterize"]
 
 
 @runtime_checkable
@@ -97,7 +98,7 @@ def check_equivalence(model_a: nn.Module, model_b: nn.Module, example: torch.Ten
     finally:
         for module, training in modes:
             module.training = training
-    if len(outs_a) != len(outs_b) or any(a.shape != b.shape for a, b in zip(outs_a, outs_b, strict=True)):
+    if not outs_a or len(outs_a) != len(outs_b) or any(a.shape != b.shape for a, b in zip(outs_a, outs_b, strict=True)):
         raise ValueError(f"the models' outputs differ in structure: {[tuple(a.shape) for a in outs_a]} vs "
                          f"{[tuple(b.shape) for b in outs_b]}")
     max_abs = max((a - b).abs().max().item() for a, b in zip(outs_a, outs_b, strict=True))
@@ -106,6 +107,33 @@ def check_equivalence(model_a: nn.Module, model_b: nn.Module, example: torch.Ten
     if rtol is None:
         rtol = _DEFAULT_RTOL.get(outs_a[0].dtype, 1e-2)
     return Equivalence(max_abs=max_abs, max_rel=max_rel, scale=scale, rtol=rtol)
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN random running statistics and affine parameters, in place; returns ``model``.
+
+    Fresh BNs compute the identity (mean 0, var 1, gamma 1, beta 0) and would let a train-vs-deploy check pass with
+    a wrong fold, so equivalence checks first randomise them, as the official DBB/RepVGG tests do: mean ~ N(0, 1),
+    var ~ U(0.5, 2), gamma ~ U(0.5, 1.5), beta ~ N(0, 1).
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor) -> torch.Tensor:
+        return torch.randn(t.shape, generator=generator, dtype=torch.float64)
+
+    def uniform(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(t.shape, generator=generator, dtype=torch.float64)
+
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            if bn.running_mean is not None:
+                bn.running_mean.copy_(normal(bn.running_mean))
+                bn.running_var.copy_(uniform(bn.running_var, 0.5, 2.0))
+            if bn.affine:
+                bn.weight.copy_(uniform(bn.weight, 0.5, 1.5))
+                bn.bias.copy_(normal(bn.bias))
+    return model
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:
