@@ -1,0 +1,135 @@
+"""Export a model to ONNX or TorchScript and prove the exported file computes what PyTorch computes.
+
+Each export is written to a temporary file next to the target, reloaded in its runtime (onnxruntime, or
+``torch.jit.load``), run on the example batch and on a batch one larger (so a batch size baked into the graph is
+caught), and compared with the eager model in eval mode. Only a file that agrees within ``atol`` (max absolute
+difference) is renamed into place; otherwise :class:`ExportError` is raised and nothing is left behind. Works on any
+``nn.Module``; call ``visionmix.reparameterize`` first to export the deployed form.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from visionmix.layers.validation import check_positive
+
+
+class ExportError(RuntimeError):
+    """The model could not be exported, or the exported file disagrees with PyTorch."""
+
+
+@torch.no_grad()
+def randomize_weights(model: nn.Module, *, std: float = 0.1, seed: int = 0) -> nn.Module:
+    """Add N(0, std^2) noise to every parameter and give every BN random statistics, in place; returns ``model``.
+
+    A freshly built model can have a zero-initialised head or 1e-4 layer scales (Mixer, SPACH) that make its output
+    (nearly) constant, and a parity check on constant outputs proves nothing.
+    """
+    from visionmix.reparam import randomize_batchnorm
+
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.add_(std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return randomize_batchnorm(model, seed=seed)
+
+
+@contextmanager
+def _staged(path: str | Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds, delete it otherwise."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_parity(model: nn.Module, run: Callable[[torch.Tensor], np.ndarray], example: torch.Tensor,
+                  atol: float, what: str) -> float:
+    """Max |exported - PyTorch| over the example batch and a batch one larger; ExportError above ``atol``."""
+    worst = 0.0
+    for x in (example, torch.cat([example, example[:1]])):
+        with torch.inference_mode():
+            expected = model(x).numpy()
+        try:
+            got = run(x)
+        except Exception as err:  # a runtime's own error type; what matters is that the file does not work
+            raise ExportError(f"{what} failed on an input of shape {tuple(x.shape)}: {err}") from err
+        if got.shape != expected.shape:
+            raise ExportError(f"{what} returned shape {got.shape} for input {tuple(x.shape)}, "
+                              f"PyTorch returns {expected.shape} (batch size baked into the graph?)")
+        worst = max(worst, float(np.abs(got - expected).max()))
+    if not worst < atol:
+        raise ExportError(f"{what} differs from PyTorch by {worst:.3g} (max abs), more than atol={atol:g}")
+    return worst
+
+
+def _prepare(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    if example.dim() == 0 or example.shape[0] < 1:
+        raise ValueError(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
+    return model.cpu().eval()
+
+
+@contextmanager
+def _quiet_onnx_registry() -> Iterator[None]:
+    """The ONNX exporter logs a warning for each torchvision op it cannot find; visionmix needs none of them."""
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, opset: int = 18, atol: float = 1e-4,
+                force: bool = False) -> float:
+    """Export ``model`` with the dynamo ONNX exporter (batch dimension dynamic, weights inside the one file),
+    check it in onnxruntime and return the max absolute difference from PyTorch."""
+    import onnxruntime as ort
+
+    if check_positive("opset", opset) < 17:
+        raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
+    model = _prepare(model, example)
+    with _staged(path, force) as tmp:
+        try:
+            with _quiet_onnx_registry():
+                torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset,
+                                  external_data=False, input_names=["input"], output_names=["logits"],
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+        except Exception as err:  # the exporter raises many types; the user needs the reason, not the type
+            raise ExportError(f"ONNX export failed: {type(err).__name__}: {err}") from err
+        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        return _check_parity(model, lambda x: session.run(None, {"input": x.numpy()})[0], example, atol,
+                             "the ONNX model (onnxruntime)")
+
+
+def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor, *, atol: float = 1e-4,
+                       force: bool = False) -> float:
+    """Trace ``model`` to TorchScript, reload the saved file and return the max absolute difference from PyTorch."""
+    model = _prepare(model, example)
+    with _staged(path, force) as tmp:
+        try:
+            with torch.no_grad():
+                torch.jit.save(torch.jit.trace(model, example), str(tmp))
+        except Exception as err:  # tracing raises many types; the user needs the reason, not the type
+            raise ExportError(f"TorchScript trace failed: {type(err).__name__}: {err}") from err
+        loaded = torch.jit.load(str(tmp))
+
+        def run(x: torch.Tensor) -> np.ndarray:
+            with torch.inference_mode():
+                return loaded(x).numpy()
+
+        return _check_parity(model, run, example, atol, "the TorchScript model")
