@@ -223,12 +223,12 @@ def test_ulsam_defaults():
 def _make(name: str):
     """(module, input builder) for a small case of each layer."""
     if name == "se":
-        return SEModule(8, 0.25), lambda dt: torch.randn(2, 8, 5, 3, dtype=dt)
+        return SEModule(8, 0.25), lambda dt: torch.randn(2, 8, 3, 3, dtype=dt)
     if name == "sk":
         return SelectiveKernel(4, 6, (3, 5), 2, 2, min_rd=3), lambda dt: torch.randn(2, 4, 5, 3, dtype=dt)
     if name == "split":
         return SplitAttention(4, 3), lambda dt: [torch.randn(2, 3, 5, 4, dtype=dt) for _ in range(3)]
-    return ULSAM(8, 4), lambda dt: torch.randn(2, 8, 5, 3, dtype=dt)
+    return ULSAM(4, 2), lambda dt: torch.randn(2, 4, 3, 3, dtype=dt)
 
 
 LAYERS = ["se", "sk", "split", "ulsam"]

@@ -263,9 +263,9 @@ def test_local_mhra_bad_arguments(kwargs, match):
 
 CASES = {
     "token_mixing": (lambda: TokenMixingMLP(6, 4), (2, 6, 3)),
-    "attention": (lambda: Attention(8, 2, qkv_bias=True), (2, 5, 8)),
+    "attention": (lambda: Attention(8, 2, qkv_bias=True), (2, 3, 8)),
     "conv_pos_enc": (lambda: ConvPosEnc(4), (2, 4, 5, 3)),
-    "local_mhra": (lambda: LocalMHRA(4, 2.0, drop_path=0.1), (2, 4, 5, 3)),
+    "local_mhra": (lambda: LocalMHRA(4, 2.0, drop_path=0.1), (2, 4, 3, 3)),
 }
 
 
