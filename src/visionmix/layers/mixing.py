@@ -112,8 +112,8 @@ class LocalMHRA(nn.Module):
         self.pos_embed = ConvPosEnc(dim, 3)
         self.norm1 = nn.BatchNorm2d(dim)
         self.conv1 = nn.Conv2d(dim, dim, 1)
+        self.conv2 = nn.Conv2d(dim, dim, 1)  # registered before attn: the official state-dict order
         self.attn = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
-        self.conv2 = nn.Conv2d(dim, dim, 1)
         self.drop_path = DropPath(drop_path)
         self.norm2 = nn.BatchNorm2d(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop=drop)
