@@ -25,7 +25,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 from visionmix.layers import Attention, ConvPosEnc, DropPath, Mlp, PatchEmbed, TokenMixingMLP
-from visionmix.layers.validation import check_choice, check_positive, to_pair
+from visionmix.layers.validation import check_choice, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_model
 
@@ -159,8 +159,7 @@ class Spach(ClassifierModel):
         rates = iter(stochastic_depth_rates(drop_path_rate, depth) if multi_stage else [drop_path_rate] * depth)
         block_kwargs = dict(num_heads=num_heads, token_ratio=token_ratio, channel_ratio=channel_ratio,
                             init_values=init_values, drop=proj_drop_rate, attn_drop=attn_drop_rate)
-        dim, (grid_h, grid_w) = hidden_dim, to_pair("img_size", img_size)
-        grid_h, grid_w = grid_h // self.stem.patch_size[0], grid_w // self.stem.patch_size[1]
+        dim, (grid_h, grid_w) = hidden_dim, self.stem.grid_size
         self.stage_names = ["blocks"] if not multi_stage else [f"layer{i + 1}" for i in range(len(arch))]
         for index, (stage_name, stage) in enumerate(zip(self.stage_names, arch, strict=True)):
             layers: list[nn.Module] = []
