@@ -1,0 +1,306 @@
+"""The ``visionmix`` command: ``train``, ``eval``, ``models`` (and the commands other modules add).
+
+Each command is a pair ``_add_<name>_parser(subparsers)`` / ``_run_<name>(args) -> int``, listed in
+:data:`COMMANDS`. Errors a user can cause (missing data, a bad file, an unknown model, a bad option) print one
+line ``visionmix: error: ...`` and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch loads: idle OpenMP threads that spin instead of sleeping halve throughput on shared CPUs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+PROG = "visionmix"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows ``(default: X)`` after every option whose default is meaningful (not None/False/suppressed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if unset or "default" in text or not action.option_strings:
+            return text
+        return super()._get_help_string(action) or text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{PROG}: error: {self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def add_command(subparsers: Any, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+    """A sub-command parser with the house formatter; ``description`` defaults to ``help``."""
+    return subparsers.add_parser(name, help=help, description=description or help, formatter_class=_Formatter)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _say(message: str) -> None:
+    if _is_main_process():
+        print(message, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ train
+def _model_arg(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _add_train_parser(subparsers: Any) -> None:
+    from visionmix.data import DATASETS, FASHION_MNIST_DIR
+
+    p = add_command(subparsers, "train", "train a registered model on a dataset", """\
+Train any registered model with one recipe (AdamW, warmup + cosine LR, label smoothing, gradient clipping,
+drop-path, optional EMA) and write a run directory: checkpoint.json + weights (safetensors) + training state,
+metrics.jsonl (one line per epoch), summary.json. A run stopped by Ctrl-C/SIGTERM (it saves first) or killed
+continues exactly with --resume RUN_DIR. Multi-process: torchrun --nproc_per_node=N -m visionmix train ...
+
+example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --out runs/mixer""")
+    p.add_argument("--model", help="registered model name (see 'visionmix models'); required unless --resume")
+    p.add_argument("--data", default="fashion-mnist", choices=DATASETS, help="dataset")
+    p.add_argument("--data-dir", help=f"dataset directory (default: {FASHION_MNIST_DIR} for fashion-mnist; "
+                                      "cifar10/cifar100/imagefolder need it; digits is built in)")
+    p.add_argument("--out", metavar="RUN_DIR", help="new run directory (must not exist or be empty, unless --force)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings "
+                                                       "(the other training options are then ignored)")
+    p.add_argument("--force", action="store_true", help="replace the run already in --out")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128,
+                   help="global batch size (split evenly across torchrun processes)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    p.add_argument("--weight-decay", type=float, default=0.05,
+                   help="AdamW weight decay (not applied to biases, norms and no_weight_decay() parameters)")
+    p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup length, in epochs")
+    p.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR of the cosine decay, relative to --lr")
+    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
+    p.add_argument("--clip-grad", type=float, default=5.0, help="clip the global gradient norm to this; 0 = off")
+    p.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the model's own)")
+    p.add_argument("--ema", type=float, nargs="?", const=0.999, metavar="DECAY",
+                   help="keep and evaluate an exponential moving average of the weights (DECAY 0.999 if no value; "
+                        "default: off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and augmentation")
+    p.add_argument("--max-train-samples", type=int, help="use a fixed random subset of this many training images "
+                                                         "(default: all)")
+    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this many test images "
+                                                        "(default: all)")
+    p.add_argument("--image-size", type=int, help="resize images to this square size (default: the dataset's "
+                                                  "own; imagefolder 32, digits 28)")
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
+                   help="extra model keyword argument, VALUE read as JSON if it parses (repeatable), e.g. "
+                        "--model-arg conv_layer=dbb (default: none)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too (CPU always uses fp32)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="also checkpoint every N steps (0: at epoch ends and on SIGINT/SIGTERM only)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from visionmix.engine import TrainConfig, resume_run, train
+
+    progress = not args.no_progress
+    if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ValueError(f"--resume {args.resume} and --out {args.out} name different directories")
+        summary = resume_run(args.resume, device=args.device, progress=progress)
+        run_dir = args.resume
+    else:
+        if not args.model or not args.out:
+            raise ValueError("train needs --model and --out (or --resume RUN_DIR)")
+        cfg = TrainConfig(
+            model=args.model, data=args.data, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+            label_smoothing=args.label_smoothing, clip_grad=args.clip_grad or None, drop_path_rate=args.drop_path,
+            ema_decay=args.ema, seed=args.seed, max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples, device=args.device, augment=not args.no_augment,
+            model_kwargs=dict(args.model_arg), min_lr_ratio=args.min_lr_ratio, save_every=args.save_every,
+            image_size=args.image_size, amp=not args.no_amp)
+        summary = train(cfg, args.out, progress=progress, force=args.force)
+        run_dir = args.out
+    _say(f"{summary['model']} on {summary['data']}: top-1 {summary['top1']:.2f}% top-5 {summary['top5']:.2f}% "
+         f"(best {summary['best_top1']:.2f}%) after {summary['epochs']} epochs, "
+         f"{summary['train_images_per_s']:.0f} img/s; run directory {run_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- eval
+def _add_eval_parser(subparsers: Any) -> None:
+    p = add_command(subparsers, "eval", "evaluate a trained run", """\
+Evaluate a run directory's model: top-1/top-5, loss, per-class accuracy and the confusion matrix, written to
+RUN_DIR/eval.json and RUN_DIR/confusion.png (PNG when matplotlib is installed). --deploy also evaluates the
+re-parameterised model (visionmix.reparameterize) to show that it scores identically.""")
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory written by 'visionmix train'")
+    p.add_argument("--deploy", action="store_true", help="also evaluate the re-parameterised (deployed) model")
+    p.add_argument("--data-dir", help="dataset directory (default: the one the run was trained with)")
+    p.add_argument("--split", default="test", choices=("test", "train"), help="which split to evaluate")
+    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this many images "
+                                                        "(default: all)")
+    p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+                   help="auto = the EMA weights if the run kept them")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from visionmix.data import BatchLoader, build_dataset
+    from visionmix.engine.checkpoint import atomic_write_json, load_run
+    from visionmix.engine.distributed import resolve_device
+    from visionmix.engine.evaluate import evaluate, plot_confusion
+
+    run_dir = Path(args.checkpoint)
+    model, meta = load_run(run_dir, ema={"auto": None, "ema": True, "raw": False}[args.weights])
+    device = resolve_device(args.device)
+    cfg, info = meta["config"], meta["data"]
+    size = info["image_size"]
+    dataset = build_dataset(cfg["data"], args.split, args.data_dir or cfg["data_dir"], args.max_eval_samples,
+                            image_size=size[0] if size[0] == size[1] else None)
+    dataset = dataset.with_stats(info["mean"], info["std"])
+    forms: list[tuple[str, torch.nn.Module]] = [("trained", model.to(device))]
+    if args.deploy:
+        from visionmix.reparam import reparameterize
+
+        forms.append(("deployed", reparameterize(model)))
+    results = {}
+    for form, net in forms:
+        metrics = evaluate(net, dataset, device, batch_size=args.batch_size)
+        suffix = "" if form == "trained" else "-deploy"
+        record = {"run": str(run_dir), "model": meta["model"], "form": form, "split": args.split,
+                  "params": sum(p.numel() for p in net.parameters()), **metrics}
+        atomic_write_json(run_dir / f"eval{suffix}.json", record)
+        plot_confusion(metrics["confusion"], info["classes"], run_dir / f"confusion{suffix}.png",
+                       title=f"{meta['model']} ({form}) on {cfg['data']} {args.split}: top-1 {metrics['top1']:.2f}%")
+        results[form] = metrics
+        _say(f"{form:>8}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
+             f"({metrics['num_samples']} images, {record['params']:,} params)")
+    classes = info["classes"]
+    per_class = results["trained"]["per_class"]
+    _say("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(classes, per_class, strict=True) if a is not None))
+    if args.deploy:
+        same = results["trained"]["confusion"] == results["deployed"]["confusion"]
+        with torch.no_grad():
+            x, _ = next(iter(BatchLoader(dataset, 256, train=False, device=device)))
+            diff = (forms[0][1](x) - forms[1][1](x)).abs().max().item()
+        _say(f"deployed vs trained: {'identical' if same else 'DIFFERENT'} predictions, max |logit difference| "
+             f"{diff:.2e} on the first batch")
+    _say(f"wrote {run_dir / 'eval.json'}" + (" and eval-deploy.json" if args.deploy else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def _add_models_parser(subparsers: Any) -> None:
+    p = add_command(subparsers, "models", "list registered models with parameters and MACs", """\
+List registered models matching PATTERN (fnmatch, e.g. '*_nano' or 'spach*'), with parameters at a 1000-class
+head (10 classes and 1 channel for *_nano models), MACs (multiply-adds of one image: computed for small-input
+models at their default input, the reference figure otherwise) and the published ImageNet top-1.""")
+    p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern of model names")
+    p.set_defaults(run=_run_models)
+
+
+def _model_row(name: str) -> tuple[str, str, str, str, str]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from visionmix.models import create_model, model_entry
+
+    entry = model_entry(name)
+    c, h, w = entry.cfg["input_size"]
+    small = h * w <= 64 * 64
+    kwargs = {"num_classes": entry.cfg["num_classes"]}
+    params = macs = "?"
+    try:
+        with torch.device("meta"):
+            model = create_model(name, **kwargs)
+            params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+            if small:
+                with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                    model.eval()(torch.empty(1, c, h, w))
+                macs = f"{counter.get_total_flops() / 2e6:.1f}M"
+    except Exception:  # a model that cannot be built on the meta device still gets its row
+        pass
+    if not small:
+        macs = f"{entry.reference.gmacs:.2f}G" if entry.reference.gmacs is not None else "-"
+    top1 = f"{entry.reference.top1:.1f}" if entry.reference.top1 is not None else "-"
+    return name, params, macs, f"{c}x{h}x{w}", top1
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from visionmix.models import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        raise ValueError(f"no registered model matches {args.pattern!r}")
+    rows = [("model", "params", "MACs", "input", "top-1 (paper)"), *map(_model_row, names)]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(wd) if i == 0 else cell.rjust(wd)
+                        for i, (cell, wd) in enumerate(zip(row, widths, strict=True))))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------- main
+COMMANDS: tuple[Callable[[Any], None], ...] = (_add_train_parser, _add_eval_parser, _add_models_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from visionmix import __version__
+
+    parser = _Parser(prog=PROG, formatter_class=_Formatter,
+                     description="Mixing layers, re-parameterisable blocks and fair comparisons of vision models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help(sys.stderr)
+        return 2
+    from visionmix.engine import TrainingError, TrainingInterrupted
+
+    try:
+        return args.run(args)
+    except TrainingInterrupted as exc:
+        print(f"{PROG}: {_one_line(exc)}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    except TrainingError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as exc:  # the user's input or files: one line, no traceback
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2

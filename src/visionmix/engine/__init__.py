@@ -1,0 +1,14 @@
+"""Training and evaluation: one trainer for every registered model, atomic run directories, DDP."""
+
+from visionmix.engine.checkpoint import load_run, read_meta
+from visionmix.engine.evaluate import evaluate, plot_confusion
+from visionmix.engine.train import (
+    TrainConfig,
+    TrainingError,
+    TrainingInterrupted,
+    resume_run,
+    train,
+)
+
+__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "evaluate", "load_run", "plot_confusion",
+           "read_meta", "resume_run", "train"]

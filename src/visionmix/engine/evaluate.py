@@ -1,0 +1,105 @@
+"""Classification metrics of a model on a dataset: top-1/top-5, loss, per-class accuracy, confusion matrix."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visionmix.data import BatchLoader, ImageDataset
+from visionmix.engine.checkpoint import atomic_write
+from visionmix.engine.distributed import DistContext, all_reduce_sum
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, device: torch.device | str | None = None, *,
+             batch_size: int = 500, ctx: DistContext | None = None) -> dict[str, Any]:
+    """Evaluate ``model`` in eval mode (its mode is restored afterwards) on every sample of ``data``.
+
+    Returns percentages ``top1``, ``top5`` (top-min(5, C)), ``per_class`` (``None`` for a class with no sample),
+    the mean cross-entropy ``loss`` (no label smoothing), ``confusion`` (rows = true class, columns = predicted)
+    and ``num_samples``. With ``ctx`` distributed, each rank evaluates its shard and the counts are summed.
+    """
+    if isinstance(data, ImageDataset):
+        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+        if device is None:
+            device = next(model.parameters()).device
+        data = BatchLoader(data, batch_size, train=False, rank=rank, world_size=world, device=device)
+    num_classes = data.dataset.num_classes
+    k = min(5, num_classes)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
+    top5 = torch.zeros((), dtype=torch.int64, device=data.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in data:
+            logits = model(images).float()
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+            ranked = logits.topk(k, dim=1).indices
+            top5 += (ranked == labels[:, None]).any(1).sum()
+            confusion += torch.bincount(labels * num_classes + ranked[:, 0], minlength=num_classes**2)
+    finally:
+        model.train(was_training)
+    if ctx is not None:
+        totals = all_reduce_sum(torch.cat([confusion.double(), loss_sum[None], top5[None].double()]), ctx)
+        confusion, loss_sum, top5 = totals[:-2].long(), totals[-2], totals[-1].long()
+    return metrics_from_counts(confusion.view(num_classes, num_classes).cpu(), float(loss_sum), int(top5))
+
+
+def metrics_from_counts(confusion: torch.Tensor, loss_sum: float, top5_correct: int) -> dict[str, Any]:
+    """Percent accuracies and the mean loss from a confusion matrix and summed loss / top-5 hits."""
+    total = int(confusion.sum())
+    if total == 0:
+        raise ValueError("cannot evaluate on an empty dataset")
+    per_class_total = confusion.sum(1)
+    diagonal = confusion.diagonal()
+    per_class = [100.0 * int(d) / int(t) if t else None for d, t in zip(diagonal, per_class_total, strict=True)]
+    return {
+        "num_samples": total,
+        "top1": 100.0 * int(diagonal.sum()) / total,
+        "top5": 100.0 * top5_correct / total,
+        "loss": loss_sum / total,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], path: str | Path,
+                   title: str = "") -> bool:
+    """Save the row-normalised confusion matrix as a PNG; ``False`` (nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    counts = torch.tensor(confusion, dtype=torch.float64)
+    rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    n = len(classes)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    if n <= 20:
+        ax.set_xticks(range(n), classes, rotation=90)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if counts[i, j]:
+                    ax.text(j, i, int(counts[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    plt.close(fig)
+    atomic_write(path, png.getvalue())
+    return True

@@ -1,0 +1,520 @@
+"""One trainer for every registered model (SPACH's point: one recipe for all architectures, 2108.13002 sec. 3).
+
+AdamW (1711.05101) without weight decay on 1-d parameters (norms, biases) and on ``model.no_weight_decay()``;
+per-step linear warmup then cosine decay (1608.03983) to ``min_lr_ratio * lr``; label smoothing (1512.00567);
+gradient-norm clipping; the model's drop-path (1603.09382); optional EMA of the weights. fp32 on CPU (bf16
+autocast on CUDA when ``amp``).
+
+Exact resume: the batch order of epoch ``e`` and the augmentation of step ``k`` are fixed functions of
+``(seed, e, k)`` (see :mod:`visionmix.data.loader`), and a checkpoint holds weights, optimizer, scheduler, EMA,
+every rank's RNG state and the epoch's running sums, so a run resumed from a checkpoint taken at any step,
+including mid-epoch, continues bit for bit as if it had never stopped (same seed, deterministic CPU kernels).
+Checkpoints are written at epoch ends, every ``save_every`` steps and on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from visionmix.data import DATASETS, BatchLoader, ImageDataset, build_dataset, stable_seed
+from visionmix.engine import checkpoint as ckpt
+from visionmix.engine.distributed import (
+    DistContext,
+    all_reduce_sum,
+    broadcast_buffers,
+    gather_objects,
+    init_distributed,
+    shutdown,
+    wrap_model,
+)
+from visionmix.engine.evaluate import evaluate
+from visionmix.layers.validation import check_choice, check_positive
+
+DEVICES = ("auto", "cpu", "cuda")
+DATA_SET_BY_ENGINE = ("num_classes", "in_chans", "img_size")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint of the step reached was saved. ``signum`` says which signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+@dataclass
+class TrainConfig:
+    """The recipe. ``batch_size`` is the global batch: under torchrun each of N processes takes 1/N of it, so the
+    same command follows the same optimisation with or without torchrun."""
+
+    model: str
+    data: str = "fashion-mnist"
+    data_dir: str | None = None
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 5.0
+    drop_path_rate: float | None = None  # None = the model's default
+    ema_decay: float | None = None
+    seed: int = 0
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    device: str = "auto"
+    augment: bool = True
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    min_lr_ratio: float = 0.01
+    save_every: int = 0  # also checkpoint every N optimizer steps (0: epoch ends and signals only)
+    image_size: int | None = None  # None = the dataset's own size
+    amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
+    eval_batch_size: int = 500
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad field."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a registered model name, got {self.model!r}")
+        check_choice("data", self.data, DATASETS)
+        check_choice("device", self.device.split(":")[0], DEVICES)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            check_positive(name, getattr(self, name))
+        for name in ("max_train_samples", "max_eval_samples", "image_size"):
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.save_every < 0:
+            raise ValueError(f"seed must be an int and save_every >= 0, got {self.seed!r}, {self.save_every!r}")
+        _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
+        _check_range("warmup_epochs", self.warmup_epochs, 0.0, math.inf)
+        _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        _check_range("min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        if self.clip_grad is not None:
+            _check_range("clip_grad", self.clip_grad, 0.0, math.inf, low_open=True)
+        if self.drop_path_rate is not None:
+            _check_range("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
+        if self.ema_decay is not None:
+            _check_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        clash = sorted(set(self.model_kwargs) & {*DATA_SET_BY_ENGINE, "drop_path_rate"})
+        if clash:
+            raise ValueError(f"model_kwargs may not set {', '.join(clash)}: classes, channels and size follow the "
+                             f"data (use image_size), drop-path has its own option")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
+                 high_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or math.isnan(value):
+        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {bounds}, got {value}")
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR factor of optimizer step ``step``: ``(step + 1) / warmup_steps`` during warmup, then a half cosine from
+    1 to ``min_ratio`` over the remaining steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: decay on weights of rank >= 2; none on 1-d tensors (biases, norm affine, layer scales) and on
+    the names ``model.no_weight_decay()`` returns (a name or a module prefix)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        exempt = param.ndim <= 1 or name in skip or any(name.startswith(f"{s}.") for s in skip)
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class ModelEma:
+    """Exponential moving average of a model's state (params and float buffers): ``ema += (1 - d) (model - ema)``
+    with ``d = min(decay, (1 + t) / (10 + t))`` at update ``t``, so early averages are not dominated by the
+    random initialisation."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if ema_v.is_floating_point():
+                ema_v.lerp_(v, 1.0 - d)
+            else:
+                ema_v.copy_(v)
+
+
+@contextmanager
+def _signal_flag() -> Iterator[dict[str, int]]:
+    """Turn the first SIGINT/SIGTERM into a flag checked after each step; a second SIGINT interrupts at once."""
+    flag: dict[str, int] = {}
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        if flag and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          force: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` into run directory ``out_dir``; returns the summary also written to ``summary.json``.
+
+    ``resume=True`` continues the checkpoint in ``out_dir`` (whose configuration must equal ``cfg`` but for the
+    device), returns at once if that run has finished, and starts afresh if ``out_dir`` holds no run yet.
+    Without it an existing run directory, or a non-empty directory, is an error unless ``force`` (then the
+    run's files are replaced; other files are left alone). Raises :class:`TrainingError` on a non-finite loss
+    and :class:`TrainingInterrupted` after saving on SIGINT/SIGTERM.
+    """
+    from visionmix.models import model_entry
+
+    cfg.validate()
+    model_entry(cfg.model)  # an unknown name fails here, before any data is read
+    out_dir = Path(out_dir)
+    meta = _prepare_out_dir(cfg, out_dir, resume=resume, force=force)
+    if meta is not None and meta.get("finished"):
+        summary_path = out_dir / ckpt.SUMMARY_FILE
+        return json.loads(summary_path.read_text()) if summary_path.is_file() else _summary(meta)
+    ctx = init_distributed(cfg.device)
+    try:
+        with _signal_flag() as flag:
+            return _Trainer(cfg, out_dir, ctx, meta, progress, flag).run()
+    finally:
+        shutdown(ctx)
+
+
+def resume_run(run_dir: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` with its saved configuration (optionally on another ``device``)."""
+    saved = TrainConfig.from_dict(ckpt.read_meta(run_dir)["config"])
+    if device is not None:
+        saved.device = device
+    return train(saved, run_dir, resume=True, progress=progress)
+
+
+def _is_run_file(name: str) -> bool:
+    return (name in ckpt.RUN_FILES or name.startswith(ckpt.TAGGED_PREFIXES)
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+def _prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: bool) -> dict[str, Any] | None:
+    """Check ``out_dir`` (every rank, before anyone writes); the meta of the run to resume, or ``None``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    has_run = (out_dir / ckpt.CHECKPOINT_FILE).is_file()
+    if resume and has_run:
+        meta = ckpt.read_meta(out_dir)
+        saved, now = meta["config"], asdict(cfg)
+        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k != "device" and saved.get(k) != now[k]]
+        if diff:
+            raise ValueError(f"{out_dir} was trained with another configuration ({'; '.join(diff)}); resume it "
+                             f"with its own settings or train into a new --out")
+        return meta
+    foreign = sorted(p.name for p in out_dir.iterdir() if not _is_run_file(p.name)) if out_dir.is_dir() else []
+    if not force:
+        if has_run:
+            raise ValueError(f"{out_dir} already holds a training run; pass --resume {out_dir} to continue it or "
+                             f"--force to replace it")
+        if foreign:
+            listing = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise ValueError(f"--out {out_dir} is not empty ({listing}); choose a new directory or pass --force to "
+                             f"write into it")
+    return None
+
+
+def _clear_run_files(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in out_dir.iterdir():
+        if path.is_file() and _is_run_file(path.name):
+            path.unlink()
+
+
+class _Trainer:
+    """State of one training run; :meth:`run` is the loop."""
+
+    def __init__(self, cfg: TrainConfig, out_dir: Path, ctx: DistContext, meta: dict[str, Any] | None,
+                 progress: bool, stop_flag: dict[str, int]) -> None:
+        self.cfg, self.out_dir, self.ctx, self.stop_flag = cfg, out_dir, ctx, stop_flag
+        self.show = progress and ctx.is_main
+        self.train_ds = build_dataset(cfg.data, "train", cfg.data_dir, cfg.max_train_samples, image_size=cfg.image_size)
+        test_ds = build_dataset(cfg.data, "test", cfg.data_dir, cfg.max_eval_samples, image_size=cfg.image_size)
+        self.test_ds = test_ds.with_stats(self.train_ds.mean, self.train_ds.std)
+        device = ctx.device
+        self.loader = BatchLoader(self.train_ds, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
+                                  rank=ctx.rank, world_size=ctx.world_size, device=device)
+        self.test_loader = BatchLoader(self.test_ds, cfg.eval_batch_size, train=False, rank=ctx.rank,
+                                       world_size=ctx.world_size, device=device)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        self.model_kwargs = _model_kwargs(cfg, self.train_ds)
+        self.raw_model = _create_model(cfg.model, self.model_kwargs).to(device)
+        self.params = sum(p.numel() for p in self.raw_model.parameters())
+        self.ema = ModelEma(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
+        self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr)
+        self.steps_per_epoch = len(self.loader)
+        total = self.steps_per_epoch * cfg.epochs
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            warmup_cosine, warmup_steps=round(cfg.warmup_epochs * self.steps_per_epoch), total_steps=total,
+            min_ratio=cfg.min_lr_ratio))
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.epoch, self.step, self.global_step = 0, 0, 0
+        self.running = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0}
+        self.history: list[dict[str, Any]] = []
+        self.train_time = 0.0
+        if meta is None:
+            torch.manual_seed(stable_seed(cfg.seed, "train", ctx.rank))  # drop-path differs across ranks
+            if ctx.is_main:
+                _clear_run_files(out_dir)
+        else:
+            self._restore(meta)
+        self.model = wrap_model(self.raw_model, ctx)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.amp and device.type == "cuda"
+                         else nullcontext())
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _meta(self, finished: bool = False) -> dict[str, Any]:
+        ds = self.train_ds
+        return {
+            "model": self.cfg.model, "model_kwargs": self.model_kwargs, "params": self.params,
+            "config": asdict(self.cfg),
+            "data": {"name": ds.name, "num_classes": ds.num_classes, "classes": list(ds.classes),
+                     "in_chans": ds.channels, "image_size": list(ds.image_size), "mean": list(ds.mean),
+                     "std": list(ds.std), "train_samples": len(ds), "eval_samples": len(self.test_ds)},
+            "epoch": self.epoch, "step_in_epoch": self.step, "global_step": self.global_step,
+            "steps_per_epoch": self.steps_per_epoch, "running": dict(self.running), "history": self.history,
+            "train_time_s": self.train_time, "world_size": self.ctx.world_size, "finished": finished,
+            "versions": {"torch": torch.__version__},
+        }
+
+    def _save(self, finished: bool = False) -> None:
+        cuda = self.ctx.device.type == "cuda"
+        state = {
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": gather_objects(torch.get_rng_state(), self.ctx),
+            "cuda_rng": gather_objects(torch.cuda.get_rng_state(self.ctx.device), self.ctx) if cuda else None,
+        }
+        if self.ctx.is_main:
+            ckpt.save_checkpoint(self.out_dir, self._meta(finished), self.raw_model, state,
+                                 self.ema.module if self.ema else None)
+
+    def _restore(self, meta: dict[str, Any]) -> None:
+        ckpt.load_weights(self.raw_model, self.out_dir / meta["files"]["weights"])
+        if self.ema is not None:
+            ckpt.load_weights(self.ema.module, self.out_dir / meta["files"]["ema"])
+        state = ckpt.load_train_state(self.out_dir, meta)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
+        self.running, self.history, self.train_time = dict(meta["running"]), meta["history"], meta["train_time_s"]
+        if meta["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(f"{self.out_dir}: the data give {self.steps_per_epoch} steps per epoch, the checkpoint "
+                             f"was taken with {meta['steps_per_epoch']}; did the dataset change?")
+        if meta["world_size"] == self.ctx.world_size:
+            torch.set_rng_state(state["rng"][self.ctx.rank])
+            if state["cuda_rng"] is not None and self.ctx.device.type == "cuda":
+                torch.cuda.set_rng_state(state["cuda_rng"][self.ctx.rank], self.ctx.device)
+        else:
+            torch.manual_seed(stable_seed(self.cfg.seed, "resume", self.global_step, self.ctx.rank))
+            self._log(f"note: checkpoint from {meta['world_size']} process(es) resumed on {self.ctx.world_size}: "
+                      f"drop-path randomness differs from an uninterrupted run")
+        if self.ctx.is_main:
+            self._reconcile_metrics()
+
+    def _reconcile_metrics(self) -> None:
+        """metrics.jsonl := its lines up to the checkpoint's epoch + any epoch the checkpoint has and it lacks."""
+        path = self.out_dir / ckpt.METRICS_FILE
+        lines = []
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line torn by a kill
+                if entry.get("epoch", 0) <= self.epoch:
+                    lines.append(entry)
+        logged = {e["epoch"] for e in lines if "event" not in e}
+        lines += [h for h in self.history if h["epoch"] not in logged]
+        ckpt.atomic_write(path, "".join(json.dumps(e) + "\n" for e in lines))
+
+    def _append_metrics(self, entry: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            with (self.out_dir / ckpt.METRICS_FILE).open("a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    def _log(self, message: str) -> None:
+        if self.show:
+            tqdm.write(message, file=sys.stderr)
+
+    # --------------------------------------------------------------------------------------------- the loop
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        while self.epoch < cfg.epochs:
+            self._train_epoch()
+            self._end_epoch()
+        summary = _summary(self._meta(finished=True))
+        if self.ctx.is_main:
+            ckpt.atomic_write_json(self.out_dir / ckpt.SUMMARY_FILE, summary)
+        return summary
+
+    def _train_epoch(self) -> None:
+        cfg, ctx = self.cfg, self.ctx
+        self.model.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                   unit="step", disable=not (self.show and sys.stderr.isatty()), dynamic_ncols=True, leave=True)
+        params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        with bar:
+            for images, labels in self.loader.epoch(self.epoch, self.step):
+                start = time.perf_counter()
+                with self.autocast:
+                    logits = self.model(images)
+                loss = self.criterion(logits.float(), labels)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = (nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad is not None
+                             else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                stats = torch.stack([loss.detach().float() * len(labels), (logits.argmax(1) == labels).sum().float(),
+                                     torch.tensor(float(len(labels)), device=labels.device),
+                                     torch.tensor(float(bool(self.stop_flag)), device=labels.device)])
+                loss_sum, correct, seen, stop = all_reduce_sum(stats, ctx).tolist()
+                if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
+                    self._fail(loss_sum / seen, float(grad_norm))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.global_step += 1
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update(self.raw_model, self.global_step)
+                self.train_time += time.perf_counter() - start
+                run = self.running
+                run["loss_sum"] += loss_sum
+                run["correct"] += correct
+                run["seen"] += seen
+                bar.set_postfix(loss=f"{run['loss_sum'] / run['seen']:.3f}",
+                                acc=f"{100 * run['correct'] / run['seen']:.1f}",
+                                img_s=f"{self.global_step * cfg.batch_size / self.train_time:.0f}", refresh=False)
+                bar.update(1)
+                if stop:
+                    self._interrupt()
+                if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step < self.steps_per_epoch:
+                    self._save()
+
+    def _end_epoch(self) -> None:
+        cfg, run = self.cfg, self.running
+        broadcast_buffers(self.raw_model, self.ctx)
+        metrics = evaluate(self.ema.module if self.ema else self.raw_model, self.test_loader, ctx=self.ctx)
+        epoch_steps = self.steps_per_epoch
+        entry = {
+            "epoch": self.epoch + 1, "train_loss": run["loss_sum"] / run["seen"],
+            "train_acc": 100.0 * run["correct"] / run["seen"], "eval_loss": metrics["loss"],
+            "eval_top1": metrics["top1"], "eval_top5": metrics["top5"], "lr": self.optimizer.param_groups[0]["lr"],
+            "time_s": self.train_time, "global_step": self.global_step,
+            "images_per_s": self.global_step * cfg.batch_size / max(self.train_time, 1e-9),
+        }
+        self.history.append(entry)
+        self.epoch += 1
+        self.step = 0
+        self.running = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0}
+        self._save(finished=self.epoch == cfg.epochs)
+        self._append_metrics(entry)
+        self._log(f"epoch {entry['epoch']}/{cfg.epochs} ({epoch_steps} steps): train loss {entry['train_loss']:.4f} "
+                  f"acc {entry['train_acc']:.2f}% | test loss {entry['eval_loss']:.4f} top-1 {entry['eval_top1']:.2f}% "
+                  f"top-5 {entry['eval_top5']:.2f}% | {entry['images_per_s']:.0f} img/s")
+        stop = all_reduce_sum(torch.tensor([float(bool(self.stop_flag))], device=self.ctx.device), self.ctx)
+        if self.epoch < cfg.epochs and float(stop) > 0:
+            self._interrupt(saved=True)
+
+    def _interrupt(self, saved: bool = False) -> None:
+        if not saved:
+            self._save()
+        signum = self.stop_flag.get("signum", signal.SIGTERM)
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(
+            f"{name}: stopped at epoch {self.epoch + 1} step {self.step}/{self.steps_per_epoch} (global step "
+            f"{self.global_step}), checkpoint saved; continue with: visionmix train --resume {self.out_dir}", signum)
+
+    def _fail(self, loss: float, grad_norm: float) -> None:
+        self._append_metrics({"event": "non-finite", "epoch": self.epoch + 1, "step": self.step + 1,
+                              "loss": repr(loss), "grad_norm": repr(grad_norm)})
+        kept = (f"the last good checkpoint (epoch {self.history[-1]['epoch'] if self.history else 0}, global step "
+                f"{self._saved_step()}) is kept in {self.out_dir}" if self._saved_step() is not None
+                else f"no checkpoint had been written to {self.out_dir} yet")
+        raise TrainingError(f"non-finite training loss ({loss}) / gradient norm ({grad_norm}) at epoch "
+                            f"{self.epoch + 1} step {self.step + 1}; {kept}; try a lower --lr, --clip-grad or "
+                            f"--warmup-epochs")
+
+    def _saved_step(self) -> int | None:
+        path = self.out_dir / ckpt.CHECKPOINT_FILE
+        return json.loads(path.read_text())["global_step"] if path.is_file() else None
+
+
+def _model_kwargs(cfg: TrainConfig, ds: ImageDataset) -> dict[str, Any]:
+    h, w = ds.image_size
+    kwargs: dict[str, Any] = {"num_classes": ds.num_classes, "in_chans": ds.channels,
+                              "img_size": h if h == w else [h, w]}
+    if cfg.drop_path_rate is not None:
+        kwargs["drop_path_rate"] = cfg.drop_path_rate
+    return {**kwargs, **cfg.model_kwargs}
+
+
+def _create_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    from visionmix.models import create_model
+
+    try:
+        return create_model(name, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"model {name!r} rejected its arguments {kwargs}: {exc}") from exc
+
+
+def _summary(meta: dict[str, Any]) -> dict[str, Any]:
+    history = meta["history"]
+    last = history[-1]
+    cfg = meta["config"]
+    return {
+        "model": meta["model"], "data": cfg["data"], "epochs": cfg["epochs"], "params": meta["params"],
+        "top1": last["eval_top1"], "top5": last["eval_top5"], "eval_loss": last["eval_loss"],
+        "best_top1": max(h["eval_top1"] for h in history), "train_time_s": meta["train_time_s"],
+        "train_images_per_s": meta["global_step"] * cfg["batch_size"] / max(meta["train_time_s"], 1e-9),
+        "world_size": meta["world_size"], "history": history, "config": cfg,
+        "ema": cfg["ema_decay"] is not None, "data_info": meta["data"],
+    }

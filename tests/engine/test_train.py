@@ -1,0 +1,199 @@
+"""The trainer on digits with a ~1k-parameter test model: schedule, optimizer groups, EMA, run directories,
+overwrite protection, NaN handling, evaluation metrics against a direct computation, atomic checkpoint writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import tinynets  # registers tiny_test_net / tiny_test_dbb
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from visionmix.data import build_dataset
+from visionmix.engine import TrainConfig, TrainingError, evaluate, load_run, read_meta, train
+from visionmix.engine import checkpoint as ckpt
+from visionmix.engine.train import ModelEma, param_groups, warmup_cosine
+
+CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=2, batch_size=32, max_train_samples=192,
+                  max_eval_samples=100, lr=1e-2, device="cpu")
+
+
+def test_warmup_cosine_schedule() -> None:
+    f = [warmup_cosine(s, warmup_steps=4, total_steps=24, min_ratio=0.1) for s in range(24)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    for s in range(4, 24):  # half cosine from 1 down to min_ratio over steps 4..24
+        assert f[s] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 4) / 20)))
+    assert all(a > b for a, b in zip(f[4:], f[5:], strict=False))
+    assert warmup_cosine(24, warmup_steps=4, total_steps=24, min_ratio=0.1) == pytest.approx(0.1)
+    assert warmup_cosine(0, warmup_steps=0, total_steps=10, min_ratio=0.0) == 1.0
+
+
+def test_param_groups_exempt_1d_and_no_weight_decay() -> None:
+    model = tinynets.TinyNet()
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in decay["params"]) == ["block.weight", "stem.weight"]
+    assert sorted(names[id(p)] for p in no_decay["params"]) == ["block.bias", "head.bias", "head.weight",
+                                                                 "norm.bias", "norm.weight"]
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+
+
+def test_ema_follows_its_formula() -> None:
+    model = tinynets.TinyNet()
+    ema = ModelEma(model, decay=0.9)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=100)  # decay min(0.9, 101/110) = 0.9
+    for k, v in ema.module.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.9 * start[k] + 0.1 * model.state_dict()[k])
+    ema.update(model, step=0)  # warm-up: decay min(0.9, 1/10) = 0.1
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_run_directory_summary_and_evaluation(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    summary = train(CFG, run, progress=False)
+    for key in ("model", "data", "epochs", "params", "top1", "top5", "eval_loss", "train_time_s",
+                "train_images_per_s", "history", "config"):
+        assert key in summary
+    assert summary["params"] == sum(p.numel() for p in tinynets.TinyNet().parameters())
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    for h in summary["history"]:
+        assert {"epoch", "train_loss", "train_acc", "eval_loss", "eval_top1", "lr", "time_s"} <= set(h)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines == summary["history"]
+    assert json.loads((run / "summary.json").read_text()) == summary
+    meta = read_meta(run)
+    assert meta["finished"] and meta["epoch"] == 2 and meta["global_step"] == 12  # 192 // 32 = 6 steps/epoch
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.json", "metrics.jsonl", "state-00000012.pt",
+                                                      "summary.json", "weights-00000012.safetensors"]
+    # the reloaded model scores exactly what the run reported; metrics agree with a direct computation
+    model, meta = load_run(run)
+    test = build_dataset("digits", "test", max_samples=100).with_stats(meta["data"]["mean"], meta["data"]["std"])
+    metrics = evaluate(model, test, "cpu", batch_size=7)
+    assert metrics["top1"] == summary["top1"] and metrics["loss"] == pytest.approx(summary["eval_loss"], rel=1e-6)
+    x = (test.images.float() / 255 - meta["data"]["mean"][0]) / meta["data"]["std"][0]
+    with torch.no_grad():
+        logits = model(x)
+    pred = logits.argmax(1)
+    assert metrics["num_samples"] == 100
+    assert metrics["top1"] == pytest.approx(100 * (pred == test.labels).float().mean().item())
+    top5 = (logits.topk(5, 1).indices == test.labels[:, None]).any(1).float().mean().item()
+    assert metrics["top5"] == pytest.approx(100 * top5)
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, test.labels).item(), rel=1e-5)
+    confusion = torch.zeros(10, 10, dtype=torch.long)
+    for t, p in zip(test.labels.tolist(), pred.tolist(), strict=True):
+        confusion[t, p] += 1
+    assert metrics["confusion"] == confusion.tolist()
+    for c in range(10):
+        n = int((test.labels == c).sum())
+        expected = None if n == 0 else 100 * int(confusion[c, c]) / n
+        assert metrics["per_class"][c] == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_existing_runs_are_protected(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = replace(CFG, epochs=1)
+    first = train(cfg, run, progress=False)
+    with pytest.raises(ValueError, match="already holds a training run; pass --resume .* or --force"):
+        train(cfg, run, progress=False)
+    assert train(cfg, run, resume=True, progress=False) == first  # finished: returned as is
+    with pytest.raises(ValueError, match=r"another configuration \(lr: 0.01 -> 0.02\)"):
+        train(replace(cfg, lr=0.02), run, resume=True, progress=False)
+    (run / "notes.txt").write_text("mine")
+    again = train(replace(cfg, seed=1), run, progress=False, force=True)
+    assert again["config"]["seed"] == 1 and (run / "notes.txt").read_text() == "mine"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.csv").write_text("x")
+    with pytest.raises(ValueError, match=r"is not empty \(data.csv\)"):
+        train(cfg, other, progress=False)
+    with pytest.raises(ValueError, match="unknown model 'tiny_test_nett'; closest: tiny_test_net"):
+        train(replace(cfg, model="tiny_test_nett"), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0.0, 1.0\), got 1.0"):
+        train(replace(cfg, label_smoothing=1.0), tmp_path / "x", progress=False)
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = replace(CFG, epochs=3, model_kwargs={"nan_at_call": 9})  # 6 steps per epoch: call 9 is in epoch 2
+    with pytest.raises(TrainingError, match=r"non-finite training loss \(nan\).* at epoch 2 step 3; the last good "
+                                            r"checkpoint \(epoch 1, global step 6\) is kept"):
+        train(cfg, run, progress=False)
+    meta = read_meta(run)
+    assert meta["epoch"] == 1 and meta["global_step"] == 6 and not meta["finished"]
+    weights = load_file(run / meta["files"]["weights"])
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [e.get("epoch") for e in events] == [1, 2] and events[1]["event"] == "non-finite"
+
+
+def test_ema_run_evaluates_and_saves_the_average(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    summary = train(replace(CFG, epochs=1, ema_decay=0.9), run, progress=False)
+    meta = read_meta(run)
+    assert set(meta["files"]) == {"weights", "state", "ema"} and summary["ema"]
+    ema_model, _ = load_run(run)
+    raw_model, _ = load_run(run, ema=False)
+    assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(),
+                                                       raw_model.state_dict().values(), strict=True))
+    test = build_dataset("digits", "test", max_samples=100).with_stats(meta["data"]["mean"], meta["data"]["std"])
+    assert evaluate(ema_model, test, "cpu")["top1"] == summary["top1"]
+
+
+# ---------------------------------------------------------------------------------------- atomic writes
+def test_atomic_write_leaves_old_file_or_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.json"
+    ckpt.atomic_write(path, "old")
+    assert path.read_text() == "old" and oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+    def crash(*args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write(path, "new")
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_checkpoint_switches_only_when_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = tmp_path / "run"
+    train(replace(CFG, epochs=1), run, progress=False)
+    before = read_meta(run)
+    model, _ = load_run(run)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+
+    def killed(*args: object) -> None:  # the process dies after writing the new tagged files, before the JSON
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt, "atomic_write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(run, dict(before, global_step=99), model, {"optimizer": {}})
+    monkeypatch.undo()
+    assert read_meta(run) == before  # still the old, complete checkpoint
+    reloaded, _ = load_run(run)
+    first = load_file(run / before["files"]["weights"])
+    assert all(torch.equal(v, first[k]) for k, v in reloaded.state_dict().items())
+    # the next successful save switches over and removes every file the JSON no longer names
+    ckpt.save_checkpoint(run, dict(before, global_step=100), model, {"optimizer": {}})
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["checkpoint.json", "metrics.jsonl", "state-00000100.pt", "summary.json",
+                     "weights-00000100.safetensors"]
+    assert read_meta(run)["files"]["weights"] == "weights-00000100.safetensors"
