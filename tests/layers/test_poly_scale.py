@@ -140,9 +140,15 @@ def test_masked_entries_get_no_gradient_and_do_not_act():
 def test_loads_official_layout_strict(config, keys):
     layer = PSConv2d(**config)
     assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == keys
-    layer.load_state_dict({k: torch.randn(shape) for k, shape in keys.items()}, strict=True)
-    x = torch.randn(1, config["in_channels"], 5, 6)
-    torch.testing.assert_close(layer(x), pairwise_reference(layer, x), atol=1e-4, rtol=1e-5)
+    state = {k: torch.randn(shape) for k, shape in keys.items()}
+    state["conv.weight"] *= layer.dense_mask  # official checkpoints hold zeros in the masked blocks
+    layer.load_state_dict(state, strict=True)
+    x = torch.randn(2, config["in_channels"], 5, 6)
+    # The official forward: conv(x) + gwconv(x) + gwconv_shift(x with each group's halves swapped).
+    groups = config.get("groups", 1)
+    swapped = torch.cat([torch.cat(g.chunk(2, dim=1)[::-1], dim=1) for g in x.chunk(groups, dim=1)], dim=1)
+    official = layer.conv(x) + layer.gwconv(x) + layer.gwconv_shift(swapped)
+    torch.testing.assert_close(layer(x), official, atol=1e-4, rtol=1e-5)
 
 
 def test_gradcheck_backward_double_compile():

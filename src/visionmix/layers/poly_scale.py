@@ -9,6 +9,11 @@ from torch import nn
 from visionmix.layers.validation import check_divisible, check_input, check_positive, to_pair
 
 
+def _swap_halves(t: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    """Split ``dim`` into ``groups`` equal groups and swap the two halves of each."""
+    return t.unflatten(dim, (groups, 2, -1)).flip(dim + 1).flatten(dim, dim + 2)
+
+
 class PSConv2d(nn.Module):
     """Poly-scale convolution (PSConv, 2007.06191, sec. 3.2), NCHW in and out; covers PSConv2d and PSGConv2d.
 
@@ -72,15 +77,18 @@ class PSConv2d(nn.Module):
         shift = self._part_shift()
         return torch.where(shift == 0, self.dilation, torch.where(shift == self.parts // 2, 2 * self.dilation, 1))
 
-    def _swap_halves(self, x: torch.Tensor) -> torch.Tensor:
-        """Swap the two halves of every group's input channels: (B, C_in, H, W) -> (B, C_in, H, W)."""
-        return x.unflatten(1, (self.groups, 2, -1)).flip(2).flatten(1, 3)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels)
-        c = self.conv
-        out = F.conv2d(x, c.weight * self.dense_mask, c.bias, c.stride, c.padding, 1, self.groups)
-        return out + self.gwconv(x) + self.gwconv_shift(self._swap_halves(x))
+        c, s = self.conv, self.gwconv_shift
+        out = F.conv2d(x, c.weight * self.dense_mask, c.bias, c.stride, c.padding, 1, self.groups) + self.gwconv(x)
+        # gwconv_shift(half-swapped x) equals gwconv_shift with half-swapped output rows applied to x, its output
+        # halves then swapped back: added below through views, so x is never copied.
+        shifted = F.conv2d(x, _swap_halves(s.weight, self.groups, dim=0), None, s.stride, s.padding, s.dilation,
+                           s.groups)
+        out_halves, shifted_halves = out.unflatten(1, (self.groups, 2, -1)), shifted.unflatten(1, (self.groups, 2, -1))
+        out_halves[:, :, 0] += shifted_halves[:, :, 1]
+        out_halves[:, :, 1] += shifted_halves[:, :, 0]
+        return out
 
     def poly_kernel(self) -> torch.Tensor:
         """The (C_out, C_in/groups, k, k) kernel of every channel pair; pair (o, i) acts at ``dilation_map()[o, i]``."""
