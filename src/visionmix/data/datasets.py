@@ -8,6 +8,7 @@ them). Every reader checks what it reads and raises :class:`DataError` with a on
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import io
 import pickle
 import zlib
@@ -322,14 +323,28 @@ def load_image_folder(data_dir: str | Path | None, split: str, image_size: int =
 
 
 # ------------------------------------------------------------------------------------------------------ digits
-def load_digits(split: str, image_size: int = 28) -> ImageDataset:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 17 grey levels) as uint8, upsampled bilinearly to
-    ``image_size`` (default 28, the nano models' input). A fixed shuffle puts 20% in ``test``. No flips."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """(1797, 8, 8) pixel values 0..16 and labels, read from scikit-learn's bundled ``digits.csv.gz`` without
+    importing scikit-learn (2 s); :func:`sklearn.datasets.load_digits` if that file is not where it used to be."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None:
+        raise DataError("the digits dataset needs scikit-learn: pip install 'visionmix[data]'")
+    path = Path(next(iter(spec.submodule_search_locations or [""]))) / "datasets" / "data" / "digits.csv.gz"
+    if path.is_file():
+        table = np.loadtxt(path, delimiter=",", dtype=np.int64)
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
-    images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return bunch.images.astype(np.int64), bunch.target.astype(np.int64)
+
+
+def load_digits(split: str, image_size: int = 28) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 17 grey levels) as uint8, upsampled bilinearly to
+    ``image_size`` (default 28, the nano models' input). A fixed shuffle puts 20% in ``test``. No flips."""
+    pixels, targets = _digits_arrays()
+    images = torch.from_numpy(np.rint(pixels * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    labels = torch.from_numpy(targets)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_test = round(len(labels) * DIGITS_TEST_FRACTION)
     train_idx, test_idx = order[n_test:], order[:n_test]
