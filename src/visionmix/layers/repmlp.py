@@ -7,12 +7,26 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from visionmix.layers.basic import ConvBN
 from visionmix.layers.fusion import add_branches, conv_to_fc, fuse_bn_linear, fuse_conv_bn, pad_kernel
 from visionmix.layers.validation import check_divisible, check_input, check_positive
+
+
+def grouped_fc(x: torch.Tensor, fc: nn.Conv2d) -> torch.Tensor:
+    """Apply a 1x1 ``nn.Conv2d`` (out, in/groups, 1, 1) as a grouped FC to (N, in) features, giving (N, out).
+
+    Same result as ``fc(x[..., None, None]).flatten(1)``, as one batched matmul: on CPU a grouped 1x1 conv over
+    1x1 maps runs about 3x slower.
+    """
+    if fc.groups == 1:
+        return F.linear(x, fc.weight.flatten(1), fc.bias)
+    g = fc.groups
+    out = torch.einsum("ngi,goi->ngo", x.unflatten(1, (g, -1)), fc.weight.reshape(g, fc.out_channels // g, -1))
+    return out.flatten(1) if fc.bias is None else out.flatten(1) + fc.bias
 
 
 class RepMLPBlock(nn.Module):
@@ -83,7 +97,7 @@ class RepMLPBlock(nn.Module):
             glob = self.fc1_fc2(self.avg(x).flatten(1)).reshape(b, c, hp, 1, wp, 1)
             x = (x.reshape(b, c, hp, self.h, wp, self.w) + glob).reshape(b, c, self.H, self.W)
         partitions = rearrange(x, "b c (hp h) (wp w) -> (b hp wp) c h w", h=self.h, w=self.w)
-        out = self.fc3_bn(self.fc3(partitions.reshape(-1, c * self.h * self.w, 1, 1)).flatten(1))
+        out = self.fc3_bn(grouped_fc(partitions.reshape(-1, c * self.h * self.w), self.fc3))
         out = out.reshape(-1, self.out_channels, self.h, self.w)
         for k in self.reparam_conv_k:
             out = out + getattr(self, f"repconv{k}")(partitions)
