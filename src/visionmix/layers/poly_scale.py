@@ -28,8 +28,10 @@ class PSConv2d(nn.Module):
     ``conv`` dense kernel at dilation 1 with the d / 2d pairs masked out (``dense_mask``, a non-persistent buffer)
     + ``gwconv`` (groups*P groups, dilation d: the s == 0 pairs)
     + ``gwconv_shift`` (groups*P groups, dilation 2d) on the input with the two halves of every group swapped
-    (the s == P/2 pairs). Official shapes: gwconv / gwconv_shift (C_out, C_in/(groups*P), k, k), conv
-    (C_out, C_in/groups, k, k); the layer's effective parameters equal a plain conv's, C_out*C_in/groups*k*k.
+    (the s == P/2 pairs; we swap its output rows instead, which sums the same without copying the input).
+    With P = 2 every pair is a d or 2d pair and ``conv`` keeps no active entry. Official shapes: gwconv /
+    gwconv_shift (C_out, C_in/(groups*P), k, k), conv (C_out, C_in/groups, k, k); the layer's effective parameters
+    equal a plain conv's, C_out*C_in/groups*k*k.
     The mask multiplies the dense kernel in ``forward``, so masked entries never act and get zero gradient.
     ``bias=True`` adds one bias, ``conv.bias`` (the official code would add three redundant ones).
     """
