@@ -164,7 +164,7 @@ _TARGETS: dict[str, tuple[Callable[[nn.Conv2d], bool], Callable[..., nn.Module],
 }
 
 
-def convert_convs(model: nn.Module, to: str = "dbb", inplace: bool = False, **kwargs: Any) -> nn.Module:
+def convert_convs(model: nn.Module, to: str, inplace: bool = False, **kwargs: Any) -> nn.Module:
     """Replace the KxK convs of any model (1 < K < 7, the rule DBB-ResNet uses) by an over-parameterised form.
 
     Candidates are modules of type exactly ``nn.Conv2d`` (subclasses may have their own forward) with a square kernel,
