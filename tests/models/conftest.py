@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from visionmix import reparameterize
 from visionmix.models import create_model
 
 REFERENCE_DIR = Path(__file__).resolve().parents[3] / "shared" / "reference"
@@ -25,13 +26,17 @@ class Stats:
     macs: float  # FlopCounterMode flops / 2
 
 
-def _model_stats(name: str, input_size: tuple[int, ...] | None = None, **kwargs) -> Stats:
+def _model_stats(name: str, input_size: tuple[int, ...] | None = None, *, deploy: bool = False, **kwargs) -> Stats:
     """Parameter counts and MACs of a registered model at batch 1, built on the meta device (no memory, fast).
 
-    The meta device also lets FlopCounterMode see scaled_dot_product_attention, which it misses on CPU.
+    The meta device also lets FlopCounterMode see scaled_dot_product_attention, which it misses on CPU. Eval mode, as
+    MACs are counted for inference (and a BN on pooled features, as in selective kernels, needs batch > 1 to train).
+    ``deploy=True`` counts the re-parameterised inference form (``visionmix.reparameterize``) instead.
     """
     with torch.device("meta"):
-        model = create_model(name, **kwargs)
+        model = create_model(name, **kwargs).eval()
+        if deploy:
+            model = reparameterize(model)
         x = torch.empty(1, *(input_size or model.pretrained_cfg["input_size"]))
         with FlopCounterMode(display=False) as counter:
             model(x)
