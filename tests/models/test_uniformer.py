@@ -300,4 +300,5 @@ def test_compiles():
     model = _randomize(UniFormer(depths=(1, 1), embed_dims=(8, 16), patch_sizes=(2, 2), num_conv_stages=1,
                                  head_dim=8, layer_scale_init=0.1, in_chans=1)).eval()
     x = torch.randn(2, 1, 8, 12)
-    torch.testing.assert_close(torch.compile(model, backend="eager")(x), model(x))
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(model, backend="eager", fullgraph=True)(x), model(x))
