@@ -283,7 +283,7 @@ def test_bad_arguments_name_the_choices():
         ResNet("basicblock")
     with pytest.raises(ValueError, match="BasicBlock supports only groups=1"):
         ResNet("basic", groups=32)
-    with pytest.raises(ValueError, match="ULSAM"):
+    with pytest.raises(ValueError, match="channels=6 must be divisible by groups=4"):
         ResNet(attn_layer="ulsam", widths=(6, 12), layers=(1, 1))
     with pytest.raises(TypeError, match="num_experts"):
         create_model("resnet_nano", conv_layer="dbb", conv_kwargs=dict(num_experts=2))

@@ -40,7 +40,7 @@ from visionmix.layers.diverse_branch import DiverseBranchBlock
 from visionmix.layers.dynamic_conv import CondConv2d, WeightNetConv2d
 from visionmix.layers.overparam import DOConv2d
 from visionmix.layers.poly_scale import PSConv2d
-from visionmix.layers.validation import check_choice, check_divisible, check_input, check_positive
+from visionmix.layers.validation import check_choice, check_input, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_model
 
@@ -205,10 +205,6 @@ class ResNet(ClassifierModel):
         if img_size is not None:  # any size works; a given one is only validated
             for side in (img_size,) if isinstance(img_size, int) else img_size:
                 check_positive("img_size", side)
-        if attn_layer == "ulsam":
-            expansion = BLOCKS[block].expansion
-            for w in widths:
-                check_divisible("stage width (ULSAM subspaces)", w * expansion, ULSAM_GROUPS, "ULSAM groups")
         self.conv_layer, self.attn_layer = conv_layer, attn_layer
 
         stem: list[tuple[str, nn.Module]] = [
