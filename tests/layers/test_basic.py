@@ -117,7 +117,7 @@ def test_patch_embed_size_rules():
     ({"patch_size": (2, 2, 2)}, ValueError, "patch_size must be an int or a pair of ints"),
     ({"in_chans": 0}, ValueError, "in_chans must be a positive integer, got 0"),
     ({"embed_dim": 2.5}, TypeError, "embed_dim must be an int"),
-    ({"output_fmt": "NWHC"}, ValueError, r"output_fmt must be one of .*'NCHW'.*, got 'NWHC'"),
+    ({"output_fmt": "NWHC"}, ValueError, r"output_fmt must be one of .*'NCHW'.*; got 'NWHC'"),
 ])
 def test_patch_embed_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -25,7 +25,8 @@ def check_divisible(name: str, value: int, divisor: int, divisor_name: str) -> N
 def check_choice(name: str, value: object, choices: Collection[object]) -> None:
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(map(repr, choices))}, got {value!r}")
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
 
 
 def to_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
