@@ -26,7 +26,8 @@ fashion-mnist:
 	else echo "note: Fashion-MNIST is not in $(FMNIST_DIR); run 'sudo apt-get install dataset-fashion-mnist' or pass --data-dir"; fi
 
 demo: install fashion-mnist
-	$(VENV)/bin/visionmix demo
+	$(VENV)/bin/visionmix compare --preset demo --out runs/demo
+	@echo "table: runs/demo/results.md (also results.csv, results.json); plots: runs/demo/*.png"
 
 test: install fashion-mnist lint
 	$(PY) -m pytest -n 2 -q
@@ -34,8 +35,12 @@ test: install fashion-mnist lint
 lint: install
 	$(VENV)/bin/ruff check .
 
+# Every benchmark script, in quick mode where it has one.
 bench: install
-	$(PY) benchmarks/layers.py
+	@for f in benchmarks/*.py; do \
+	  if grep -q -- '--quick' $$f; then quick=--quick; else quick=; fi; \
+	  echo "== $$f $$quick"; $(PY) $$f $$quick || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -220,6 +220,14 @@ models at their default input, the reference figure otherwise) and the published
     p.set_defaults(run=_run_models)
 
 
+def _si(count: float) -> str:
+    """``1234567 -> '1.23M'``, ``950 -> '950'``."""
+    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if count >= scale:
+            return f"{count / scale:.2f}{unit}"
+    return f"{count:.0f}"
+
+
 def _model_row(name: str) -> tuple[str, str, str, str, str]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -234,15 +242,15 @@ def _model_row(name: str) -> tuple[str, str, str, str, str]:
     try:
         with torch.device("meta"):
             model = create_model(name, **kwargs)
-            params = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"
+            params = _si(sum(p.numel() for p in model.parameters()))
             if small:
                 with torch.no_grad(), FlopCounterMode(display=False) as counter:
                     model.eval()(torch.empty(1, c, h, w))
-                macs = f"{counter.get_total_flops() / 2e6:.1f}M"
+                macs = _si(counter.get_total_flops() // 2)
     except Exception:  # a model that cannot be built on the meta device still gets its row
         pass
     if not small:
-        macs = f"{entry.reference.gmacs:.2f}G" if entry.reference.gmacs is not None else "-"
+        macs = _si(entry.reference.gmacs * 1e9) if entry.reference.gmacs is not None else "-"
     top1 = f"{entry.reference.top1:.1f}" if entry.reference.top1 is not None else "-"
     return name, params, macs, f"{c}x{h}x{w}", top1
 
@@ -261,8 +269,233 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------------ bench
+def _add_bench_parser(subparsers: Any) -> None:
+    p = add_command(subparsers, "bench", "measure models: params, MACs, latency, throughput, peak memory", """\
+Profile registered models with random weights at their default input size (or --img-size/--in-chans): parameters,
+MACs (FlopCounterMode multiply-adds of one image), latency at batch 1 and images/s at --batch-size (median and
+inter-quartile spread over repeated runs after warm-up, eval mode, torch.inference_mode), and the peak memory of the
+tensors one forward pass at --batch-size creates. --deploy adds the re-parameterised form of each model that
+re-parameterisation changes.
+MODEL may be an fnmatch pattern ('*_nano').
+
+example: visionmix bench resnet_nano dbb_resnet_nano --deploy --json bench.json""")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="registered model names or patterns")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size of the throughput measurement")
+    p.add_argument("--img-size", type=int, help="input height = width (default: the model's own)")
+    p.add_argument("--in-chans", type=int, help="input channels (default: the model's own)")
+    p.add_argument("--num-classes", type=int, help="classifier size (default: the model's own)")
+    p.add_argument("--deploy", action="store_true", help="also profile visionmix.reparameterize(model)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="time torch.compile(model, backend=BACKEND) (inductor if no value; a cold compile takes "
+                        "about a minute per model and input shape)")
+    p.add_argument("--vs-matmul", action="store_true",
+                   help="also time a 2048^3 fp32 matmul and show each model's GFLOP/s as a fraction of it")
+    p.add_argument("--repeats", type=int, default=10, help="timed samples per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls before the samples")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--csv", metavar="FILE", help="also write the results as CSV")
+    p.add_argument("--force", action="store_true", help="overwrite existing --json/--csv files")
+    p.set_defaults(run=_run_bench)
+
+
+def _expand_models(names: Sequence[str]) -> list[str]:
+    from visionmix.models import list_models, model_entry
+
+    expanded: list[str] = []
+    for name in names:
+        if any(c in name for c in "*?["):
+            matches = list_models(name)
+            if not matches:
+                raise ValueError(f"no registered model matches {name!r}")
+            expanded += matches
+        else:
+            model_entry(name)  # an unknown name fails here, with the closest names, before anything is measured
+            expanded.append(name)
+    return list(dict.fromkeys(expanded))
+
+
+def _check_new_files(paths: Sequence[str | None], force: bool) -> None:
+    for path in paths:
+        if path and Path(path).exists() and not force:
+            raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from visionmix.bench.profile import bench_models, format_table, matmul_gflops, save_results
+    from visionmix.engine.distributed import resolve_device
+
+    names = _expand_models(args.models)
+    _check_new_files([args.json, args.csv], args.force)
+    device = resolve_device(args.device)
+    reference = matmul_gflops(device=device) if args.vs_matmul else None
+    results = bench_models(names, deploy=args.deploy, batch_size=args.batch_size, img_size=args.img_size,
+                           in_chans=args.in_chans, device=device, compile_backend=args.compile, warmup=args.warmup,
+                           repeats=args.repeats, reference_gflops=reference,
+                           model_kwargs={"num_classes": args.num_classes})
+    print(format_table(results))
+    if reference is not None:
+        print(f"2048^3 fp32 matmul: {reference:.1f} GFLOP/s")
+    meta = {"matmul_gflops": reference, "command": "visionmix " + " ".join(sys.argv[1:])}
+    for path in (args.json, args.csv):
+        if path:
+            print(f"wrote {save_results(results, path, force=args.force, meta=meta)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+def _add_compare_parser(subparsers: Any) -> None:
+    from visionmix.bench.compare import PRESETS
+    from visionmix.data import DATASETS
+
+    presets = "\n".join(f"  {name}: {p.description} ({', '.join(p.models)}; {p.seeds} seed(s), "
+                        f"{', '.join(f'{k}={v}' for k, v in p.recipe.items())})" for name, p in PRESETS.items())
+    p = add_command(subparsers, "compare", "train, evaluate and benchmark several models under one recipe", f"""\
+SPACH-style fair comparison (arXiv 2108.13002): every model is trained with the same recipe and seeds, evaluated,
+and its deployed form benchmarked; OUT gets results.csv/.json/.md, accuracy-vs-MACs, accuracy-vs-throughput and
+training-curve plots (PNG) and one run directory per model and seed under OUT/runs. Running the same command again
+skips finished runs and resumes interrupted ones; a model that fails gets a row with its error and the others go on.
+Options given explicitly override the preset's.
+
+presets:
+{presets}
+
+example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist --epochs 3 --seeds 3 --out runs/cmp""")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="a predefined comparison")
+    p.add_argument("--models", help="comma-separated registered model names (required without --preset)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (re-use it to resume)")
+    p.add_argument("--data", choices=DATASETS, help="dataset (default: fashion-mnist, or the preset's)")
+    p.add_argument("--data-dir", help="dataset directory (see 'visionmix train --help')")
+    p.add_argument("--seeds", type=int, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: the engine's, or the preset's)")
+    p.add_argument("--batch-size", type=int, help="training batch size (default: the engine's)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the engine's)")
+    p.add_argument("--max-train-samples", type=int, help="fixed random subset of the training images")
+    p.add_argument("--max-eval-samples", type=int, help="fixed random subset of the test images")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (default: auto)")
+    p.add_argument("--bench-batch-size", type=int, default=64, help="batch size of the throughput measurement")
+    p.add_argument("--bench-repeats", type=int, default=10, help="timed samples per speed measurement")
+    p.add_argument("--no-progress", action="store_true", help="no per-epoch lines from the trainer")
+    p.set_defaults(run=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from visionmix.bench.compare import PLOTS, Preset, compare, resolve_preset
+
+    note = ""
+    if args.preset:
+        preset, note = resolve_preset(args.preset, args.data_dir)
+    else:
+        if not args.models:
+            raise ValueError("compare needs --models a,b,c or --preset NAME")
+        preset = Preset(models=(), data="fashion-mnist", seeds=1)
+    models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(preset.models)
+    data = args.data or preset.data
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                 "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
+                 "device": args.device, "data_dir": args.data_dir if data != "digits" else None}
+    recipe = {**preset.recipe, **{k: v for k, v in overrides.items() if v is not None}}
+    if note:
+        print(f"note: {note}", flush=True)
+    rows = compare(models, args.out, data=data, seeds=args.seeds or preset.seeds, recipe=recipe,
+                   bench_batch_size=args.bench_batch_size, bench_repeats=args.bench_repeats,
+                   progress=not args.no_progress, note=note, log=lambda line: print(line, flush=True))
+    out = Path(args.out)
+    print()
+    print((out / "results.md").read_text())
+    print(f"table: {out / 'results.md'} (also results.csv, results.json)")
+    print("plots: " + ", ".join(str(out / name) for name in PLOTS))
+    failed = [r["model"] for r in rows if r["status"] != "ok"]
+    if failed:
+        print(f"{PROG}: {len(failed)} of {len(rows)} models did not finish cleanly: {', '.join(failed)}",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------------- export
+def _add_export_parser(subparsers: Any) -> None:
+    p = add_command(subparsers, "export", "export a trained run to ONNX / TorchScript, checked against PyTorch", """\
+Export the model of a run directory (or, with --random-init, a registered model with random weights) to ONNX
+(dynamo exporter, dynamic batch, weights in the one file) and/or TorchScript (trace). Each file is reloaded in its
+runtime (onnxruntime / torch.jit.load), run on random batches of two sizes and compared with PyTorch; it is kept only
+if the max absolute difference is below --atol. --deploy exports visionmix.reparameterize(model) and first checks
+that it computes what the trained model computes.
+
+example: visionmix export runs/dbb --deploy --onnx dbb.onnx --torchscript dbb.pt""")
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="run directory written by 'visionmix train' (or a model name with --random-init)")
+    p.add_argument("--onnx", metavar="FILE", help="write the ONNX model here")
+    p.add_argument("--torchscript", metavar="FILE", help="write the TorchScript model here")
+    p.add_argument("--deploy", action="store_true", help="export the re-parameterised (deployed) form")
+    p.add_argument("--random-init", action="store_true",
+                   help="CHECKPOINT is a registered model name; export it with random weights")
+    p.add_argument("--img-size", type=int, help="with --random-init: input height = width")
+    p.add_argument("--in-chans", type=int, help="with --random-init: input channels")
+    p.add_argument("--num-classes", type=int, help="with --random-init: classifier size")
+    p.add_argument("--batch-size", type=int, default=2, help="batch of the example input (the check also runs one "
+                                                             "image more)")
+    p.add_argument("--static-batch", action="store_true",
+                   help="fix the batch size at --batch-size (needed by CondConv/WeightNet: one grouped conv with "
+                        "groups = batch)")
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - PyTorch|")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from visionmix.export import ExportError, export_onnx, export_torchscript, randomize_weights
+
+    if not (args.onnx or args.torchscript):
+        raise ValueError("export needs --onnx FILE and/or --torchscript FILE")
+    if not args.random_init and (args.img_size or args.in_chans or args.num_classes):
+        raise ValueError("--img-size/--in-chans/--num-classes only apply with --random-init (a run's model keeps "
+                         "the shape it was trained with)")
+    _check_new_files([args.onnx, args.torchscript], args.force)
+    if args.random_init:
+        from visionmix.models import create_model
+
+        model = create_model(args.checkpoint, img_size=args.img_size, in_chans=args.in_chans,
+                             num_classes=args.num_classes)
+        randomize_weights(model, torch.randn(8, *model.pretrained_cfg["input_size"]))
+        source = f"{args.checkpoint} (random weights)"
+    else:
+        from visionmix.engine.checkpoint import load_run
+
+        model, meta = load_run(args.checkpoint)
+        source = f"{meta['model']} from {args.checkpoint}"
+    example = torch.randn(args.batch_size, *model.pretrained_cfg["input_size"])
+    checked = f"{args.batch_size}" if args.static_batch else f"{args.batch_size} and {args.batch_size + 1}"
+    try:
+        if args.deploy:
+            from visionmix.reparam import check_equivalence, reparameterize
+
+            deployed = reparameterize(model)
+            equivalence = check_equivalence(model, deployed, example)
+            print(f"deployed vs trained: {equivalence}")
+            if not equivalence.ok:
+                raise ExportError(f"the re-parameterised model is not equivalent to the trained one: {equivalence}")
+            model, source = deployed, f"{source}, deployed"
+        for path, export, kind in ((args.onnx, export_onnx, "ONNX"), (args.torchscript, export_torchscript,
+                                                                      "TorchScript")):
+            if path:
+                options = {"opset": args.opset} if export is export_onnx else {}
+                diff = export(model, path, example, atol=args.atol, dynamic_batch=not args.static_batch,
+                              force=args.force, **options)
+                print(f"wrote {path}: {kind} of {source}; max |exported - PyTorch| = {diff:.2e} on batches of "
+                      f"{checked} (atol {args.atol:g})")
+    except ExportError as exc:
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- main
-COMMANDS: tuple[Callable[[Any], None], ...] = (_add_train_parser, _add_eval_parser, _add_models_parser)
+COMMANDS: tuple[Callable[[Any], None], ...] = (_add_train_parser, _add_eval_parser, _add_models_parser,
+                                               _add_bench_parser, _add_compare_parser, _add_export_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:

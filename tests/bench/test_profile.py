@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from visionmix import create_model, reparameterize
 from visionmix.bench.profile import (
     BenchResult,
     count_macs,
@@ -21,6 +22,7 @@ from visionmix.bench.profile import (
     time_alternately,
     time_call,
 )
+from visionmix.cli import main
 
 
 def _conv_macs(conv: nn.Conv2d, h: int, w: int) -> int:
@@ -145,3 +147,31 @@ def test_format_table_lists_every_result():
     lines = table.splitlines()
     assert len(lines) == 4 and "of matmul" in lines[0]
     assert "other" in lines[3] and "train+inductor" in lines[3] and "0.25" in lines[3] and "5.60M" in lines[2]
+
+
+def test_bench_cli_train_and_deployed_forms_to_json_and_csv(tmp_path, capsys):
+    js, cs = tmp_path / "b.json", tmp_path / "b.csv"
+    argv = ["bench", "dbb_resnet_nano", "mixer_nano", "--deploy", "--batch-size", "2", "--repeats", "2",
+            "--warmup", "0", "--json", str(js), "--csv", str(cs)]
+    assert main(argv) == 0
+    assert "dbb_resnet_nano" in capsys.readouterr().out
+    rows = json.loads(js.read_text())["results"]
+    # Mixer has nothing to re-parameterise, so it gets no deploy row
+    assert [(r["model"], r["form"]) for r in rows] == [("dbb_resnet_nano", "train"), ("dbb_resnet_nano", "deploy"),
+                                                       ("mixer_nano", "train")]
+    model = create_model("dbb_resnet_nano")
+    assert rows[0]["params"] == sum(p.numel() for p in model.parameters())
+    assert rows[1]["params"] == sum(p.numel() for p in reparameterize(model).parameters()) < rows[0]["params"]
+    assert rows[1]["macs"] < rows[0]["macs"]  # the deployed single 3x3 conv does less work than four branches
+    assert rows[2]["params"] == sum(p.numel() for p in create_model("mixer_nano").parameters())
+    with open(cs, newline="") as f:
+        assert [r["form"] for r in csv.DictReader(f)] == ["train", "deploy", "train"]
+    assert main(argv) == 2  # both files exist: refused before anything is measured
+    assert "already exists; pass --force" in capsys.readouterr().err
+
+
+def test_bench_cli_rejects_unknown_models(capsys):
+    assert main(["bench", "mixer_nano", "no_such_model"]) == 2
+    assert "unknown model 'no_such_model'" in capsys.readouterr().err
+    assert main(["bench", "zzz*"]) == 2
+    assert "no registered model matches" in capsys.readouterr().err

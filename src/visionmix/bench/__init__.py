@@ -1,5 +1,6 @@
 """Measure models (params, MACs, speed, memory) and compare them under one training recipe (SPACH, 2108.13002)."""
 
+from visionmix.bench.compare import PRESETS, compare, resolve_preset
 from visionmix.bench.profile import (
     BenchResult,
     bench_models,
@@ -16,8 +17,10 @@ from visionmix.bench.profile import (
 )
 
 __all__ = [
+    "PRESETS",
     "BenchResult",
     "bench_models",
+    "compare",
     "count_macs",
     "count_params",
     "format_table",
@@ -25,6 +28,7 @@ __all__ = [
     "matmul_workload",
     "peak_memory",
     "profile_model",
+    "resolve_preset",
     "save_results",
     "time_alternately",
     "time_call",

@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import statistics
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
+from visionmix.engine.checkpoint import atomic_write
 from visionmix.layers.validation import check_choice, check_positive
 
 FORMS = ("train", "deploy")
@@ -256,7 +256,8 @@ def bench_models(names: Sequence[str], *, deploy: bool = False, batch_size: int 
                  warmup: int = 3, repeats: int = 10, reference_gflops: float | None = None,
                  model_kwargs: dict[str, Any] | None = None) -> list[BenchResult]:
     """Build each registered model (random weights) and profile it at its default input size, or at
-    ``img_size``/``in_chans``; with ``deploy`` also profile ``visionmix.reparameterize(model)``."""
+    ``img_size``/``in_chans``; with ``deploy`` also profile ``visionmix.reparameterize(model)`` for every model
+    that re-parameterisation changes (a row "deploy" follows its "train" row)."""
     from visionmix.models import create_model
     from visionmix.reparam import reparameterize
 
@@ -265,7 +266,9 @@ def bench_models(names: Sequence[str], *, deploy: bool = False, batch_size: int 
         model = create_model(name, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
         forms = {"train": model}
         if deploy:
-            forms["deploy"] = reparameterize(model.eval())
+            deployed = reparameterize(model.eval())
+            if [type(m) for m in deployed.modules()] != [type(m) for m in model.modules()]:
+                forms["deploy"] = deployed
         for form, module in forms.items():
             results.append(profile_model(
                 module, name=name, form=form, input_size=model.pretrained_cfg["input_size"], batch_size=batch_size,
@@ -304,22 +307,14 @@ def format_table(results: Sequence[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: str | Path, content: str | bytes, *, force: bool = True) -> Path:
-    """Write ``content`` to ``path`` through a temporary file and a rename, so a reader never sees half a file.
-    With ``force=False`` an existing file is an error rather than overwritten."""
+def write_new(path: str | Path, content: str | bytes, *, force: bool = False) -> Path:
+    """Write ``content`` atomically to ``path``, creating its directory; an existing file is an error unless
+    ``force``."""
     path = Path(path)
     if not force and path.exists():
         raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        data = content.encode("utf-8") if isinstance(content, str) else content
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, content)
     return path
 
 
@@ -350,4 +345,4 @@ def save_results(results: Sequence[BenchResult], path: str | Path, *, force: boo
         text = json.dumps({"meta": {**environment(), **(meta or {})}, "results": rows}, indent=2) + "\n"
     else:
         text = to_csv([{**row, "input_size": "x".join(map(str, row["input_size"]))} for row in rows])
-    return write_atomic(path, text, force=force)
+    return write_new(path, text, force=force)

@@ -1,0 +1,140 @@
+"""visionmix.bench.compare: a real end-to-end comparison on the bundled digits, resumability, failure isolation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+from matplotlib.image import imread
+
+from visionmix.bench.compare import PLOTS, PRESETS, RunOutcome, compare, markdown_table, resolve_preset, summarize
+from visionmix.cli import main
+from visionmix.data import FASHION_MNIST_DIR
+
+MODELS = ["mixer_nano", "spach_ms_nano_conv", "no_such_model"]
+RECIPE = {"epochs": 1, "batch_size": 32, "max_train_samples": 64, "max_eval_samples": 32}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    logs: list[list[str]] = [[], []]
+    rows = [compare(MODELS, out, data="digits", recipe=RECIPE, bench_batch_size=4, bench_repeats=2, progress=False,
+                    log=logs[i].append) for i in range(2)]
+    return out, rows, logs
+
+
+def test_every_artefact_is_written(compared):
+    out, _, _ = compared
+    for name in ("results.csv", "results.json", "results.md", *PLOTS):
+        assert (out / name).is_file(), name
+    for model in MODELS[:2]:
+        assert (out / "runs" / model / "seed0" / "summary.json").is_file()
+        assert (out / "runs" / model / "bench.json").is_file()
+
+
+def test_csv_parses_with_one_row_per_model(compared):
+    out, _, _ = compared
+    with open(out / "results.csv", newline="") as f:
+        rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert list(rows) == MODELS
+    for model in MODELS[:2]:
+        r = rows[model]
+        assert r["status"] == "ok" and r["error"] == "" and r["seeds"] == "1"
+        assert 0.0 <= float(r["top1"]) <= float(r["top5"]) <= 100.0
+        assert int(r["params"]) > 0 and int(r["macs"]) > 0 and float(r["throughput"]) > 0
+    summary = json.loads((out / "runs" / "mixer_nano" / "seed0" / "summary.json").read_text())
+    assert float(rows["mixer_nano"]["top1"]) == summary["top1"]
+
+
+def test_pngs_are_valid_images(compared):
+    out, _, _ = compared
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE), name
+        image = imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image[..., :3].std() > 0  # something was drawn
+
+
+def test_a_broken_model_is_a_failed_row_and_the_others_finish(compared):
+    out, (rows, _), _ = compared
+    broken = rows[-1]
+    assert broken["model"] == "no_such_model" and broken["status"] == "failed" and broken["top1"] is None
+    assert "unknown model 'no_such_model'" in broken["error"]
+    markdown = (out / "results.md").read_text()
+    assert "| no_such_model |" in markdown and "failed: seed 0: ValueError: unknown model" in markdown
+    assert all(f"| {m} |" in markdown for m in MODELS[:2])
+    results = json.loads((out / "results.json").read_text())
+    assert [m["status"] for m in results["models"]] == ["ok", "ok", "failed"]
+    assert results["meta"]["recipe"].items() >= RECIPE.items() and results["meta"]["data"] == "digits"
+    assert results["meta"]["recipe"]["lr"] == 2e-3  # the engine's defaults complete the recipe
+
+
+def test_second_invocation_skips_finished_models(compared):
+    _, (first, second), (log1, log2) = compared
+    assert ["already done" in line for line in log1] == [False, False, False]
+    assert ["already done" in line for line in log2] == [True, True, False]  # the failure is retried
+    for a, b in zip(first[:2], second[:2], strict=True):
+        assert (a["top1"], a["params"], a["throughput"]) == (b["top1"], b["params"], b["throughput"])
+
+
+def _outcome(seed: int, top1: float | None, error: str | None = None) -> RunOutcome:
+    summary = None if top1 is None else {"top1": top1, "top5": 99.0, "params": 10, "train_time_s": 2.0 + seed,
+                                         "train_images_per_s": 100.0, "history": []}
+    return RunOutcome("m", seed, summary=summary, error=error)
+
+
+def test_summarize_mean_and_sample_std_over_seeds():
+    row = summarize("m", [_outcome(0, 90.0), _outcome(1, 91.0), _outcome(2, 95.0)], None, None)
+    assert row["top1"] == pytest.approx(92.0) and row["top1_std"] == pytest.approx(statistics.stdev([90, 91, 95]))
+    assert row["status"] == "ok" and row["seeds"] == 3 and row["train_time_s"] == pytest.approx(3.0)
+    partial = summarize("m", [_outcome(0, 90.0), _outcome(1, None, "TrainingError: nan")], None, None)
+    assert partial["status"] == "partial (1/2)" and partial["top1_std"] is None
+    assert partial["error"] == "seed 1: TrainingError: nan"
+    table = markdown_table([row, partial], {"recipe": {}, "bench_batch_size": 8, "seeds": 3, "data": "digits",
+                                            "environment": {"threads": 2, "torch": "x"}})
+    assert "| m | 92.00 ± 2.65 |" in table and "partial (1/2): seed 1: TrainingError: nan" in table
+    no_bench = summarize("m", [_outcome(0, 90.0)], None, "RuntimeError: boom")
+    assert no_bench["status"] == "bench failed" and no_bench["top1"] == 90.0 and no_bench["throughput"] is None
+
+
+def test_demo_preset_falls_back_to_digits_with_a_note(tmp_path):
+    preset, note = resolve_preset("demo", tmp_path)  # an empty directory: no Fashion-MNIST there
+    assert preset.data == "digits" and preset.models == PRESETS["demo"].models
+    assert "digits" in note and "Fashion-MNIST" in note and str(tmp_path) in note
+    if (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        assert resolve_preset("demo") == (PRESETS["demo"], "")
+    with pytest.raises(ValueError, match="preset"):
+        resolve_preset("nope")
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="recipe must not set 'seed'"):
+        compare(["mixer_nano"], tmp_path, recipe={"seed": 1})
+    with pytest.raises(ValueError, match="duplicates"):
+        compare(["mixer_nano", "mixer_nano"], tmp_path)
+    with pytest.raises(ValueError, match="at least one"):
+        compare([], tmp_path)
+    with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+        compare(["mixer_nano"], tmp_path, recipe={"epoch": 1})
+    with pytest.raises(ValueError, match="epochs"):
+        compare(["mixer_nano"], tmp_path, recipe={"epochs": 0})
+    assert list(tmp_path.iterdir()) == []  # nothing was trained or written
+
+
+def test_compare_cli_on_the_same_directory_skips_and_reports(compared, capsys):
+    out, _, _ = compared
+    argv = ["compare", "--models", ",".join(MODELS), "--data", "digits", "--epochs", "1", "--batch-size", "32",
+            "--max-train-samples", "64", "--max-eval-samples", "32", "--bench-batch-size", "4", "--bench-repeats", "2",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 1  # one model failed
+    captured = capsys.readouterr()
+    assert captured.out.count("already done") == 2 and "| mixer_nano |" in captured.out
+    assert f"table: {out / 'results.md'}" in captured.out and str(out / PLOTS[0]) in captured.out
+    assert "no_such_model" in captured.err
+    assert main(["compare", "--out", str(out)]) == 2
+    assert "--models" in capsys.readouterr().err
