@@ -5,12 +5,18 @@ Each export is written to a temporary file next to the target, reloaded in its r
 caught), and compared with the eager model in eval mode. Only a file that agrees within ``atol`` (max absolute
 difference) is renamed into place; otherwise :class:`ExportError` is raised and nothing is left behind. Works on any
 ``nn.Module``; call ``visionmix.reparameterize`` first to export the deployed form.
+
+ONNX uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``) with the
+weights inside the one file; it handles every visionmix family, so there is no fallback to the legacy TorchScript
+-based exporter. TorchScript (``torch.jit.trace``) is deprecated upstream as of torch 2.13 and is kept for
+runtimes that still load it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,18 +33,29 @@ class ExportError(RuntimeError):
 
 
 @torch.no_grad()
-def randomize_weights(model: nn.Module, *, std: float = 0.1, seed: int = 0) -> nn.Module:
-    """Add N(0, std^2) noise to every parameter and give every BN random statistics, in place; returns ``model``.
+def randomize_weights(model: nn.Module, example: torch.Tensor, *, std: float = 0.1, seed: int = 0) -> nn.Module:
+    """Stand-in for trained weights, in place: add N(0, std^2) noise to every parameter, then set every BN's running
+    statistics to the batch statistics of forward passes on ``example`` (B > 1). Returns ``model`` in eval mode.
 
     A freshly built model can have a zero-initialised head or 1e-4 layer scales (Mixer, SPACH) that make its output
-    (nearly) constant, and a parity check on constant outputs proves nothing.
+    (nearly) constant, and a parity check on constant outputs proves nothing. Calibrated (rather than random) BN
+    statistics keep the activations of deep nets at a realistic scale, and they are not the identity, so a wrong
+    BN fold still shows.
     """
-    from visionmix.reparam import randomize_batchnorm
-
     generator = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.add_(std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
-    return randomize_batchnorm(model, seed=seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    momenta = [bn.momentum for bn in norms]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the calibration passes
+    model.train()
+    for _ in range(3):
+        model(example)
+    for bn, momentum in zip(norms, momenta, strict=True):
+        bn.momentum = momentum
+    return model.eval()
 
 
 @contextmanager
@@ -56,17 +73,29 @@ def _staged(path: str | Path, force: bool) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _reason(err: BaseException) -> str:
+    """``Type: first line`` of ``err`` and of the innermost exception it was raised from (ANSI colours removed)."""
+    def line(e: BaseException) -> str:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        return f"{type(e).__name__}: " + next((s.strip() for s in text.splitlines() if s.strip()), "")
+
+    root = err
+    while root.__cause__ is not None:
+        root = root.__cause__
+    return line(err) if root is err else f"{line(err)} (caused by {line(root)})"
+
+
 def _check_parity(model: nn.Module, run: Callable[[torch.Tensor], np.ndarray], example: torch.Tensor,
-                  atol: float, what: str) -> float:
-    """Max |exported - PyTorch| over the example batch and a batch one larger; ExportError above ``atol``."""
+                  atol: float, what: str, other_batch: bool = True) -> float:
+    """Max |exported - PyTorch| over the example batch (and a batch one larger); ExportError above ``atol``."""
     worst = 0.0
-    for x in (example, torch.cat([example, example[:1]])):
+    for x in (example, torch.cat([example, example[:1]])) if other_batch else (example,):
         with torch.inference_mode():
             expected = model(x).numpy()
         try:
             got = run(x)
         except Exception as err:  # a runtime's own error type; what matters is that the file does not work
-            raise ExportError(f"{what} failed on an input of shape {tuple(x.shape)}: {err}") from err
+            raise ExportError(f"{what} failed on an input of shape {tuple(x.shape)}: {_reason(err)}") from err
         if got.shape != expected.shape:
             raise ExportError(f"{what} returned shape {got.shape} for input {tuple(x.shape)}, "
                               f"PyTorch returns {expected.shape} (batch size baked into the graph?)")
@@ -95,41 +124,49 @@ def _quiet_onnx_registry() -> Iterator[None]:
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, opset: int = 18, atol: float = 1e-4,
-                force: bool = False) -> float:
-    """Export ``model`` with the dynamo ONNX exporter (batch dimension dynamic, weights inside the one file),
-    check it in onnxruntime and return the max absolute difference from PyTorch."""
+                dynamic_batch: bool = True, force: bool = False) -> float:
+    """Export ``model`` with the dynamo ONNX exporter (weights inside the one file), check it in onnxruntime and
+    return the max absolute difference from PyTorch.
+
+    The batch dimension is dynamic unless ``dynamic_batch=False``: layers whose graph depends on the batch size
+    (CondConv/WeightNet run one grouped conv with ``groups = batch``, and ONNX's ``group`` is a constant) only
+    export for the example's batch size, and are then checked on that size alone.
+    """
     import onnxruntime as ort
 
     if check_positive("opset", opset) < 17:
         raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
     model = _prepare(model, example)
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     with _staged(path, force) as tmp:
         try:
             with _quiet_onnx_registry():
                 torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset,
                                   external_data=False, input_names=["input"], output_names=["logits"],
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False)
+                                  dynamic_shapes=dynamic_shapes, verbose=False)
         except Exception as err:  # the exporter raises many types; the user needs the reason, not the type
-            raise ExportError(f"ONNX export failed: {type(err).__name__}: {err}") from err
+            hint = "; if the graph depends on the batch size, export a static batch" if dynamic_batch else ""
+            raise ExportError(f"ONNX export failed: {_reason(err)}{hint}") from err
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         return _check_parity(model, lambda x: session.run(None, {"input": x.numpy()})[0], example, atol,
-                             "the ONNX model (onnxruntime)")
+                             "the ONNX model (onnxruntime)", other_batch=dynamic_batch)
 
 
 def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor, *, atol: float = 1e-4,
-                       force: bool = False) -> float:
-    """Trace ``model`` to TorchScript, reload the saved file and return the max absolute difference from PyTorch."""
+                       dynamic_batch: bool = True, force: bool = False) -> float:
+    """Trace ``model`` to TorchScript, reload the saved file and return the max absolute difference from PyTorch.
+    ``dynamic_batch=False`` checks the example's batch size only (see :func:`export_onnx`)."""
     model = _prepare(model, example)
     with _staged(path, force) as tmp:
         try:
             with torch.no_grad():
                 torch.jit.save(torch.jit.trace(model, example), str(tmp))
         except Exception as err:  # tracing raises many types; the user needs the reason, not the type
-            raise ExportError(f"TorchScript trace failed: {type(err).__name__}: {err}") from err
+            raise ExportError(f"TorchScript trace failed: {_reason(err)}") from err
         loaded = torch.jit.load(str(tmp))
 
         def run(x: torch.Tensor) -> np.ndarray:
             with torch.inference_mode():
                 return loaded(x).numpy()
 
-        return _check_parity(model, run, example, atol, "the TorchScript model")
+        return _check_parity(model, run, example, atol, "the TorchScript model", other_batch=dynamic_batch)
