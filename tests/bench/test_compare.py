@@ -13,7 +13,7 @@ from visionmix.bench.compare import PLOTS, PRESETS, RunOutcome, compare, markdow
 from visionmix.cli import main
 from visionmix.data import FASHION_MNIST_DIR
 
-MODELS = ["mixer_nano", "spach_ms_nano_conv", "no_such_model"]
+MODELS = ["mixer_nano", "resnet_nano", "no_such_model"]
 RECIPE = {"epochs": 1, "batch_size": 32, "max_train_samples": 64, "max_eval_samples": 32}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -54,7 +54,7 @@ PRESETS: dict[str, Preset] = {
     "fmnist": Preset(
         models=("resnet_nano", "mixer_nano", "s2mlpv2_nano", "spach_ms_nano_conv", "spach_ms_nano_attn",
                 "spach_ms_nano_mlp", "uniformer_nano"),
-        data="fashion-mnist", seeds=1, recipe={"epochs": 5},
+        data="fashion-mnist", seeds=1, recipe={"epochs": 3},
         description="every family's nano model on full Fashion-MNIST",
     ),
 }
