@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -154,8 +155,8 @@ re-parameterised model (visionmix.reparameterize) to show that it scores identic
     p.add_argument("--deploy", action="store_true", help="also evaluate the re-parameterised (deployed) model")
     p.add_argument("--data-dir", help="dataset directory (default: the one the run was trained with)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="which split to evaluate")
-    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this many images "
-                                                        "(default: all)")
+    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this many images, 0 = all "
+                                                        "(default: the run's own setting)")
     p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
                    help="auto = the EMA weights if the run kept them")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
@@ -176,7 +177,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cfg, info = meta["config"], meta["data"]
     size = info["image_size"]
-    dataset = build_dataset(cfg["data"], args.split, args.data_dir or cfg["data_dir"], args.max_eval_samples,
+    limit = cfg["max_eval_samples"] if args.max_eval_samples is None else args.max_eval_samples or None
+    dataset = build_dataset(cfg["data"], args.split, args.data_dir or cfg["data_dir"], limit,
                             image_size=size[0] if size[0] == size[1] else None)
     dataset = dataset.with_stats(info["mean"], info["std"])
     forms: list[tuple[str, torch.nn.Module]] = [("trained", model.to(device))]
@@ -337,7 +339,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(format_table(results))
     if reference is not None:
         print(f"2048^3 fp32 matmul: {reference:.1f} GFLOP/s")
-    meta = {"matmul_gflops": reference, "command": "visionmix " + " ".join(sys.argv[1:])}
+    meta = {"matmul_gflops": reference, "command": args.command_line}
     for path in (args.json, args.csv):
         if path:
             print(f"wrote {save_results(results, path, force=args.force, meta=meta)}")
@@ -400,7 +402,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         print(f"note: {note}", flush=True)
     rows = compare(models, args.out, data=data, seeds=args.seeds or preset.seeds, recipe=recipe,
                    bench_batch_size=args.bench_batch_size, bench_repeats=args.bench_repeats,
-                   progress=not args.no_progress, note=note, log=lambda line: print(line, flush=True))
+                   progress=not args.no_progress, note=note, command=args.command_line,
+                   log=lambda line: print(line, flush=True))
     out = Path(args.out)
     print()
     print((out / "results.md").read_text())
@@ -518,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.command_line = shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)])  # recorded in reports
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2

@@ -136,5 +136,6 @@ def test_compare_cli_on_the_same_directory_skips_and_reports(compared, capsys):
     assert captured.out.count("already done") == 2 and "| mixer_nano |" in captured.out
     assert f"table: {out / 'results.md'}" in captured.out and str(out / PLOTS[0]) in captured.out
     assert "no_such_model" in captured.err
+    assert f"Produced by `visionmix compare --models {','.join(MODELS)}" in (out / "results.md").read_text()
     assert main(["compare", "--out", str(out)]) == 2
     assert "--models" in capsys.readouterr().err

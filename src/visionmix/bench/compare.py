@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from visionmix.bench.profile import environment, profile_model, to_csv
+from visionmix.bench.profile import environment, profile_model, si_format, to_csv
 from visionmix.engine.checkpoint import atomic_write
 from visionmix.layers.validation import check_choice, check_positive
 
@@ -180,11 +180,13 @@ def _outcome_line(outcome: RunOutcome) -> str:
 
 def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-mnist", seeds: int = 1,
             recipe: Mapping[str, Any] | None = None, bench_batch_size: int = 64, bench_repeats: int = 10,
-            progress: bool = True, note: str = "", log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+            progress: bool = True, note: str = "", command: str = "",
+            log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train, evaluate and benchmark ``models`` under one recipe; write the results and plots into ``out_dir``.
 
     ``recipe`` holds ``visionmix.engine.TrainConfig`` fields other than ``model``, ``data`` and ``seed``
-    (epochs, batch_size, lr, max_train_samples, ...). Seeds are ``0 .. seeds-1``. Returns one row per model.
+    (epochs, batch_size, lr, max_train_samples, ...). Seeds are ``0 .. seeds-1``. ``note`` and ``command`` (the
+    command line that ran it) go into the report. Returns one row per model.
     """
     from visionmix.engine import TrainConfig
 
@@ -227,7 +229,7 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
         outcomes.extend(model_outcomes)
     shown = {k: v for k, v in asdict(base).items() if k not in _NOT_RECIPE}
     write_report(out_dir, rows, outcomes, meta={
-        "data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note,
+        "data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note, "command": command,
         "bench_batch_size": bench_batch_size, "environment": environment()})
     return rows
 
@@ -236,15 +238,6 @@ def _fmt(value: float | None, std: float | None = None, digits: int = 2) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
-def _si(value: float | None) -> str:
-    if value is None:
-        return "-"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if value >= scale:
-            return f"{value / scale:.2f}{suffix}"
-    return f"{value:.0f}"
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any]) -> str:
@@ -258,6 +251,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any]) -> s
         f"Params, MACs and speed are for the deployed form (`visionmix.reparameterize`) at one image; "
         f"img/s at batch {batch}, {meta['environment']['threads']} threads, torch {meta['environment']['torch']}.",
     ]
+    if meta.get("command"):
+        lines += ["", f"Produced by `{meta['command']}`."]
     if meta.get("note"):
         lines += ["", f"Note: {meta['note']}"]
     lines += ["", f"| model | top-1 (%) | top-5 (%) | params | MACs | img/s (b{batch}) | latency b1 (ms) "
@@ -265,8 +260,8 @@ def markdown_table(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any]) -> s
               "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         status = r["status"] if not r["error"] else f"{r['status']}: {r['error']}"
-        cells = [r["model"], _fmt(r["top1"], r["top1_std"]), _fmt(r["top5"], r["top5_std"]), _si(r["params"]),
-                 _si(r["macs"]), _fmt(r["throughput"], digits=0), _fmt(r["latency_ms"]),
+        cells = [r["model"], _fmt(r["top1"], r["top1_std"]), _fmt(r["top5"], r["top5_std"]), si_format(r["params"]),
+                 si_format(r["macs"]), _fmt(r["throughput"], digits=0), _fmt(r["latency_ms"]),
                  _fmt(r["train_time_s"], digits=0), status.replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -277,7 +277,10 @@ def bench_models(names: Sequence[str], *, deploy: bool = False, batch_size: int 
     return results
 
 
-def _si(value: float) -> str:
+def si_format(value: float | None) -> str:
+    """``11689512 -> "11.69M"``, ``1.8e9 -> "1.80G"``; ``None -> "-"`` (a count a failed run does not have)."""
+    if value is None:
+        return "-"
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
         if abs(value) >= scale:
             return f"{value / scale:.2f}{suffix}"
@@ -293,7 +296,7 @@ def format_table(results: Sequence[BenchResult]) -> str:
     rows = [header]
     for r in results:
         row = [r.model, r.form + (f"+{r.compiled}" if r.compiled else ""), "x".join(map(str, r.input_size)),
-               _si(r.params), _si(r.macs), f"{r.latency_ms:.2f} ±{r.latency_spread:.0%}",
+               si_format(r.params), si_format(r.macs), f"{r.latency_ms:.2f} ±{r.latency_spread:.0%}",
                f"{r.throughput:.1f} ±{r.throughput_spread:.0%} (b{r.batch_size})", f"{r.peak_mem_mb:.1f}",
                f"{r.gflops:.1f}"]
         if with_fraction:
