@@ -139,3 +139,16 @@ def test_compare_cli_on_the_same_directory_skips_and_reports(compared, capsys):
     assert f"Produced by `visionmix compare --models {','.join(MODELS)}" in (out / "results.md").read_text()
     assert main(["compare", "--out", str(out)]) == 2
     assert "--models" in capsys.readouterr().err
+
+
+def test_an_interrupt_stops_the_whole_comparison_with_a_resume_hint(tmp_path, monkeypatch):
+    import visionmix.engine
+    from visionmix.engine import TrainingInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("SIGINT: stopped at epoch 1 step 3/9, checkpoint saved", 2)
+
+    monkeypatch.setattr(visionmix.engine, "train", interrupted)
+    with pytest.raises(TrainingInterrupted, match="run the same 'visionmix compare' command again") as info:
+        compare(["mixer_nano", "resnet_nano"], tmp_path, data="digits", progress=False, log=lambda line: None)
+    assert info.value.signum == 2 and not (tmp_path / "results.csv").exists()

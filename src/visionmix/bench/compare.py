@@ -109,8 +109,9 @@ def _run_one(cfg: Any, run_dir: Path, progress: bool) -> RunOutcome:
     skipped = (run_dir / "summary.json").is_file()
     try:
         summary = train(cfg, run_dir, resume=True, progress=progress)
-    except TrainingInterrupted:
-        raise
+    except TrainingInterrupted as err:
+        raise TrainingInterrupted(f"{err}; to resume the whole comparison, run the same 'visionmix compare' "
+                                  "command again", err.signum) from err
     except Exception as err:  # any failure of one model is reported in its row; the comparison goes on
         return RunOutcome(cfg.model, cfg.seed, error=_describe(err))
     return RunOutcome(cfg.model, cfg.seed, summary=summary, skipped=skipped)
