@@ -177,7 +177,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     cfg, info = meta["config"], meta["data"]
     size = info["image_size"]
-    limit = cfg["max_eval_samples"] if args.max_eval_samples is None else args.max_eval_samples or None
+    run_limit = cfg["max_eval_samples" if args.split == "test" else "max_train_samples"]
+    limit = run_limit if args.max_eval_samples is None else args.max_eval_samples or None
     dataset = build_dataset(cfg["data"], args.split, args.data_dir or cfg["data_dir"], limit,
                             image_size=size[0] if size[0] == size[1] else None)
     dataset = dataset.with_stats(info["mean"], info["std"])
