@@ -370,7 +370,7 @@ class _Trainer:
                 try:
                     entry = json.loads(line)
                 except json.JSONDecodeError:
-                    continue  # a line torn by a kill
+                    continue  # not ours: metrics.jsonl is only ever replaced whole
                 if entry.get("epoch", 0) <= self.epoch:
                     lines.append(entry)
         logged = {e["epoch"] for e in lines if "event" not in e}
@@ -378,9 +378,10 @@ class _Trainer:
         ckpt.atomic_write(path, "".join(json.dumps(e) + "\n" for e in lines))
 
     def _append_metrics(self, entry: dict[str, Any]) -> None:
+        """Add a line to metrics.jsonl, rewriting the (small) file atomically like every other write."""
         if self.ctx.is_main:
-            with (self.out_dir / ckpt.METRICS_FILE).open("a") as f:
-                f.write(json.dumps(entry) + "\n")
+            path = self.out_dir / ckpt.METRICS_FILE
+            ckpt.atomic_write(path, (path.read_text() if path.is_file() else "") + json.dumps(entry) + "\n")
 
     def _log(self, message: str) -> None:
         if self.show:
@@ -404,8 +405,8 @@ class _Trainer:
                    unit="step", disable=not (self.show and sys.stderr.isatty()), dynamic_ncols=True, leave=True)
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         with bar:
+            tick = time.perf_counter()  # training time counts batch preparation too, not checkpoint writes
             for images, labels in self.loader.epoch(self.epoch, self.step):
-                start = time.perf_counter()
                 with self.autocast:
                     logits = self.model(images)
                 loss = self.criterion(logits.float(), labels)
@@ -425,7 +426,8 @@ class _Trainer:
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.raw_model, self.global_step)
-                self.train_time += time.perf_counter() - start
+                now = time.perf_counter()
+                self.train_time, tick = self.train_time + now - tick, now
                 run = self.running
                 run["loss_sum"] += loss_sum
                 run["correct"] += correct
@@ -438,6 +440,7 @@ class _Trainer:
                     self._interrupt()
                 if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step < self.steps_per_epoch:
                     self._save()
+                    tick = time.perf_counter()
 
     def _end_epoch(self) -> None:
         cfg, run = self.cfg, self.running
