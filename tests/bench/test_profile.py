@@ -52,6 +52,18 @@ def test_linear_macs_match_closed_form(shape):
     assert count_macs(linear, torch.randn(shape)) == rows * 20 * 9
 
 
+class _Attention(nn.Module):
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, q.flip(2), q.flip(3))
+
+
+def test_attention_macs_are_counted_on_cpu():
+    # (B, heads, N, d): Q K^T and A V are B*heads*N*N*d multiply-adds each; FlopCounterMode alone counts 0 on CPU
+    assert count_macs(_Attention(), torch.randn(2, 3, 10, 8)) == 2 * (2 * 3 * 10 * 10 * 8)
+    model = create_model("spach_xxs_patch16_224_attn")  # the official figure, attention included
+    assert count_macs(model, torch.randn(1, 3, 224, 224)) / 1e9 == pytest.approx(0.904, abs=1e-3)
+
+
 def _tiny_net() -> nn.Module:
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(8, 5))

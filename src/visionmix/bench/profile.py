@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from visionmix.engine.checkpoint import atomic_write
 from visionmix.layers.validation import check_choice, check_positive
@@ -58,9 +58,20 @@ def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Flops of the CPU attention kernel: the formula FlopCounterMode uses for the CUDA ones (Q K^T and A V)."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# FlopCounterMode has formulas for the CUDA attention kernels but not for the one scaled_dot_product_attention runs
+# on CPU, where attention would count zero.
+_CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
 def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
     """Multiply-adds of one forward pass of ``model(inputs)`` in eval mode (FlopCounterMode flops / 2)."""
-    with _eval_mode(model), torch.inference_mode(), FlopCounterMode(display=False) as counter:
+    with (_eval_mode(model), torch.inference_mode(),
+          FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter):
         model(inputs)
     return counter.get_total_flops() // 2
 
