@@ -384,10 +384,12 @@ example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist 
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from visionmix.bench.compare import PLOTS, Preset, compare, resolve_preset
+    from visionmix.bench.compare import PLOTS, PRESETS, Preset, compare, resolve_preset
 
     note = ""
-    if args.preset:
+    if args.preset and args.data:  # the data were chosen explicitly: no fallback to digits
+        preset = PRESETS[args.preset]
+    elif args.preset:
         preset, note = resolve_preset(args.preset, args.data_dir)
     else:
         if not args.models:
