@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ from safetensors.torch import load_file
 
 from visionmix.data import BatchLoader, build_dataset
 from visionmix.engine import TrainConfig, train
-from visionmix.engine.distributed import init_distributed, shutdown, wrap_model
+from visionmix.engine.distributed import init_distributed, wrap_model
 from visionmix.models import create_model
 
 STEPS, BATCH = 3, 32
@@ -48,29 +47,25 @@ def make_model() -> torch.nn.Module:
     return create_model("tiny_test_net", num_classes=10, in_chans=1, bn=False, drop_path_rate=0.0)
 
 
-def worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+def worker(rank: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    # a file rendezvous: no TCP port to pick (and race for) when tests run in parallel; the engine joins this group
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     ctx = init_distributed("cpu")
     model = make_model()
     loader = BatchLoader(build_dataset("digits", "train", max_samples=128), BATCH, train=True, seed=0, rank=rank,
                          world_size=2)
     torch.save(gradients(model, wrap_model(model, ctx), loader), Path(out) / f"grads{rank}.pt")
     train(CFG, Path(out) / f"run{rank}", progress=False)  # each rank names its own dir: only rank 0's may appear
-    shutdown(ctx)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert not ctx.owns_group
+    torch.distributed.destroy_process_group()
 
 
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="torch.distributed with gloo is not available in this build")
 def test_two_gloo_ranks_equal_one_process_on_the_combined_batch(tmp_path: Path) -> None:
-    torch.multiprocessing.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    torch.multiprocessing.spawn(worker, args=(str(tmp_path),), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"grads{r}.pt") for r in range(2)]
     model = make_model()
     single = gradients(model, model, BatchLoader(build_dataset("digits", "train", max_samples=128), BATCH,
@@ -102,7 +97,8 @@ def test_torchrun_cli_two_processes(tmp_path: Path) -> None:
            "train", "--model", "mixer_nano", "--data", "digits", "--max-train-samples", "64", "--max-eval-samples",
            "64", "--batch-size", "32", "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(run)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = f"rc={proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-3000:]}"
+    assert proc.returncode == 0, report
     meta = json.loads((run / "checkpoint.json").read_text())
-    assert meta["world_size"] == 2 and meta["global_step"] == 2 and meta["finished"]
-    assert proc.stdout.count("mixer_nano on digits: top-1") == 1
+    assert meta["world_size"] == 2 and meta["global_step"] == 2 and meta["finished"], report
+    assert proc.stdout.count("mixer_nano on digits: top-1") == 1, report
