@@ -10,7 +10,8 @@ benchmarks the deployed form (``visionmix.reparameterize``) of the trained model
 
 A run whose ``summary.json`` exists is finished and is not trained again, so an interrupted comparison resumes where
 it stopped (an interrupted run resumes from its last checkpoint). A model that fails is reported with its error and
-does not stop the others. Accuracies are mean ± sample standard deviation over the seeds that finished.
+does not stop the others. The report is rewritten after every model. Accuracies are mean ± sample standard deviation
+over the seeds that finished.
 """
 
 from __future__ import annotations
@@ -205,6 +206,9 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
         raise ValueError(f"recipe has unknown TrainConfig fields {unknown}")
     base = TrainConfig(model=models[0], data=data, **recipe)
     base.validate()  # a bad recipe fails once, here, not once per model
+    shown = {k: v for k, v in asdict(base).items() if k not in _NOT_RECIPE}
+    meta = {"data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note, "command": command,
+            "bench_batch_size": bench_batch_size, "environment": environment()}
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"
     total = len(models) * seeds
@@ -228,10 +232,7 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
                 log(f"{model}: benchmark failed: {bench_error}")
         rows.append(summarize(model, model_outcomes, bench, bench_error))
         outcomes.extend(model_outcomes)
-    shown = {k: v for k, v in asdict(base).items() if k not in _NOT_RECIPE}
-    write_report(out_dir, rows, outcomes, meta={
-        "data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note, "command": command,
-        "bench_batch_size": bench_batch_size, "environment": environment()})
+        write_report(out_dir, rows, outcomes, meta)  # after every model, so a long comparison shows its progress
     return rows
 
 
