@@ -109,7 +109,7 @@ def full_runs(names: list[str], speeds: dict[str, dict[str, float]], args: argpa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="*_nano", help="fnmatch pattern or comma-separated names")
+    parser.add_argument("--models", default="*nano*", help="fnmatch pattern or comma-separated names")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per model (after warm-up)")
     parser.add_argument("--warmup", type=int, default=3)
