@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from visionmix.layers.fusion import conv2d_from_kernel, fuse_conv_bn
-from visionmix.layers.validation import check_choice, check_divisible, check_input, check_positive, to_pair
+from visionmix.layers.validation import (
+    check_choice,
+    check_conv_channels,
+    check_divisible,
+    check_input,
+    check_positive,
+    to_pair,
+)
 
 
 class Mlp(nn.Module):
@@ -147,14 +154,10 @@ class ConvBN(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int | None = None, dilation: int = 1, groups: int = 1) -> None:
         super().__init__()
-        check_positive("in_channels", in_channels)
-        check_positive("out_channels", out_channels)
+        check_conv_channels(in_channels, out_channels, groups)
         check_positive("kernel_size", kernel_size)
         check_positive("stride", stride)
         check_positive("dilation", dilation)
-        check_positive("groups", groups)
-        check_divisible("in_channels", in_channels, groups, "groups")
-        check_divisible("out_channels", out_channels, groups, "groups")
         if padding is None:
             padding = dilation * (kernel_size - 1) // 2
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias=False)

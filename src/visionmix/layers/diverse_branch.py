@@ -20,7 +20,7 @@ from visionmix.layers.fusion import (
     pad_kernel,
     square_conv_geometry,
 )
-from visionmix.layers.validation import check_divisible, check_positive
+from visionmix.layers.validation import check_conv_channels, check_divisible, check_positive
 
 
 class BNAndPad(nn.Module):
@@ -109,11 +109,8 @@ class DiverseBranchBlock(nn.Module):
                  padding: int | None = None, dilation: int = 1, groups: int = 1, *,
                  internal_channels: int | None = None) -> None:
         super().__init__()
-        self.in_channels = check_positive("in_channels", in_channels)
-        self.out_channels = check_positive("out_channels", out_channels)
-        self.groups = check_positive("groups", groups)
-        check_divisible("in_channels", in_channels, groups, "groups")
-        check_divisible("out_channels", out_channels, groups, "groups")
+        check_conv_channels(in_channels, out_channels, groups)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         k = self.kernel_size = check_positive("kernel_size", kernel_size)
         if k % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the 1x1 and avg branches are centred in it), got {k}")

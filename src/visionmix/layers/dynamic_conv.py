@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionmix.layers.validation import check_divisible, check_input, check_positive, to_pair
+from visionmix.layers.validation import check_conv_channels, check_divisible, check_input, check_positive, to_pair
 
 IntPair = int | tuple[int, int]
 
@@ -25,11 +25,7 @@ def _conv_geometry(in_channels: int, out_channels: int, kernel_size: IntPair, st
 
     ``padding=None`` is "same" for odd kernels: ``dilation * (k - 1) // 2`` per axis.
     """
-    check_positive("in_channels", in_channels)
-    check_positive("out_channels", out_channels)
-    check_positive("groups", groups)
-    check_divisible("in_channels", in_channels, groups, "groups")
-    check_divisible("out_channels", out_channels, groups, "groups")
+    check_conv_channels(in_channels, out_channels, groups)
     kernel, stride_, dilation_ = (to_pair(name, value) for name, value in
                                   (("kernel_size", kernel_size), ("stride", stride), ("dilation", dilation)))
     if padding is None:

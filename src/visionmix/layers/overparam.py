@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.layers.fusion import conv2d_from_kernel, square_conv_geometry
-from visionmix.layers.validation import check_divisible, check_positive, same_padding
+from visionmix.layers.validation import check_conv_channels, check_positive, same_padding
 
 
 class DOConv2d(nn.Module):
@@ -32,11 +32,8 @@ class DOConv2d(nn.Module):
                  padding: int | None = None, dilation: int = 1, groups: int = 1, bias: bool = False, *,
                  D_mul: int | None = None) -> None:
         super().__init__()
-        self.in_channels = check_positive("in_channels", in_channels)
-        self.out_channels = check_positive("out_channels", out_channels)
-        self.groups = check_positive("groups", groups)
-        check_divisible("in_channels", in_channels, groups, "groups")
-        check_divisible("out_channels", out_channels, groups, "groups")
+        check_conv_channels(in_channels, out_channels, groups)
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         k = check_positive("kernel_size", kernel_size)
         self.kernel_size = (k, k)
         self.stride = check_positive("stride", stride)

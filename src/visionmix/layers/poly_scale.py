@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionmix.layers.validation import check_divisible, check_input, check_positive, to_pair
+from visionmix.layers.validation import check_conv_channels, check_input, check_positive, to_pair
 
 
 def _swap_halves(t: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
@@ -40,13 +40,10 @@ class PSConv2d(nn.Module):
                  padding: int | None = None, dilation: int = 2, groups: int = 1, *, parts: int = 4,
                  bias: bool = False) -> None:
         super().__init__()
-        check_positive("in_channels", in_channels)
-        check_positive("out_channels", out_channels)
         check_positive("groups", groups)
         if check_positive("parts", parts) % 2:
             raise ValueError(f"parts must be even (the 2*dilation pairs swap half of the parts), got {parts}")
-        check_divisible("in_channels", in_channels, groups * parts, "groups*parts")
-        check_divisible("out_channels", out_channels, groups * parts, "groups*parts")
+        check_conv_channels(in_channels, out_channels, groups * parts, "groups*parts")
         if check_positive("kernel_size", kernel_size) % 2 == 0:
             raise ValueError(f"kernel_size must be odd (every dilation must keep the same centre), got {kernel_size}")
         half = (kernel_size - 1) // 2

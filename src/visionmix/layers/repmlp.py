@@ -13,7 +13,7 @@ from torch import nn
 
 from visionmix.layers.basic import ConvBN
 from visionmix.layers.fusion import add_branches, conv_to_fc, fuse_bn_linear, fuse_conv_bn, pad_kernel
-from visionmix.layers.validation import check_divisible, check_input, check_positive
+from visionmix.layers.validation import check_conv_channels, check_divisible, check_input, check_positive
 
 
 def grouped_fc(x: torch.Tensor, fc: nn.Conv2d) -> torch.Tensor:
@@ -51,14 +51,11 @@ class RepMLPBlock(nn.Module):
                  reparam_conv_k: Sequence[int] | None = (1, 3, 5), fc1_fc2_reduction: int = 1, fc3_groups: int = 1,
                  deploy: bool = False) -> None:
         super().__init__()
-        self.in_channels = check_positive("in_channels", in_channels)
-        self.out_channels = check_positive("out_channels", out_channels)
+        check_conv_channels(in_channels, out_channels, fc3_groups, "fc3_groups")
+        self.in_channels, self.out_channels, self.fc3_groups = in_channels, out_channels, fc3_groups
         for name, size, part in (("H", H, h), ("W", W, w)):
             check_divisible(name, check_positive(name, size), check_positive(name.lower(), part), name.lower())
         self.H, self.W, self.h, self.w = H, W, h, w
-        self.fc3_groups = check_positive("fc3_groups", fc3_groups)
-        check_divisible("in_channels", in_channels, fc3_groups, "fc3_groups")
-        check_divisible("out_channels", out_channels, fc3_groups, "fc3_groups")
         self.reparam_conv_k = () if deploy or reparam_conv_k is None else tuple(reparam_conv_k)
         for k in self.reparam_conv_k:
             if check_positive("reparam_conv_k", k) % 2 == 0:

@@ -22,6 +22,18 @@ def check_divisible(name: str, value: int, divisor: int, divisor_name: str) -> N
         raise ValueError(f"{name}={value} must be divisible by {divisor_name}={divisor}")
 
 
+def check_conv_channels(in_channels: int, out_channels: int, groups: int, groups_name: str = "groups") -> None:
+    """Raise unless the channel counts and ``groups`` are positive ints and both counts are multiples of ``groups``.
+
+    ``groups_name`` names the divisor in the message when it is a derived count (e.g. ``"groups*parts"``).
+    """
+    check_positive("in_channels", in_channels)
+    check_positive("out_channels", out_channels)
+    check_positive(groups_name, groups)
+    check_divisible("in_channels", in_channels, groups, groups_name)
+    check_divisible("out_channels", out_channels, groups, groups_name)
+
+
 def check_choice(name: str, value: object, choices: Collection[object]) -> None:
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
