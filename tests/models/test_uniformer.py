@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from references import attention_ref, mlp_ref
 
 from visionmix.models import create_model, model_entry
 from visionmix.models.uniformer import SABlock, UniFormer
@@ -24,21 +24,6 @@ def layer_norm_ref(x, norm):
     mean = x.mean(-1, keepdim=True)
     var = ((x - mean) ** 2).mean(-1, keepdim=True)
     return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
-
-
-def mlp_ref(x, mlp):
-    h = x @ mlp.fc1.weight.T + mlp.fc1.bias
-    return (0.5 * h * (1 + torch.erf(h / math.sqrt(2)))) @ mlp.fc2.weight.T + mlp.fc2.bias
-
-
-def attention_ref(x, attn):
-    """softmax(q kᵀ / sqrt(d)) v per head, explicit, on (B, N, C)."""
-    b, n, c = x.shape
-    h = attn.num_heads
-    q, k, v = (x @ attn.qkv.weight.T + attn.qkv.bias).reshape(b, n, 3, h, c // h).unbind(2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(c // h)
-    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(b, n, c)
-    return out @ attn.proj.weight.T + attn.proj.bias
 
 
 def sablock_ref(block: SABlock, x: torch.Tensor) -> torch.Tensor:
