@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from training import sgd_losses
 
 from visionmix.layers import ConvBN, DiverseBranchBlock
 from visionmix.reparam import randomize_batchnorm
@@ -141,14 +142,7 @@ def test_train_form_trains_and_compiles():
     block, teacher = DiverseBranchBlock(3, 4, 3), nn.Conv2d(3, 4, 3, padding=1)
     inputs = torch.randn(8, 3, 6, 6)
     target = teacher(inputs).detach()
-    opt = torch.optim.SGD(block.parameters(), lr=0.1)
-    losses = []
-    for _ in range(8):
-        loss = F.mse_loss(block(inputs), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(block, inputs, target, lr=0.1)
     assert losses[-1] < 0.7 * losses[0]
     block.eval()
     torch.testing.assert_close(torch.compile(block, backend="eager")(inputs), block(inputs), rtol=0, atol=0)

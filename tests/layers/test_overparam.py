@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from training import sgd_losses
 
 from visionmix.layers import DOConv2d
 
@@ -119,14 +120,7 @@ def test_train_form_trains():
     layer, teacher = DOConv2d(3, 4, 3), nn.Conv2d(3, 4, 3, padding=1)
     inputs = torch.randn(8, 3, 6, 6)
     target = teacher(inputs).detach()
-    opt = torch.optim.SGD(layer.parameters(), lr=0.2)
-    losses = []
-    for _ in range(8):
-        loss = F.mse_loss(layer(inputs), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(layer, inputs, target, lr=0.2)
     assert losses[-1] < 0.5 * losses[0]
     assert layer.D.abs().sum() > 0  # the depthwise part learns too
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from training import sgd_losses
 
 from visionmix.layers import RepMLPBlock
 from visionmix.reparam import randomize_batchnorm
@@ -115,14 +116,7 @@ def test_train_form_trains_and_compiles():
     block = RepMLPBlock(4, 4, 8, 8, 4, 4, reparam_conv_k=(1, 3))
     inputs = torch.randn(8, 4, 8, 8)
     target = F.avg_pool2d(inputs, 3, 1, 1).roll(1, dims=1)  # a local, learnable map
-    opt = torch.optim.SGD(block.parameters(), lr=0.1)
-    losses = []
-    for _ in range(8):
-        loss = F.mse_loss(block(inputs), target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = sgd_losses(block, inputs, target, lr=0.1)
     assert losses[-1] < 0.7 * losses[0]
     block.eval()
     torch.testing.assert_close(torch.compile(block, backend="eager")(inputs), block(inputs), rtol=0, atol=0)
