@@ -125,7 +125,10 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench-full", help="run directories of --full")
     parser.add_argument("--json", help="write all results here")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step, 5 DDP steps (smoke runs)")
     args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.warmup, args.ddp_steps = 3, 1, min(args.ddp_steps, 5)
     torch.set_num_threads(args.threads)
     names = args.models.split(",") if "," in args.models else list_models(args.models)
 
