@@ -12,12 +12,16 @@ from visionmix.layers.basic import ConvMlp, DropPath, Mlp
 from visionmix.layers.validation import check_choice, check_divisible, check_input, check_positive
 
 
-def _shift(x: torch.Tensor, dim: int, step: int) -> torch.Tensor:
-    """Shift ``x`` by one position along ``dim`` (``step`` = +1 or -1); the vacated border keeps its own value."""
-    n = x.shape[dim]
-    if step > 0:  # out[i] = x[i - 1] for i >= 1, out[0] = x[0]
-        return torch.cat([x.narrow(dim, 0, 1), x.narrow(dim, 0, n - 1)], dim)
-    return torch.cat([x.narrow(dim, 1, n - 1), x.narrow(dim, n - 1, 1)], dim)  # out[i] = x[i + 1], out[-1] = x[-1]
+def _shift_into(dst: torch.Tensor, src: torch.Tensor, dim: int, step: int) -> None:
+    """Write ``src`` shifted by one position along ``dim`` (``step`` = +1 or -1) into ``dst``; the vacated border
+    keeps its own value."""
+    n = src.shape[dim]
+    if step > 0:  # dst[i] = src[i - 1] for i >= 1, dst[0] = src[0]
+        dst.narrow(dim, 1, n - 1).copy_(src.narrow(dim, 0, n - 1))
+        dst.narrow(dim, 0, 1).copy_(src.narrow(dim, 0, 1))
+    else:  # dst[i] = src[i + 1] for i < n - 1, dst[n - 1] = src[n - 1]
+        dst.narrow(dim, 0, n - 1).copy_(src.narrow(dim, 1, n - 1))
+        dst.narrow(dim, n - 1, 1).copy_(src.narrow(dim, n - 1, 1))
 
 
 def spatial_shift(x: torch.Tensor, pattern: int = 1) -> torch.Tensor:
@@ -25,16 +29,19 @@ def spatial_shift(x: torch.Tensor, pattern: int = 1) -> torch.Tensor:
 
     ``x`` is (B, H, W, C) with C divisible by 4. The four channel quarters move one pixel:
     pattern 1: +W, -W, +H, -H; pattern 2: +H, -H, +W, -W. "+W" means ``out[:, :, w] = x[:, :, w - 1]`` (w >= 1)
-    and the border column keeps its own value. Autograd-safe: the input is never written.
+    and the border column keeps its own value. The input is never written (autograd-safe); every output element is
+    written once from a fresh tensor, so the op costs one read and one write of ``x``.
     """
     check_choice("pattern", pattern, (1, 2))
     check_input(x, None, ndim=4, layout="NHWC")
     check_divisible("channels (last dim of x)", x.shape[-1], 4, "4 (one quarter per shift direction)")
-    a, b, c, d = x.chunk(4, dim=-1)
     h_dim, w_dim = 1, 2
     first, second = (w_dim, h_dim) if pattern == 1 else (h_dim, w_dim)
-    return torch.cat([_shift(a, first, 1), _shift(b, first, -1), _shift(c, second, 1), _shift(d, second, -1)],
-                     dim=-1)
+    out, quarter = torch.empty_like(x), x.shape[-1] // 4
+    for i, (dim, step) in enumerate(((first, 1), (first, -1), (second, 1), (second, -1))):
+        # narrow gives single views that autograd lets us write into (chunk's multi-output views it does not)
+        _shift_into(out.narrow(-1, i * quarter, quarter), x.narrow(-1, i * quarter, quarter), dim, step)
+    return out
 
 
 class TokenMixingMLP(Mlp):
