@@ -27,7 +27,6 @@ fashion-mnist:
 
 demo: install fashion-mnist
 	$(VENV)/bin/visionmix compare --preset demo --out runs/demo
-	@echo "table: runs/demo/results.md (also results.csv, results.json); plots: runs/demo/*.png"
 
 test: install fashion-mnist lint
 	$(PY) -m pytest -n 2 -q

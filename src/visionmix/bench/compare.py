@@ -48,7 +48,8 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(
         models=("resnet_nano", "uniformer_nano", "mixer_nano", "s2mlpv2_nano"),
         data="fashion-mnist", seeds=1,
-        recipe={"epochs": 2, "max_train_samples": 6000, "max_eval_samples": 2000},
+        recipe={"epochs": 2, "max_train_samples": 6000, "max_eval_samples": 2000, "batch_size": 64,
+                "warmup_epochs": 0.2},
         description="one model per mixing type (conv, attention, MLP, shift-MLP) on a 6k Fashion-MNIST subset",
         fallback_recipe={"epochs": 6},
     ),
