@@ -120,7 +120,8 @@ def test_time_alternately_interleaves_the_callables():
     calls = []
     timings = time_alternately({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, warmup=1,
                                repeats=3, min_sample_s=0.0)
-    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-up + calibration each, then one of each per round
+    # warm-up + calibration each, then one of each per round, the order rotating so each follows the other alike
+    assert calls == ["a", "a", "b", "b"] + ["a", "b", "b", "a", "a", "b"]
     assert set(timings) == {"a", "b"} and all(t.samples == 3 for t in timings.values())
 
 

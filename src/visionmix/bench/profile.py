@@ -119,8 +119,11 @@ def time_alternately(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 3, r
         fn()
         inner[name] = max(1, math.ceil(min_sample_s / max(clock() - start, 1e-9)))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for round_ in range(repeats):
+        # rotate the order so each callable follows every other equally often (a cold cache after a big one)
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            fn = fns[name]
             start = clock()
             for _ in range(inner[name]):
                 fn()
