@@ -79,7 +79,8 @@ class PSConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels)
         c, s = self.conv, self.gwconv_shift
-        out = F.conv2d(x, c.weight * self.dense_mask, c.bias, c.stride, c.padding, 1, self.groups) + self.gwconv(x)
+        out = F.conv2d(x, c.weight * self.dense_mask, c.bias, c.stride, c.padding, 1, self.groups)
+        out += self.gwconv(x)  # in place: a conv's backward does not need its output
         # gwconv_shift(half-swapped x) equals gwconv_shift with half-swapped output rows applied to x, its output
         # halves then swapped back: added below through views, so x is never copied.
         shifted = F.conv2d(x, _swap_halves(s.weight, self.groups, dim=0), None, s.stride, s.padding, s.dilation,
