@@ -72,8 +72,13 @@ def conv_group() -> dict[str, object]:
     for name, module in modules.items():
         module.eval()
         fns[name] = lambda m=module: m(x)
-    ps_cl = modules["PSConv2d (d=2, parts=4)"]
-    fns["PSConv2d channels_last"] = lambda: ps_cl(x_cl)
+    ps = modules["PSConv2d (d=2, parts=4)"]
+    fns["PSConv2d channels_last"] = lambda: ps(x_cl)
+    # What bounds PSConv2d here: each of its two grouped dilated convs (1/4 of the MACs) and each pass that sums
+    # a partial output into the result (memory bandwidth) costs a sizeable share of a whole plain conv.
+    fns["PSConv2d's gwconv alone (groups 4, d=2)"] = lambda: ps.gwconv(x)
+    acc = torch.zeros_like(x)
+    fns["one summing pass: acc.add_(x)"] = lambda: acc.add_(x)
     return fns
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from visionmix.bench.profile import time_alternately
 from visionmix.layers import ConvBN, DiverseBranchBlock, DOConv2d, RepMLPBlock
+from visionmix.layers.diverse_branch import AvgPoolConv
 from visionmix.reparam import check_equivalence, randomize_batchnorm, reparameterize
 
 C, SIZE = 64, 56
@@ -55,6 +56,21 @@ def deploy_error(block: nn.Module, x: torch.Tensor) -> float:
     """max |train form - deployed| / max |train form| in eval mode, with random BN statistics, on a small input."""
     block = randomize_batchnorm(block)
     return check_equivalence(block, reparameterize(block), x[:2]).max_rel
+
+
+def dbb_floor(x: torch.Tensor, warmup: int, rounds: int) -> str:
+    """The train form's unavoidable work priced one op at a time: 2 KxK convs, 3 1x1 convs, 6 train-mode BNs, one
+    3x3 average pool and 3 summing passes, as a multiple of the plain KxK conv (pads and tiny ops left out)."""
+    conv3, conv1 = nn.Conv2d(C, C, 3, padding=1), nn.Conv2d(C, C, 1, bias=False)
+    bn, avg, acc = nn.BatchNorm2d(C).train(), AvgPoolConv(3, 1, 1), torch.zeros_like(x)
+    with torch.no_grad():
+        t = time_alternately({"conv3": partial(conv3, x), "conv1": partial(conv1, x), "bn": partial(bn, x),
+                              "avg": partial(avg, x), "sum": partial(acc.add_, x)}, warmup=warmup, repeats=rounds)
+    r = {name: timing.median / t["conv3"].median for name, timing in t.items()}
+    floor = 2 + 3 * r["conv1"] + 6 * r["bn"] + r["avg"] + 3 * r["sum"]
+    return (f"DiverseBranchBlock train-form floor: 2 KxK convs + 3 x 1x1 conv ({r['conv1']:.2f}x) + 6 x train-mode "
+            f"BN ({r['bn']:.2f}x) + avg pool ({r['avg']:.2f}x) + 3 x summing pass ({r['sum']:.2f}x) = {floor:.2f}x "
+            f"the plain conv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{t['plain'].median * 1e3:.1f} | {ratios['train']:.2f}x | {ratios['deployed']:.2f}x | {spread} | "
                      f"{'; '.join(target_text)} | {error:.1e} |")
         print(lines[-1] if len(lines) > 3 else "\n".join(lines), flush=True)
+    print("\n" + dbb_floor(torch.randn(batch, C, SIZE, SIZE), warmup, rounds))
     print("\ntargets missed: " + ("; ".join(missed) if missed else "none"))
     return 0
 
