@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from training import sgd_losses
+from training import randomized, sgd_losses
 
 from visionmix.layers import ConvBN, DiverseBranchBlock
 from visionmix.reparam import randomize_batchnorm
@@ -38,13 +38,6 @@ def reference_eval(block: DiverseBranchBlock, x: torch.Tensor) -> torch.Tensor:
     return out + seq.bn2(conv(seq.bn1.bn(conv(xp, first)), seq.conv2.weight, s))
 
 
-def randomized(block: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.5)
-    return randomize_batchnorm(block, seed).eval()
-
 
 CONFIGS = [  # in, out, k, stride, padding, groups, internal
     (4, 6, 3, 1, None, 1, None),  # dense: idconv1
@@ -60,7 +53,7 @@ CONFIGS = [  # in, out, k, stride, padding, groups, internal
 @pytest.mark.parametrize("cin, cout, k, stride, padding, groups, internal", CONFIGS)
 def test_branches_and_exact_deploy(cin, cout, k, stride, padding, groups, internal):
     block = randomized(DiverseBranchBlock(cin, cout, k, stride, padding, groups=groups,
-                                          internal_channels=internal).double())
+                                          internal_channels=internal).double(), scale=0.5)
     x = torch.randn(2, cin, 9, 8, dtype=F64)
     out = block(x)
     torch.testing.assert_close(out, reference_eval(block, x), rtol=0, atol=1e-11)
@@ -149,7 +142,7 @@ def test_train_form_trains_and_compiles():
 
 
 def test_gradcheck_train_mode():
-    block = randomized(DiverseBranchBlock(2, 2, 3).double()).train()
+    block = randomized(DiverseBranchBlock(2, 2, 3).double(), scale=0.5).train()
     for bn in block.modules():
         if isinstance(bn, nn.BatchNorm2d):
             bn.momentum = 0.0  # keep the running statistics (and so the pad values) fixed between evaluations

@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from training import sgd_losses
+from training import randomized, sgd_losses
 
 from visionmix.layers import RepMLPBlock
-from visionmix.reparam import randomize_batchnorm
 
 F64 = torch.float64
 
@@ -41,13 +40,6 @@ def reference_eval(block: RepMLPBlock, x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def randomized(block: nn.Module, seed: int = 0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g, dtype=F64) * 0.3)
-    return randomize_batchnorm(block, seed).eval()
-
 
 CONFIGS = [  # in, out, H, W, h, w, reparam_conv_k, fc3_groups, fc1_fc2_reduction
     (4, 6, 8, 8, 4, 4, (1, 3, 5), 1, 1),  # in != out
@@ -61,7 +53,7 @@ CONFIGS = [  # in, out, H, W, h, w, reparam_conv_k, fc3_groups, fc1_fc2_reductio
 @pytest.mark.parametrize("cin, cout, H, W, h, w, ks, groups, reduction", CONFIGS)
 def test_reference_and_exact_deploy(cin, cout, H, W, h, w, ks, groups, reduction):
     block = randomized(RepMLPBlock(cin, cout, H, W, h, w, reparam_conv_k=ks, fc3_groups=groups,
-                                   fc1_fc2_reduction=reduction).double())
+                                   fc1_fc2_reduction=reduction).double(), scale=0.3)
     x = torch.randn(3, cin, H, W, dtype=F64)
     out = block(x)
     assert out.shape == (3, cout, H, W)
@@ -123,7 +115,7 @@ def test_train_form_trains_and_compiles():
 
 
 def test_gradcheck_eval_mode():
-    block = randomized(RepMLPBlock(2, 2, 4, 4, 2, 2, reparam_conv_k=(1, 3), fc3_groups=2).double())
+    block = randomized(RepMLPBlock(2, 2, 4, 4, 2, 2, reparam_conv_k=(1, 3), fc3_groups=2).double(), scale=0.3)
     x = torch.randn(2, 2, 4, 4, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(block, (x,), fast_mode=True)
 
