@@ -6,11 +6,12 @@
 2. DDP: the same short ``visionmix train`` run as 1 process x 2 threads and as ``torchrun --nproc_per_node=2``
    x 1 thread (gloo), images/s from each run's summary.
 3. ``--full``: train each model on all 60,000 images for as many epochs as fit in ``--budget-min`` minutes of
-   training (or ``--epochs``), as ``--nproc`` gloo processes under torchrun (2 x 1 thread beats 1 x 2 threads on
-   2 cores), and report test accuracy (targets: >= 92% for the best nano model and >= 90% for every family within
-   15 minutes on 2 cores). The epochs come from a short calibration run of the same launch. The short-budget
-   recipe is the default one without crop/flip augmentation (``--augment`` restores it): 3-5 epochs are too few
-   for augmentation to pay off (mixer_nano, 2 epochs of 20k images: 78.1% with it, 85.3% without).
+   training (or ``--epochs``), as ``--nproc`` gloo processes under torchrun (2 x 1 thread trained 2-18% faster
+   than 1 x 2 threads here), and report test accuracy (targets: >= 92% for the best nano model and >= 90% for
+   every family within 15 minutes on 2 cores). The epochs come from a short calibration run of the same launch.
+   The short-budget recipe is the default one without crop/flip augmentation (``--augment`` restores it): 3-5
+   epochs are too few for augmentation to pay off (mixer_nano, 2 epochs of 20k images: 78.1% with it, 85.3%
+   without). A run directory that already holds a run is resumed (same recipe) or, if finished, just reported.
 
     flock /tmp/visionmix-bench.lock .venv/bin/python benchmarks/train.py                   # 1 + 2
     flock /tmp/visionmix-bench.lock .venv/bin/python benchmarks/train.py --full --out runs/bench-full
@@ -108,10 +109,17 @@ def full_runs(names: list[str], args: argparse.Namespace) -> list[dict]:
     threads = max(1, args.threads // args.nproc)
     for name in names:
         run = Path(args.out) / name
-        epochs = args.epochs
+        saved = json.loads((run / "checkpoint.json").read_text())["config"] if (run / "checkpoint.json").is_file() \
+            else None
+        epochs = args.epochs or (saved and saved["epochs"])  # a run being resumed keeps its calibrated length
         if epochs is None:
             speed = short_run_speed(name, args.batch_size, args.calibration_steps, args.nproc, threads)
             epochs = max(1, int(args.budget_min * 60 * speed / TRAIN_IMAGES))
+        wanted = {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                  "augment": args.augment, "ema_decay": args.ema}
+        if saved is not None and any(saved[k] != v for k, v in wanted.items()):
+            raise SystemExit(f"{run} holds a run with another recipe ({ {k: saved[k] for k in wanted} }); "
+                             f"use another --out")
         recipe = ["--model", name, "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--lr",
                   str(args.lr), "--seed", str(args.seed), "--save-every", "200"]
         recipe += [] if args.augment else ["--no-augment"]
@@ -145,9 +153,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/bench-full", help="run directories of --full")
     parser.add_argument("--json", help="write all results here")
-    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--quick", action="store_true", help="3 rounds, 1 warm-up step, 5 DDP steps (smoke runs)")
     args = parser.parse_args()
+    if args.nproc < 1 or args.threads < 1:
+        parser.error(f"--nproc and --threads must be >= 1, got {args.nproc} and {args.threads}")
     if args.quick:
         args.rounds, args.warmup, args.ddp_steps = 3, 1, min(args.ddp_steps, 5)
     torch.set_num_threads(args.threads)
