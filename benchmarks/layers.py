@@ -74,8 +74,8 @@ def conv_group() -> dict[str, object]:
         fns[name] = lambda m=module: m(x)
     ps = modules["PSConv2d (d=2, parts=4)"]
     fns["PSConv2d channels_last"] = lambda: ps(x_cl)
-    # What bounds PSConv2d here: each of its two grouped dilated convs (1/4 of the MACs) and each pass that sums
-    # a partial output into the result (memory bandwidth) costs a sizeable share of a whole plain conv.
+    # What bounds PSConv2d here: each of its two grouped dilated convs (1/4 of the MACs) costs a third to two
+    # thirds of a whole plain conv; summing a partial output into the result is cheap by comparison.
     fns["PSConv2d's gwconv alone (groups 4, d=2)"] = lambda: ps.gwconv(x)
     acc = torch.zeros_like(x)
     fns["one summing pass: acc.add_(x)"] = lambda: acc.add_(x)
