@@ -145,3 +145,14 @@ def test_compiles():
     model = create_model("s2mlpv2_nano").eval()
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(torch.compile(model, backend="eager")(x), model(x))
+
+
+def test_linears_start_xavier_uniform_with_zero_bias():
+    torch.manual_seed(0)
+    linears = [m for m in create_model("s2mlpv2_nano").modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 1 + 7 * 6  # the head; fc1, split attention's 2, fc2 and the channel MLP's 2 per block
+    for fc in linears:
+        bound = math.sqrt(6 / (fc.in_features + fc.out_features))
+        assert fc.weight.abs().max() <= bound
+        assert fc.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+        assert fc.bias is None or torch.all(fc.bias == 0)
