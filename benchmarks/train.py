@@ -9,8 +9,8 @@
    training (or ``--epochs``), as ``--nproc`` gloo processes under torchrun (2 x 1 thread trained 2-18% faster
    than 1 x 2 threads here), and report test accuracy (targets: >= 92% for the best nano model and >= 90% for
    every family within 15 minutes on 2 cores). The epochs come from a short calibration run of the same launch.
-   The short-budget recipe is the default one without crop/flip augmentation (``--augment`` restores it): 3-5
-   epochs are too few for augmentation to pay off (mixer_nano, 2 epochs of 20k images: 78.1% with it, 85.3%
+   The short-budget recipe is the default one without crop/flip augmentation (``--augment`` picks another): 3-5
+   epochs are too few for it to pay off (mixer_nano, 2 epochs of 20k images: 78.1% with crop/flip, 85.3%
    without). A run directory that already holds a run is resumed (same recipe) or, if finished, just reported.
 
     flock /tmp/visionmix-bench.lock .venv/bin/python benchmarks/train.py                   # 1 + 2
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -34,7 +35,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 from torch import nn
 
-from visionmix.data import BatchLoader, build_dataset
+from visionmix.data import AUGMENTATIONS, BatchLoader, build_dataset
+from visionmix.engine import TrainConfig, read_meta
 from visionmix.engine.train import param_groups
 from visionmix.models import create_model, list_models
 
@@ -109,8 +111,7 @@ def full_runs(names: list[str], args: argparse.Namespace) -> list[dict]:
     threads = max(1, args.threads // args.nproc)
     for name in names:
         run = Path(args.out) / name
-        saved = json.loads((run / "checkpoint.json").read_text())["config"] if (run / "checkpoint.json").is_file() \
-            else None
+        saved = asdict(TrainConfig.from_dict(read_meta(run)["config"])) if (run / "checkpoint.json").is_file() else None
         epochs = args.epochs or (saved and saved["epochs"])  # a run being resumed keeps its calibrated length
         if epochs is None:
             speed = short_run_speed(name, args.batch_size, args.calibration_steps, args.nproc, threads)
@@ -122,7 +123,7 @@ def full_runs(names: list[str], args: argparse.Namespace) -> list[dict]:
                              f"use another --out")
         recipe = ["--model", name, "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--lr",
                   str(args.lr), "--seed", str(args.seed), "--save-every", "200"]
-        recipe += [] if args.augment else ["--no-augment"]
+        recipe += ["--augment", args.augment]
         recipe += ["--ema", str(args.ema)] if args.ema else []
         summary = visionmix_train(recipe, run, args.nproc, threads)
         rows.append({"model": name, "params": summary["params"], "epochs": epochs, "top1": summary["top1"],
@@ -147,7 +148,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="fixed epochs for --full instead of the budget")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes of the --full runs")
     parser.add_argument("--calibration-steps", type=int, default=40, help="steps timed to size a --full run")
-    parser.add_argument("--augment", action="store_true", help="crop/flip augmentation in the --full runs")
+    parser.add_argument("--augment", default="none", choices=AUGMENTATIONS, help="augmentation of the --full runs")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, help="EMA decay for --full runs")
     parser.add_argument("--seed", type=int, default=0)
@@ -178,7 +179,7 @@ def main() -> None:
         results["ddp"] = ddp
     if args.full:
         print(f"full runs ({args.budget_min:g} min training budget each, {args.nproc} process(es), "
-              f"{'with' if args.augment else 'without'} augmentation):")
+              f"augmentation {args.augment}):")
         results["full"] = full_runs(names, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")

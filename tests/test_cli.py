@@ -136,7 +136,7 @@ def test_short_real_fashion_mnist_run(capsys: pytest.CaptureFixture[str], tmp_pa
     run_dir = tmp_path / "run"
     rc, _, err = run(capsys, "train", "--model", "resnet_nano", "--max-train-samples", "2000", "--max-eval-samples",
                      "2000", "--epochs", "1", "--batch-size", "16", "--lr", "2e-3", "--warmup-epochs", "0.1",
-                     "--label-smoothing", "0", "--no-augment", "--device", "cpu", "--out", str(run_dir),
+                     "--label-smoothing", "0", "--augment", "none", "--device", "cpu", "--out", str(run_dir),
                      "--no-progress")
     assert rc == 0, err
     summary = json.loads((run_dir / "summary.json").read_text())

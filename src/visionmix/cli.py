@@ -67,7 +67,7 @@ def _model_arg(text: str) -> tuple[str, Any]:
 
 
 def _add_train_parser(subparsers: Any) -> None:
-    from visionmix.data import DATASETS, FASHION_MNIST_DIR
+    from visionmix.data import AUGMENTATIONS, DATASETS, FASHION_MNIST_DIR
 
     p = add_command(subparsers, "train", "train a registered model on a dataset", """\
 Train any registered model with one recipe (AdamW, warmup + cosine LR, label smoothing, gradient clipping,
@@ -105,7 +105,9 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
                                                         "(default: all)")
     p.add_argument("--image-size", type=int, help="resize images to this square size (default: the dataset's "
                                                   "own; imagefolder 32, digits 28)")
-    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--augment", default="crop-flip", choices=AUGMENTATIONS,
+                   help="training augmentation: random crop (zero padding 2 px at 28 px, 4 at 32) + horizontal "
+                        "flip where it keeps the label, the flip only, or none")
     p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
                    help="extra model keyword argument, VALUE read as JSON if it parses (repeatable), e.g. "
                         "--model-arg conv_layer=dbb (default: none)")
@@ -134,7 +136,7 @@ def _run_train(args: argparse.Namespace) -> int:
             lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
             label_smoothing=args.label_smoothing, clip_grad=args.clip_grad or None, drop_path_rate=args.drop_path,
             ema_decay=args.ema, seed=args.seed, max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples, device=args.device, augment=not args.no_augment,
+            max_eval_samples=args.max_eval_samples, device=args.device, augment=args.augment,
             model_kwargs=dict(args.model_arg), min_lr_ratio=args.min_lr_ratio, save_every=args.save_every,
             image_size=args.image_size, amp=not args.no_amp)
         summary = train(cfg, args.out, progress=progress, force=args.force)

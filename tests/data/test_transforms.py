@@ -49,7 +49,7 @@ def make_dataset(n: int = 50) -> ImageDataset:
 
 def test_train_epoch_visits_each_sample_once_and_is_reproducible() -> None:
     ds = make_dataset()
-    loader = BatchLoader(ds, 8, train=True, augment=False, seed=3)
+    loader = BatchLoader(ds, 8, train=True, augment="none", seed=3)
     assert len(loader) == 6  # 50 // 8, the last partial batch dropped
     seen = torch.cat([x[:, 0, 0, 0] for x, _ in loader.epoch(0)]).long()
     assert len(seen) == 48 and len(set(seen.tolist())) == 48
@@ -58,6 +58,24 @@ def test_train_epoch_visits_each_sample_once_and_is_reproducible() -> None:
     labels = torch.cat([y for _, y in loader.epoch(0)])
     assert torch.equal(labels, seen % 10)  # images and labels stay paired
 
+
+@pytest.mark.parametrize("mode", ["flip", "crop-flip"])
+def test_flip_mode_only_mirrors_and_crop_flip_also_shifts(mode: str) -> None:
+    n = 64
+    images = torch.randint(1, 256, (n, 1, 6, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    ds = ImageDataset("toy", "train", images, torch.arange(n), tuple(map(str, range(n))), (0.0,), (1 / 255,),
+                      hflip=True, crop_padding=1)
+    kinds = set()
+    for x, y in BatchLoader(ds, 16, train=True, augment=mode, seed=1).epoch(0):
+        for out, source in zip(x.round().to(torch.uint8), images[y], strict=True):
+            kinds.add("same" if torch.equal(out, source) else "mirrored" if torch.equal(out, source.flip(-1))
+                      else "other")
+    assert kinds == ({"same", "mirrored"} if mode == "flip" else {"same", "mirrored", "other"})
+
+
+def test_unknown_augmentation_is_rejected() -> None:
+    with pytest.raises(ValueError, match="augment must be one of 'crop-flip', 'flip', 'none'; got True"):
+        BatchLoader(make_dataset(), 8, train=True, augment=True)
 
 def test_resuming_mid_epoch_gives_the_remaining_batches() -> None:
     loader = BatchLoader(make_dataset(), 8, train=True, seed=5)

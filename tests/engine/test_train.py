@@ -121,6 +121,13 @@ def test_existing_runs_are_protected(tmp_path: Path) -> None:
         train(replace(cfg, model="tiny_test_nett"), tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0.0, 1.0\), got 1.0"):
         train(replace(cfg, label_smoothing=1.0), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="augment must be one of 'crop-flip', 'flip', 'none'; got 'crop'"):
+        train(replace(cfg, augment="crop"), tmp_path / "x", progress=False)
+
+
+def test_configs_saved_with_a_boolean_augment_still_load() -> None:
+    assert TrainConfig.from_dict({"model": "m", "augment": True}).augment == "crop-flip"
+    assert TrainConfig.from_dict({"model": "m", "augment": False}).augment == "none"
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:

@@ -14,10 +14,10 @@ from visionmix.data.datasets import (
     read_idx,
 )
 from visionmix.data.loader import BatchLoader, stable_seed
-from visionmix.data.transforms import CropFlip, normalize
+from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
 
 __all__ = [
-    "DATASETS", "FASHION_MNIST_DIR", "BatchLoader", "CropFlip", "DataError", "ImageDataset", "build_dataset",
-    "load_cifar", "load_digits", "load_fashion_mnist", "load_image_folder", "normalize", "read_cifar_batch",
-    "read_idx", "stable_seed",
+    "AUGMENTATIONS", "DATASETS", "FASHION_MNIST_DIR", "BatchLoader", "CropFlip", "DataError", "ImageDataset",
+    "build_dataset", "load_cifar", "load_digits", "load_fashion_mnist", "load_image_folder", "normalize",
+    "read_cifar_batch", "read_idx", "stable_seed",
 ]

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import torch
 
 from visionmix.data.datasets import ImageDataset
-from visionmix.data.transforms import CropFlip, normalize
+from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
+from visionmix.layers.validation import check_choice
 
 
 def stable_seed(*parts: int | str) -> int:
@@ -26,12 +27,13 @@ def stable_seed(*parts: int | str) -> int:
 class BatchLoader:
     """Yields ``(images, labels)``: float32 normalised (b, C, H, W) and int64 (b,) on ``device``.
 
-    ``train=True``: shuffled each epoch, the last partial global batch dropped, augmented when ``augment``;
+    ``train=True``: shuffled each epoch, the last partial global batch dropped, augmented by ``augment``
+    (``"crop-flip"``: random crop with the dataset's padding + its flip; ``"flip"``: the flip only; ``"none"``);
     ``batch_size`` is the global batch and must be divisible by ``world_size``. ``train=False``: the dataset in
     order, rank ``r`` evaluating samples ``r, r + W, ...`` in batches of ``batch_size``.
     """
 
-    def __init__(self, dataset: ImageDataset, batch_size: int, *, train: bool, augment: bool = True,
+    def __init__(self, dataset: ImageDataset, batch_size: int, *, train: bool, augment: str = "crop-flip",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu") -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -46,7 +48,10 @@ class BatchLoader:
         self.device = torch.device(device)
         self.images = dataset.images.to(self.device)
         self.labels = dataset.labels.to(self.device)
-        self.augment = CropFlip(dataset.crop_padding, dataset.hflip) if train and augment else None
+        check_choice("augment", augment, AUGMENTATIONS)
+        padding = dataset.crop_padding if augment == "crop-flip" else 0
+        hflip = dataset.hflip and augment != "none"
+        self.augment = CropFlip(padding, hflip) if train and (padding or hflip) else None
 
     def __len__(self) -> int:
         """Steps per epoch."""

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# What BatchLoader's ``augment`` can ask for: random crop + flip, the flip alone, nothing.
+AUGMENTATIONS = ("crop-flip", "flip", "none")
+
 
 @dataclass(frozen=True)
 class CropFlip:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from visionmix.data import DATASETS, BatchLoader, ImageDataset, build_dataset, stable_seed
+from visionmix.data import AUGMENTATIONS, DATASETS, BatchLoader, ImageDataset, build_dataset, stable_seed
 from visionmix.engine import checkpoint as ckpt
 from visionmix.engine.distributed import (
     DistContext,
@@ -83,7 +83,7 @@ class TrainConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     device: str = "auto"
-    augment: bool = True
+    augment: str = "crop-flip"  # or "flip", "none" (visionmix.data.AUGMENTATIONS)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     min_lr_ratio: float = 0.01
     save_every: int = 0  # also checkpoint every N optimizer steps (0: epoch ends and signals only)
@@ -96,6 +96,7 @@ class TrainConfig:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a registered model name, got {self.model!r}")
         check_choice("data", self.data, DATASETS)
+        check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("device", self.device.split(":")[0], DEVICES)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             check_positive(name, getattr(self, name))
@@ -123,7 +124,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        values = {k: v for k, v in values.items() if k in known}
+        if isinstance(values.get("augment"), bool):  # runs saved before the flip-only mode: True/False
+            values["augment"] = "crop-flip" if values["augment"] else "none"
+        return cls(**values)
 
 
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
@@ -246,8 +250,8 @@ def _prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: bo
     has_run = (out_dir / ckpt.CHECKPOINT_FILE).is_file()
     if resume and has_run:
         meta = ckpt.read_meta(out_dir)
-        saved, now = meta["config"], asdict(cfg)
-        diff = [f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in now if k != "device" and saved.get(k) != now[k]]
+        saved, now = asdict(TrainConfig.from_dict(meta["config"])), asdict(cfg)
+        diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k != "device" and saved[k] != now[k]]
         if diff:
             raise ValueError(f"{out_dir} was trained with another configuration ({'; '.join(diff)}); resume it "
                              f"with its own settings or train into a new --out")
