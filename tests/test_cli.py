@@ -68,7 +68,8 @@ def test_user_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: 
         "exceeds the 64 training images": ["train", "--model", "tiny_test_net", "--data", "digits",
                                            "--max-train-samples", "64", "--out", str(tmp_path / "e")],
         "not a visionmix run directory": ["eval", "--checkpoint", str(tmp_path)],
-        "invalid int value: 'x'": ["train", "--epochs", "x"],
+        "--epochs: expected a positive number of epochs, got 'x'": ["train", "--epochs", "x"],
+        "--epochs: expected a positive number of epochs, got '0'": ["compare", "--epochs", "0", "--out", "o"],
         "no registered model matches": ["models", "zzz*"],
         "needs --model and --out": ["train", "--model", "tiny_test_net"],
     }

@@ -66,6 +66,17 @@ def _model_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def _epochs(text: str) -> int | float:
+    """``--epochs``: a positive number; a whole one stays an int (``3``, not ``3.0``, in configs and messages)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number of epochs, got {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of epochs, got {text!r}")
+    return int(value) if value.is_integer() else value
+
+
 def _add_train_parser(subparsers: Any) -> None:
     from visionmix.data import AUGMENTATIONS, DATASETS, FASHION_MNIST_DIR
 
@@ -84,7 +95,9 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings "
                                                        "(the other training options are then ignored)")
     p.add_argument("--force", action="store_true", help="replace the run already in --out")
-    p.add_argument("--epochs", type=int, default=3, help="training epochs")
+    p.add_argument("--epochs", type=_epochs, default=3,
+                   help="training epochs; a fraction ends the run part-way into the last epoch, the cosine "
+                        "schedule spanning exactly that many steps (e.g. 4.5)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="global batch size (split evenly across torchrun processes)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
@@ -373,7 +386,8 @@ example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist 
     p.add_argument("--data", choices=DATASETS, help="dataset (default: fashion-mnist, or the preset's)")
     p.add_argument("--data-dir", help="dataset directory (see 'visionmix train --help')")
     p.add_argument("--seeds", type=int, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
-    p.add_argument("--epochs", type=int, help="training epochs (default: the engine's, or the preset's)")
+    p.add_argument("--epochs", type=_epochs,
+                   help="training epochs, may be fractional (default: the engine's, or the preset's)")
     p.add_argument("--batch-size", type=int, help="training batch size (default: the engine's)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: the engine's)")
     p.add_argument("--max-train-samples", type=int, help="fixed random subset of the training images")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from visionmix.data import build_dataset
-from visionmix.engine import TrainConfig, TrainingError, evaluate, load_run, read_meta, train
+from visionmix.engine import TrainConfig, TrainingError, evaluate, load_run, read_meta, resume_run, train
 from visionmix.engine import checkpoint as ckpt
 from visionmix.engine.train import ModelEma, param_groups, warmup_cosine
 
@@ -128,6 +128,29 @@ def test_existing_runs_are_protected(tmp_path: Path) -> None:
 def test_configs_saved_with_a_boolean_augment_still_load() -> None:
     assert TrainConfig.from_dict({"model": "m", "augment": True}).augment == "crop-flip"
     assert TrainConfig.from_dict({"model": "m", "augment": False}).augment == "none"
+
+
+def test_fractional_epochs_end_part_way_and_resume_exactly(tmp_path: Path) -> None:
+    cfg = replace(CFG, epochs=1.5, save_every=4)  # 6 steps per epoch: 9 steps, the second epoch stops after 3
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    assert [(h["epoch"], h["global_step"]) for h in straight["history"]] == [(1, 6), (2, 9)]
+    assert straight["epochs"] == 1.5 and read_meta(tmp_path / "straight")["finished"]
+    assert straight["history"][-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)  # the cosine spans 9 steps
+    # a run that dies at step 9 (the last one) keeps its step-8 checkpoint, taken mid-way into the partial epoch
+    broken = tmp_path / "broken"
+    with pytest.raises(TrainingError, match=r"at epoch 2 step 3; the last good checkpoint \(epoch 1, global step 8\)"):
+        train(replace(cfg, model_kwargs={"nan_at_call": 9}), broken, progress=False)
+    resumed = resume_run(broken, progress=False)  # a new model: its call counter restarts, step 9 is finite
+    assert read_meta(broken)["global_step"] == 9
+    for key in ("top1", "eval_loss"):
+        assert resumed[key] == straight[key]
+    timing = ("time_s", "images_per_s")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in resumed["history"]] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in straight["history"]]
+    weights = [load_file(run / read_meta(run)["files"]["weights"]) for run in (tmp_path / "straight", broken)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    with pytest.raises(ValueError, match=r"epochs must be in \(0.0, inf\), got 0"):
+        train(replace(CFG, epochs=0), tmp_path / "x", progress=False)
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +71,7 @@ class TrainConfig:
     model: str
     data: str = "fashion-mnist"
     data_dir: str | None = None
-    epochs: int = 3
+    epochs: int | float = 3  # a fraction ends the run part-way into the last epoch (a step budget)
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -98,8 +99,9 @@ class TrainConfig:
         check_choice("data", self.data, DATASETS)
         check_choice("augment", self.augment, AUGMENTATIONS)
         check_choice("device", self.device.split(":")[0], DEVICES)
-        for name in ("epochs", "batch_size", "eval_batch_size"):
+        for name in ("batch_size", "eval_batch_size"):
             check_positive(name, getattr(self, name))
+        _check_range("epochs", self.epochs, 0.0, math.inf, low_open=True, high_open=True)
         for name in ("max_train_samples", "max_eval_samples", "image_size"):
             if getattr(self, name) is not None:
                 check_positive(name, getattr(self, name))
@@ -297,9 +299,10 @@ class _Trainer:
         self.ema = ModelEma(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
         self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr)
         self.steps_per_epoch = len(self.loader)
-        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
+        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the last one may be partial
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            warmup_cosine, warmup_steps=round(cfg.warmup_epochs * self.steps_per_epoch), total_steps=total,
+            warmup_cosine, warmup_steps=round(cfg.warmup_epochs * self.steps_per_epoch), total_steps=self.total_steps,
             min_ratio=cfg.min_lr_ratio))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.epoch, self.step, self.global_step = 0, 0, 0
@@ -393,8 +396,7 @@ class _Trainer:
 
     # --------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
-        cfg = self.cfg
-        while self.epoch < cfg.epochs:
+        while self.global_step < self.total_steps:
             self._train_epoch()
             self._end_epoch()
         summary = _summary(self._meta(finished=True))
@@ -405,12 +407,14 @@ class _Trainer:
     def _train_epoch(self) -> None:
         cfg, ctx = self.cfg, self.ctx
         self.model.train()
-        bar = tqdm(total=self.steps_per_epoch, initial=self.step, desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+        epoch_steps = self._epoch_steps()
+        bar = tqdm(total=epoch_steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
                    unit="step", disable=not (self.show and sys.stderr.isatty()), dynamic_ncols=True, leave=True)
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         with bar:
             tick = time.perf_counter()  # training time counts batch preparation too, not checkpoint writes
-            for images, labels in self.loader.epoch(self.epoch, self.step):
+            # the last epoch of a fractional ``epochs`` stops part-way: at the end of the step budget
+            for images, labels in islice(self.loader.epoch(self.epoch, self.step), epoch_steps - self.step):
                 with self.autocast:
                     logits = self.model(images)
                 loss = self.criterion(logits.float(), labels)
@@ -442,15 +446,19 @@ class _Trainer:
                 bar.update(1)
                 if stop:
                     self._interrupt()
-                if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step < self.steps_per_epoch:
+                if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step < epoch_steps:
                     self._save()
                     tick = time.perf_counter()
+
+    def _epoch_steps(self) -> int:
+        """Optimizer steps of the current epoch: a full epoch, or what is left of the step budget."""
+        return min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch)
 
     def _end_epoch(self) -> None:
         cfg, run = self.cfg, self.running
         broadcast_buffers(self.raw_model, self.ctx)
         metrics = evaluate(self.ema.module if self.ema else self.raw_model, self.test_loader, ctx=self.ctx)
-        epoch_steps = self.steps_per_epoch
+        epoch_steps = self.step
         entry = {
             "epoch": self.epoch + 1, "train_loss": run["loss_sum"] / run["seen"],
             "train_acc": 100.0 * run["correct"] / run["seen"], "eval_loss": metrics["loss"],
@@ -462,13 +470,15 @@ class _Trainer:
         self.epoch += 1
         self.step = 0
         self.running = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0}
-        self._save(finished=self.epoch == cfg.epochs)
+        finished = self.global_step >= self.total_steps
+        self._save(finished=finished)
         self._append_metrics(entry)
-        self._log(f"epoch {entry['epoch']}/{cfg.epochs} ({epoch_steps} steps): train loss {entry['train_loss']:.4f} "
-                  f"acc {entry['train_acc']:.2f}% | test loss {entry['eval_loss']:.4f} top-1 {entry['eval_top1']:.2f}% "
-                  f"top-5 {entry['eval_top5']:.2f}% | {entry['images_per_s']:.0f} img/s")
+        self._log(f"epoch {entry['epoch']}/{self.num_epochs} ({epoch_steps} steps): train loss "
+                  f"{entry['train_loss']:.4f} acc {entry['train_acc']:.2f}% | test loss {entry['eval_loss']:.4f} "
+                  f"top-1 {entry['eval_top1']:.2f}% top-5 {entry['eval_top5']:.2f}% | "
+                  f"{entry['images_per_s']:.0f} img/s")
         stop = all_reduce_sum(torch.tensor([float(bool(self.stop_flag))], device=self.ctx.device), self.ctx)
-        if self.epoch < cfg.epochs and float(stop) > 0:
+        if not finished and float(stop) > 0:
             self._interrupt(saved=True)
 
     def _interrupt(self, saved: bool = False) -> None:
