@@ -94,11 +94,14 @@ def visionmix_train(args: list[str], run: Path, nproc: int, threads: int) -> dic
 
 
 def short_run_speed(model: str, batch_size: int, steps: int, nproc: int, threads: int) -> float:
-    """Training images/s of a ``steps``-step ``visionmix train`` run (evaluation excluded)."""
+    """Training images/s of ``visionmix train`` once warm: a run of two ``steps``-step epochs, timing the second
+    (a process's first steps are slower and vary: one-epoch calibrations missed the full runs' speed by up to 11%
+    either way)."""
     args = ["--model", model, "--max-train-samples", str(batch_size * steps), "--max-eval-samples", "500",
-            "--batch-size", str(batch_size), "--epochs", "1"]
+            "--batch-size", str(batch_size), "--epochs", "2"]
     with tempfile.TemporaryDirectory() as tmp:
-        return visionmix_train(args, Path(tmp) / "run", nproc, threads)["train_images_per_s"]
+        first, second = visionmix_train(args, Path(tmp) / "run", nproc, threads)["history"]
+    return steps * batch_size / (second["time_s"] - first["time_s"])
 
 
 def ddp_throughput(model: str, batch_size: int, steps: int, threads: int) -> dict[str, float]:
@@ -154,7 +157,8 @@ def main() -> None:
                         help="fraction of the budget a calibrated --full run is sized to (margin for speed drift)")
     parser.add_argument("--epochs", type=float, help="fixed epochs for --full instead of the budget")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes of the --full runs")
-    parser.add_argument("--calibration-steps", type=int, default=40, help="steps timed to size a --full run")
+    parser.add_argument("--calibration-steps", type=int, default=30,
+                        help="steps timed (after as many warm-up steps) to size a --full run")
     parser.add_argument("--augment", default="none", choices=AUGMENTATIONS, help="augmentation of the --full runs")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, help="EMA decay for --full runs")
