@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import statistics
 
@@ -152,3 +153,22 @@ def test_an_interrupt_stops_the_whole_comparison_with_a_resume_hint(tmp_path, mo
     with pytest.raises(TrainingInterrupted, match="run the same 'visionmix compare' command again") as info:
         compare(["mixer_nano", "resnet_nano"], tmp_path, data="digits", progress=False, log=lambda line: None)
     assert info.value.signum == 2 and not (tmp_path / "results.csv").exists()
+
+
+def test_training_curves_average_seeds_and_end_a_fractional_run_at_its_length(monkeypatch, tmp_path):
+    compare_module = importlib.import_module("visionmix.bench.compare")  # the package re-exports compare()
+
+    def summary(losses: list[float], top1: list[float]) -> dict:
+        history = [{"epoch": e + 1, "train_loss": loss, "eval_top1": acc}
+                   for e, (loss, acc) in enumerate(zip(losses, top1, strict=True))]
+        return {"epochs": 2.5, "history": history}
+
+    outcomes = [RunOutcome("m", 0, summary([2.0, 1.0, 0.5], [50.0, 70.0, 80.0])),
+                RunOutcome("m", 1, summary([3.0, 2.0, 1.5], [60.0, 80.0, 90.0])), RunOutcome("x", 0, error="boom")]
+    figures = []
+    monkeypatch.setattr(compare_module, "_save_figure", lambda fig, path: figures.append(fig))
+    compare_module._curves(outcomes, tmp_path / "curves.png")
+    loss_ax, acc_ax = figures[0].axes
+    (loss_line,), (acc_line,) = loss_ax.get_lines(), acc_ax.get_lines()
+    assert list(loss_line.get_xdata()) == list(acc_line.get_xdata()) == [1, 2, 2.5]
+    assert list(loss_line.get_ydata()) == [2.5, 1.5, 1.0] and list(acc_line.get_ydata()) == [55.0, 75.0, 85.0]

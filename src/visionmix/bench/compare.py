@@ -302,15 +302,17 @@ def _curves(outcomes: Sequence[RunOutcome], path: Path) -> None:
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     by_model: dict[str, list[list[dict[str, Any]]]] = {}
+    length: dict[str, float] = {}  # the recipe's epochs: a fractional run's last epoch ends there, not at its ordinal
     for o in outcomes:
         if o.summary is not None:
             by_model.setdefault(o.model, []).append(o.summary["history"])
+            length[o.model] = o.summary["epochs"]
     for model, histories in by_model.items():
         epochs = sorted({h["epoch"] for history in histories for h in history})
         for ax, key in ((loss_ax, "train_loss"), (acc_ax, "eval_top1")):
             means = [statistics.fmean(h[key] for history in histories for h in history if h["epoch"] == e)
                      for e in epochs]
-            ax.plot(epochs, means, marker="o", label=model)
+            ax.plot([min(e, length[model]) for e in epochs], means, marker="o", label=model)
     loss_ax.set(xlabel="epoch", ylabel="training loss", title="training loss")
     acc_ax.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
     for ax in (loss_ax, acc_ax):
