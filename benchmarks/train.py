@@ -5,12 +5,12 @@
    report the median over rounds with the inter-quartile spread.
 2. DDP: the same short ``visionmix train`` run as 1 process x 2 threads and as ``torchrun --nproc_per_node=2``
    x 1 thread (gloo), images/s from each run's summary.
-3. ``--full``: train each model on all 60,000 images for as many steps as fit in ``--budget-min`` minutes of
-   training (or ``--epochs``), as ``--nproc`` gloo processes under torchrun (2 x 1 thread trained 2-18% faster
+3. ``--full``: train each model on all 60,000 images with ``visionmix train --time-budget`` ``--budget-min``
+   minutes (or for ``--epochs``), as ``--nproc`` gloo processes under torchrun (2 x 1 thread trained 2-18% faster
    than 1 x 2 threads here), and report test accuracy (targets: >= 92% for the best nano model and >= 90% for
-   every family within 15 minutes on 2 cores). The length comes from a short calibration run of the same launch:
-   ``--budget-fill`` of the budget at the calibrated speed, in epochs rounded down to 0.01 (the last one partial,
-   the cosine schedule ending with the budget).
+   every family within 15 minutes on 2 cores). The trainer times each run's own warmup and fixes its length to
+   fill 97% of the budget (a separate 30-step calibration run missed the full runs' speed by up to 17% either way
+   on these noisy machines), ending early if the machine slows down.
    The short-budget recipe is the default one without crop/flip augmentation (``--augment`` picks another): 3-5
    epochs are too few for it to pay off (mixer_nano, 2 epochs of 20k images: 78.1% with crop/flip, 85.3%
    without). A run directory that already holds a run is resumed (same recipe) or, if finished, just reported.
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -44,6 +43,7 @@ from visionmix.engine.train import param_groups
 from visionmix.models import create_model, list_models
 
 TRAIN_IMAGES = 60_000
+MAX_EPOCHS = 100  # the upper bound of a time-budgeted run; its budget ends it long before
 
 
 def step_throughput(names: list[str], batch_size: int, rounds: int, warmup: int) -> dict[str, dict[str, float]]:
@@ -118,25 +118,21 @@ def full_runs(names: list[str], args: argparse.Namespace) -> list[dict]:
     for name in names:
         run = Path(args.out) / name
         saved = asdict(TrainConfig.from_dict(read_meta(run)["config"])) if (run / "checkpoint.json").is_file() else None
-        epochs = args.epochs or (saved and saved["epochs"])  # a run being resumed keeps its calibrated length
-        speed = None
-        if epochs is None:
-            speed = short_run_speed(name, args.batch_size, args.calibration_steps, args.nproc, threads)
-            epochs = math.floor(100 * args.budget_fill * args.budget_min * 60 * speed / TRAIN_IMAGES) / 100
-        wanted = {"epochs": epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "augment": args.augment, "ema_decay": args.ema}
+        budget = None if args.epochs else args.budget_min
+        wanted = {"epochs": args.epochs or MAX_EPOCHS, "time_budget_min": budget, "batch_size": args.batch_size,
+                  "lr": args.lr, "seed": args.seed, "augment": args.augment, "ema_decay": args.ema}
         if saved is not None and any(saved[k] != v for k, v in wanted.items()):
             raise SystemExit(f"{run} holds a run with another recipe ({ {k: saved[k] for k in wanted} }); "
                              f"use another --out")
-        recipe = ["--model", name, "--epochs", str(epochs), "--batch-size", str(args.batch_size), "--lr",
-                  str(args.lr), "--seed", str(args.seed), "--save-every", "200"]
-        recipe += ["--augment", args.augment]
+        recipe = ["--model", name, "--epochs", str(wanted["epochs"]), "--batch-size", str(args.batch_size), "--lr",
+                  str(args.lr), "--seed", str(args.seed), "--save-every", "200", "--augment", args.augment]
+        recipe += ["--time-budget", str(budget)] if budget else []
         recipe += ["--ema", str(args.ema)] if args.ema else []
         summary = visionmix_train(recipe, run, args.nproc, threads)
+        epochs = summary["epochs_trained"]
         rows.append({"model": name, "params": summary["params"], "epochs": epochs, "augment": args.augment,
                      "top1": summary["top1"], "best_top1": summary["best_top1"],
-                     "train_min": summary["train_time_s"] / 60, "images_per_s": summary["train_images_per_s"],
-                     "calibrated_images_per_s": speed})
+                     "train_min": summary["train_time_s"] / 60, "images_per_s": summary["train_images_per_s"]})
         print(f"  {name:24s} {epochs:5.2f} ep  top-1 {summary['top1']:.2f}%  best {summary['best_top1']:.2f}%  "
               f"{summary['train_time_s'] / 60:.1f} min  {summary['train_images_per_s']:.0f} img/s", flush=True)
     return rows
@@ -153,12 +149,8 @@ def main() -> None:
     parser.add_argument("--ddp-steps", type=int, default=30, help="0 skips the DDP comparison")
     parser.add_argument("--full", action="store_true", help="also run the full trainings (long)")
     parser.add_argument("--budget-min", type=float, default=15.0, help="training minutes per model in --full")
-    parser.add_argument("--budget-fill", type=float, default=0.97,
-                        help="fraction of the budget a calibrated --full run is sized to (margin for speed drift)")
     parser.add_argument("--epochs", type=float, help="fixed epochs for --full instead of the budget")
     parser.add_argument("--nproc", type=int, default=2, help="torchrun processes of the --full runs")
-    parser.add_argument("--calibration-steps", type=int, default=30,
-                        help="steps timed (after as many warm-up steps) to size a --full run")
     parser.add_argument("--augment", default="none", choices=AUGMENTATIONS, help="augmentation of the --full runs")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--ema", type=float, help="EMA decay for --full runs")
@@ -169,8 +161,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.nproc < 1 or args.threads < 1:
         parser.error(f"--nproc and --threads must be >= 1, got {args.nproc} and {args.threads}")
-    if not 0 < args.budget_fill <= 1:
-        parser.error(f"--budget-fill must be in (0, 1], got {args.budget_fill}")
     if args.quick:
         args.rounds, args.warmup, args.ddp_steps = 3, 1, min(args.ddp_steps, 5)
     torch.set_num_threads(args.threads)

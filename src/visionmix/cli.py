@@ -79,6 +79,7 @@ def _epochs(text: str) -> int | float:
 
 def _add_train_parser(subparsers: Any) -> None:
     from visionmix.data import AUGMENTATIONS, DATASETS, FASHION_MNIST_DIR
+    from visionmix.engine.train import BUDGET_FILL
 
     p = add_command(subparsers, "train", "train a registered model on a dataset", """\
 Train any registered model with one recipe (AdamW, warmup + cosine LR, label smoothing, gradient clipping,
@@ -98,6 +99,11 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
     p.add_argument("--epochs", type=_epochs, default=3,
                    help="training epochs; a fraction ends the run part-way into the last epoch, the cosine "
                         "schedule spanning exactly that many steps (e.g. 4.5)")
+    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+                   help="train for at most this long (evaluation and checkpoint writes excluded; --epochs is then an "
+                        "upper bound): the warmup is timed and the run fixed at the steps that fill "
+                        f"{100 * BUDGET_FILL:g}%% of the budget at that speed, ending early if the machine slows "
+                        "down (default: off)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="global batch size (split evenly across torchrun processes)")
     p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
@@ -151,11 +157,11 @@ def _run_train(args: argparse.Namespace) -> int:
             ema_decay=args.ema, seed=args.seed, max_train_samples=args.max_train_samples,
             max_eval_samples=args.max_eval_samples, device=args.device, augment=args.augment,
             model_kwargs=dict(args.model_arg), min_lr_ratio=args.min_lr_ratio, save_every=args.save_every,
-            image_size=args.image_size, amp=not args.no_amp)
+            image_size=args.image_size, amp=not args.no_amp, time_budget_min=args.time_budget)
         summary = train(cfg, args.out, progress=progress, force=args.force)
         run_dir = args.out
     _say(f"{summary['model']} on {summary['data']}: top-1 {summary['top1']:.2f}% top-5 {summary['top5']:.2f}% "
-         f"(best {summary['best_top1']:.2f}%) after {summary['epochs']} epochs, "
+         f"(best {summary['best_top1']:.2f}%) after {summary.get('epochs_trained', summary['epochs']):.3g} epochs, "
          f"{summary['train_images_per_s']:.0f} img/s; run directory {run_dir}")
     return 0
 

@@ -155,13 +155,13 @@ def test_an_interrupt_stops_the_whole_comparison_with_a_resume_hint(tmp_path, mo
     assert info.value.signum == 2 and not (tmp_path / "results.csv").exists()
 
 
-def test_training_curves_average_seeds_and_end_a_fractional_run_at_its_length(monkeypatch, tmp_path):
+def test_training_curves_average_seeds_and_end_a_partial_run_at_its_length(monkeypatch, tmp_path):
     compare_module = importlib.import_module("visionmix.bench.compare")  # the package re-exports compare()
 
     def summary(losses: list[float], top1: list[float]) -> dict:
         history = [{"epoch": e + 1, "train_loss": loss, "eval_top1": acc}
                    for e, (loss, acc) in enumerate(zip(losses, top1, strict=True))]
-        return {"epochs": 2.5, "history": history}
+        return {"epochs": 50, "epochs_trained": 2.5, "history": history}  # e.g. a time-budgeted run
 
     outcomes = [RunOutcome("m", 0, summary([2.0, 1.0, 0.5], [50.0, 70.0, 80.0])),
                 RunOutcome("m", 1, summary([3.0, 2.0, 1.5], [60.0, 80.0, 90.0])), RunOutcome("x", 0, error="boom")]

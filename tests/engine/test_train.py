@@ -153,6 +153,39 @@ def test_fractional_epochs_end_part_way_and_resume_exactly(tmp_path: Path) -> No
         train(replace(CFG, epochs=0), tmp_path / "x", progress=False)
 
 
+BUDGET_S = 1.2
+
+
+def test_time_budget_fixes_the_length_after_warmup_and_a_resumed_run_keeps_it(tmp_path: Path) -> None:
+    # 6 steps per epoch, 3 warmup steps of >= 60 ms, then 10 ms steps: the length fixed from the warmup's speed is
+    # 3 + floor((0.97 x 1.2 s - t_warmup) / 60 ms) <= 19 steps and runs well inside the budget
+    run = tmp_path / "run"
+    model = {"step_delay": 0.06, "later_delay": 0.01, "later_from_call": 4}
+    cfg = replace(CFG, epochs=50, save_every=2, time_budget_min=BUDGET_S / 60)
+    with pytest.raises(TrainingError, match="at epoch 2 step 6"):  # call 12 dies; the step-10 checkpoint stays
+        train(replace(cfg, model_kwargs={**model, "nan_at_call": 12}), run, progress=False)
+    saved = read_meta(run)
+    assert saved["global_step"] == 10 and saved["length_fixed"] and 13 <= saved["total_steps"] <= 19
+    summary = resume_run(run, progress=False)  # a new model: its call counter restarts, no NaN within 9 steps
+    meta = read_meta(run)
+    assert meta["finished"] and meta["global_step"] == meta["total_steps"] == saved["total_steps"]
+    assert summary["epochs_trained"] == saved["total_steps"] / 6 and summary["train_time_s"] < BUDGET_S
+    assert summary["history"][-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)  # the cosine ends with the run
+
+
+def test_time_budget_ends_the_run_early_when_the_machine_slows_down(tmp_path: Path) -> None:
+    # 10 ms warmup steps predict ~110 steps; from call 5 on each takes 100 ms, so the budget runs out after ~15
+    model = {"step_delay": 0.01, "later_delay": 0.1, "later_from_call": 5}
+    cfg = replace(CFG, epochs=50, model_kwargs=model, time_budget_min=BUDGET_S / 60)
+    summary = train(cfg, tmp_path / "run", progress=False)
+    meta = read_meta(tmp_path / "run")
+    assert meta["finished"] and meta["global_step"] == meta["total_steps"] < 20
+    assert BUDGET_S <= summary["train_time_s"] < BUDGET_S + 0.2  # it stops within the step that spent the budget
+    assert summary["history"][-1]["lr"] > cfg.lr * cfg.min_lr_ratio  # cut short before the end of its cosine
+    with pytest.raises(ValueError, match="time_budget_min needs warmup_epochs > 0"):
+        train(replace(cfg, warmup_epochs=0.0), tmp_path / "x", progress=False)
+
+
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     run = tmp_path / "run"
     cfg = replace(CFG, epochs=3, model_kwargs={"nan_at_call": 9})  # 6 steps per epoch: call 9 is in epoch 2

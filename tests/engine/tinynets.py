@@ -3,8 +3,8 @@
 ``tiny_test_net``: conv-BN-GELU stem, a residual conv block behind DropPath, mean pool, linear head: ~1k params,
 fast enough for multi-epoch runs in a test, and it uses the global RNG (drop-path) so exact resume must restore it.
 ``tiny_test_dbb``: the same with a Diverse Branch Block, so ``eval --deploy`` has something to fold.
-Knobs for failure tests: ``step_delay`` (seconds slept per training forward) and ``nan_at_call`` (the n-th
-training forward returns NaN logits).
+Knobs for failure and timing tests: ``step_delay`` (seconds slept per training forward; ``later_delay`` from
+training forward ``later_from_call`` on) and ``nan_at_call`` (the n-th training forward returns NaN logits).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from visionmix.models import register_model
 class TinyNet(nn.Module):
     def __init__(self, *, num_classes: int = 10, in_chans: int = 1, img_size: int = 28, drop_path_rate: float = 0.1,
                  width: int = 8, bn: bool = True, dbb: bool = False, step_delay: float = 0.0,
-                 nan_at_call: int | None = None) -> None:
+                 later_delay: float | None = None, later_from_call: int = 0, nan_at_call: int | None = None) -> None:
         super().__init__()
         self.stem = nn.Conv2d(in_chans, width, 3, stride=2, padding=1, bias=not bn)
         self.norm = nn.BatchNorm2d(width) if bn else nn.Identity()
@@ -35,6 +35,7 @@ class TinyNet(nn.Module):
         self.drop_path = DropPath(drop_path_rate)
         self.head = nn.Linear(width, num_classes)
         self.step_delay, self.nan_at_call, self.calls = step_delay, nan_at_call, 0
+        self.later_delay, self.later_from_call = later_delay, later_from_call
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.gelu(self.norm(self.stem(x)))
@@ -42,7 +43,8 @@ class TinyNet(nn.Module):
         logits = self.head(x.mean((2, 3)))
         if self.training:
             self.calls += 1
-            time.sleep(self.step_delay)
+            later = self.later_delay is not None and self.calls >= self.later_from_call
+            time.sleep(self.later_delay if later else self.step_delay)
             if self.calls == self.nan_at_call:
                 logits = logits * float("nan")
         return logits

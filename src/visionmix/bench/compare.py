@@ -302,11 +302,11 @@ def _curves(outcomes: Sequence[RunOutcome], path: Path) -> None:
     fig = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
     by_model: dict[str, list[list[dict[str, Any]]]] = {}
-    length: dict[str, float] = {}  # the recipe's epochs: a fractional run's last epoch ends there, not at its ordinal
+    length: dict[str, float] = {}  # epochs trained: a partial last epoch ends there, not at its ordinal
     for o in outcomes:
         if o.summary is not None:
             by_model.setdefault(o.model, []).append(o.summary["history"])
-            length[o.model] = o.summary["epochs"]
+            length[o.model] = o.summary.get("epochs_trained", o.summary["epochs"])  # older summaries: the recipe's
     for model, histories in by_model.items():
         epochs = sorted({h["epoch"] for history in histories for h in history})
         for ax, key in ((loss_ax, "train_loss"), (acc_ax, "eval_top1")):

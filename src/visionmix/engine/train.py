@@ -10,6 +10,11 @@ Exact resume: the batch order of epoch ``e`` and the augmentation of step ``k`` 
 every rank's RNG state and the epoch's running sums, so a run resumed from a checkpoint taken at any step,
 including mid-epoch, continues bit for bit as if it had never stopped (same seed, deterministic CPU kernels).
 Checkpoints are written at epoch ends, every ``save_every`` steps and on SIGINT/SIGTERM.
+
+Time budget (``time_budget_min``): the warmup does not depend on the run's length, so the trainer times it and then
+fixes the step count that fills ``BUDGET_FILL`` of the budget at that speed (at most ``epochs``); the cosine decay
+spans exactly those steps. The count is saved with the checkpoint, so a resumed run keeps it. If the machine slows
+down and the budget runs out first, the run ends there. Training time excludes evaluation and checkpoint writes.
 """
 
 from __future__ import annotations
@@ -24,7 +29,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
-from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -49,6 +53,7 @@ from visionmix.layers.validation import check_choice, check_positive
 
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SET_BY_ENGINE = ("num_classes", "in_chans", "img_size")
+BUDGET_FILL = 0.97  # a time-budgeted run is sized to this share of its budget: headroom for speed drift
 
 
 class TrainingError(RuntimeError):
@@ -91,6 +96,7 @@ class TrainConfig:
     image_size: int | None = None  # None = the dataset's own size
     amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
     eval_batch_size: int = 500
+    time_budget_min: float | None = None  # train at most this long; ``epochs`` is then an upper bound
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad field."""
@@ -118,6 +124,11 @@ class TrainConfig:
             _check_range("drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
         if self.ema_decay is not None:
             _check_range("ema_decay", self.ema_decay, 0.0, 1.0, low_open=True, high_open=True)
+        if self.time_budget_min is not None:
+            _check_range("time_budget_min", self.time_budget_min, 0.0, math.inf, low_open=True, high_open=True)
+            if self.warmup_epochs == 0:
+                raise ValueError("time_budget_min needs warmup_epochs > 0: the run's speed is measured during warmup "
+                                 "to fix its length")
         clash = sorted(set(self.model_kwargs) & {*DATA_SET_BY_ENGINE, "drop_path_rate"})
         if clash:
             raise ValueError(f"model_kwargs may not set {', '.join(clash)}: classes, channels and size follow the "
@@ -299,11 +310,15 @@ class _Trainer:
         self.ema = ModelEma(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
         self.optimizer = torch.optim.AdamW(param_groups(self.raw_model, cfg.weight_decay), lr=cfg.lr)
         self.steps_per_epoch = len(self.loader)
-        self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))
-        self.num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)  # the last one may be partial
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
-            warmup_cosine, warmup_steps=round(cfg.warmup_epochs * self.steps_per_epoch), total_steps=self.total_steps,
-            min_ratio=cfg.min_lr_ratio))
+        self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))  # a time budget lowers it after warmup
+        self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.budget_s = None if cfg.time_budget_min is None else 60.0 * cfg.time_budget_min
+        if self.budget_s is not None and self.warmup_steps == 0:
+            raise ValueError(f"a time budget needs a warmup of at least one step (warmup_epochs="
+                             f"{cfg.warmup_epochs} x {self.steps_per_epoch} steps per epoch rounds to 0)")
+        self.length_fixed = self.budget_s is None  # a budgeted run fixes its length after warmup
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: warmup_cosine(
+            step, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_ratio=cfg.min_lr_ratio))
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.running = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0}
@@ -329,7 +344,8 @@ class _Trainer:
                      "in_chans": ds.channels, "image_size": list(ds.image_size), "mean": list(ds.mean),
                      "std": list(ds.std), "train_samples": len(ds), "eval_samples": len(self.test_ds)},
             "epoch": self.epoch, "step_in_epoch": self.step, "global_step": self.global_step,
-            "steps_per_epoch": self.steps_per_epoch, "running": dict(self.running), "history": self.history,
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "length_fixed": self.length_fixed, "running": dict(self.running), "history": self.history,
             "train_time_s": self.train_time, "world_size": self.ctx.world_size, "finished": finished,
             "versions": {"torch": torch.__version__},
         }
@@ -354,6 +370,8 @@ class _Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         self.running, self.history, self.train_time = dict(meta["running"]), meta["history"], meta["train_time_s"]
+        if meta.get("length_fixed"):  # a time-budgeted run keeps the length it fixed (older runs: from the config)
+            self.total_steps, self.length_fixed = meta["total_steps"], True
         if meta["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"{self.out_dir}: the data give {self.steps_per_epoch} steps per epoch, the checkpoint "
                              f"was taken with {meta['steps_per_epoch']}; did the dataset change?")
@@ -413,7 +431,7 @@ class _Trainer:
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         with bar:
             tick = time.perf_counter()  # training time counts batch preparation too, not checkpoint writes
-            # the last epoch of a fractional ``epochs`` stops part-way: at the end of the step budget
+            # the last epoch of a fractional ``epochs`` (or of a time budget) stops part-way
             for images, labels in islice(self.loader.epoch(self.epoch, self.step), epoch_steps - self.step):
                 with self.autocast:
                     logits = self.model(images)
@@ -422,20 +440,28 @@ class _Trainer:
                 loss.backward()
                 grad_norm = (nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad is not None
                              else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
-                stats = torch.stack([loss.detach().float() * len(labels), (logits.argmax(1) == labels).sum().float(),
-                                     torch.tensor(float(len(labels)), device=labels.device),
-                                     torch.tensor(float(bool(self.stop_flag)), device=labels.device)])
-                loss_sum, correct, seen, stop = all_reduce_sum(stats, ctx).tolist()
+                spent = self.budget_s is not None and self.train_time + time.perf_counter() - tick >= self.budget_s
+                counts = [float(len(labels)), float(bool(self.stop_flag)), float(spent)]  # flags summed over ranks
+                stats = torch.cat([torch.stack([loss.detach().float() * len(labels),
+                                                (logits.argmax(1) == labels).sum().float()]),
+                                   torch.tensor(counts, device=labels.device)])
+                loss_sum, correct, seen, stop, spent = all_reduce_sum(stats, ctx).tolist()
                 if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
                     self._fail(loss_sum / seen, float(grad_norm))
                 self.optimizer.step()
-                self.scheduler.step()
                 self.global_step += 1
                 self.step += 1
                 if self.ema is not None:
                     self.ema.update(self.raw_model, self.global_step)
                 now = time.perf_counter()
                 self.train_time, tick = self.train_time + now - tick, now
+                if not self.length_fixed and self.global_step >= self.warmup_steps:
+                    self._fix_length()  # before the first step whose learning rate depends on the length
+                if spent:
+                    self._end_at_budget()  # this was the last step: the learning rate stays where it was
+                else:
+                    self.scheduler.step()
+                bar.total = self._epoch_steps()
                 run = self.running
                 run["loss_sum"] += loss_sum
                 run["correct"] += correct
@@ -446,13 +472,37 @@ class _Trainer:
                 bar.update(1)
                 if stop:
                     self._interrupt()
-                if cfg.save_every and self.global_step % cfg.save_every == 0 and self.step < epoch_steps:
+                if self.step >= self._epoch_steps():
+                    break  # a time budget shortened the run
+                if cfg.save_every and self.global_step % cfg.save_every == 0:
                     self._save()
                     tick = time.perf_counter()
 
+    @property
+    def num_epochs(self) -> int:
+        return math.ceil(self.total_steps / self.steps_per_epoch)  # the last one may be partial
+
     def _epoch_steps(self) -> int:
-        """Optimizer steps of the current epoch: a full epoch, or what is left of the step budget."""
+        """Optimizer steps of the current epoch: a full epoch, or what is left of the run's length."""
         return min(self.steps_per_epoch, self.total_steps - self.epoch * self.steps_per_epoch)
+
+    def _fix_length(self) -> None:
+        """End of warmup under a time budget: fix the run at the steps that fill BUDGET_FILL of it at the speed of
+        the warmup (mean over ranks), never more than ``epochs``."""
+        elapsed = float(all_reduce_sum(torch.tensor([self.train_time], device=self.ctx.device), self.ctx))
+        elapsed /= self.ctx.world_size
+        left = max(0.0, BUDGET_FILL * self.budget_s - elapsed)
+        self.total_steps = min(self.total_steps, self.global_step + math.floor(left * self.global_step / elapsed))
+        self.length_fixed = True
+        self._log(f"time budget {self.cfg.time_budget_min:g} min: {self.global_step} warmup steps took "
+                  f"{elapsed:.1f} s, so the run is fixed at {self.total_steps} steps "
+                  f"({self.total_steps / self.steps_per_epoch:.2f} epochs)")
+
+    def _end_at_budget(self) -> None:
+        """The budget ran out before the fixed length (the machine slowed down): the run ends at this step."""
+        self._log(f"time budget {self.cfg.time_budget_min:g} min spent at step {self.global_step} of "
+                  f"{self.total_steps}: the run ends here")
+        self.total_steps, self.length_fixed = self.global_step, True
 
     def _end_epoch(self) -> None:
         cfg, run = self.cfg, self.running
@@ -529,6 +579,7 @@ def _summary(meta: dict[str, Any]) -> dict[str, Any]:
     cfg = meta["config"]
     return {
         "model": meta["model"], "data": cfg["data"], "epochs": cfg["epochs"], "params": meta["params"],
+        "epochs_trained": meta["global_step"] / meta["steps_per_epoch"],
         "top1": last["eval_top1"], "top5": last["eval_top5"], "eval_loss": last["eval_loss"],
         "best_top1": max(h["eval_top1"] for h in history), "train_time_s": meta["train_time_s"],
         "train_images_per_s": meta["global_step"] * cfg["batch_size"] / max(meta["train_time_s"], 1e-9),
