@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file
 from visionmix.data import build_dataset
 from visionmix.engine import TrainConfig, TrainingError, evaluate, load_run, read_meta, resume_run, train
 from visionmix.engine import checkpoint as ckpt
-from visionmix.engine.train import ModelEma, param_groups, warmup_cosine
+from visionmix.engine.train import BUDGET_FILL, ModelEma, param_groups, warmup_cosine
 
 CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=2, batch_size=32, max_train_samples=192,
                   max_eval_samples=100, lr=1e-2, device="cpu")
@@ -154,36 +155,51 @@ def test_fractional_epochs_end_part_way_and_resume_exactly(tmp_path: Path) -> No
 
 
 BUDGET_S = 1.2
+WARMUP_STEPS = 3  # CFG: 6 steps per epoch, warmup_epochs 0.5
 
 
-def test_time_budget_fixes_the_length_after_warmup_and_a_resumed_run_keeps_it(tmp_path: Path) -> None:
-    # 6 steps per epoch, 3 warmup steps of >= 60 ms, then 10 ms steps: the length fixed from the warmup's speed is
-    # 3 + floor((0.97 x 1.2 s - t_warmup) / 60 ms) <= 19 steps and runs well inside the budget
+@pytest.fixture
+def fake_clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The trainer's clock advances only when the test model sleeps, so budgeted runs are exact under any load."""
+    now = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: now.__setitem__(0, now[0] + seconds))
+    return now
+
+
+def test_time_budget_fixes_the_length_after_warmup_and_a_resumed_run_keeps_it(tmp_path: Path, fake_clock) -> None:
+    warm, later = 1 / 16, 1 / 64  # seconds per step (binary fractions: the times add up exactly)
+    fixed = WARMUP_STEPS + math.floor((BUDGET_FILL * BUDGET_S - WARMUP_STEPS * warm) / warm)  # at the warmup's speed
     run = tmp_path / "run"
-    model = {"step_delay": 0.06, "later_delay": 0.01, "later_from_call": 4}
+    model = {"step_delay": warm, "later_delay": later, "later_from_call": WARMUP_STEPS + 1}
     cfg = replace(CFG, epochs=50, save_every=2, time_budget_min=BUDGET_S / 60)
     with pytest.raises(TrainingError, match="at epoch 2 step 6"):  # call 12 dies; the step-10 checkpoint stays
         train(replace(cfg, model_kwargs={**model, "nan_at_call": 12}), run, progress=False)
     saved = read_meta(run)
-    assert saved["global_step"] == 10 and saved["length_fixed"] and 13 <= saved["total_steps"] <= 19
-    summary = resume_run(run, progress=False)  # a new model: its call counter restarts, no NaN within 9 steps
+    assert saved["global_step"] == 10 and saved["length_fixed"] and saved["total_steps"] == fixed
+    summary = resume_run(run, progress=False)  # a new model: its call counter restarts, no NaN within 8 steps
     meta = read_meta(run)
-    assert meta["finished"] and meta["global_step"] == meta["total_steps"] == saved["total_steps"]
-    assert summary["epochs_trained"] == saved["total_steps"] / 6 and summary["train_time_s"] < BUDGET_S
+    assert meta["finished"] and meta["global_step"] == meta["total_steps"] == fixed  # not re-fixed on resume
+    assert summary["epochs_trained"] == fixed / 6
+    # steps 1-10 of the first run, then 11-18 in the resumed one, whose first 3 calls are slow again
+    assert summary["train_time_s"] == WARMUP_STEPS * warm + 7 * later + 3 * warm + 5 * later
     assert summary["history"][-1]["lr"] == pytest.approx(cfg.lr * cfg.min_lr_ratio)  # the cosine ends with the run
 
 
-def test_time_budget_ends_the_run_early_when_the_machine_slows_down(tmp_path: Path) -> None:
-    # 10 ms warmup steps predict ~110 steps; from call 5 on each takes 100 ms, so the budget runs out after ~15
-    model = {"step_delay": 0.01, "later_delay": 0.1, "later_from_call": 5}
+def test_time_budget_ends_the_run_early_when_the_machine_slows_down(tmp_path: Path, fake_clock) -> None:
+    warm, later = 1 / 64, 1 / 4  # the warmup's speed predicts 74 steps; at the later speed the budget ends step 8
+    model = {"step_delay": warm, "later_delay": later, "later_from_call": WARMUP_STEPS + 1}
     cfg = replace(CFG, epochs=50, model_kwargs=model, time_budget_min=BUDGET_S / 60)
     summary = train(cfg, tmp_path / "run", progress=False)
     meta = read_meta(tmp_path / "run")
-    assert meta["finished"] and meta["global_step"] == meta["total_steps"] < 20
-    assert BUDGET_S <= summary["train_time_s"] < BUDGET_S + 0.2  # it stops within the step that spent the budget
+    spent_at = WARMUP_STEPS + math.ceil((BUDGET_S - WARMUP_STEPS * warm) / later)
+    assert meta["finished"] and meta["global_step"] == meta["total_steps"] == spent_at == 8
+    assert summary["train_time_s"] == WARMUP_STEPS * warm + (spent_at - WARMUP_STEPS) * later  # the step that spent it
     assert summary["history"][-1]["lr"] > cfg.lr * cfg.min_lr_ratio  # cut short before the end of its cosine
     with pytest.raises(ValueError, match="time_budget_min needs warmup_epochs > 0"):
         train(replace(cfg, warmup_epochs=0.0), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match=r"warmup of at least one step \(warmup_epochs=0.05 x 6 steps per epoch"):
+        train(replace(cfg, warmup_epochs=0.05), tmp_path / "y", progress=False)
 
 
 def test_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
