@@ -6,11 +6,11 @@
 2. DDP: the same short ``visionmix train`` run as 1 process x 2 threads and as ``torchrun --nproc_per_node=2``
    x 1 thread (gloo), images/s from each run's summary.
 3. ``--full``: train each model on all 60,000 images with ``visionmix train --time-budget`` ``--budget-min``
-   minutes (or for ``--epochs``), as ``--nproc`` gloo processes under torchrun (2 x 1 thread trained 2-18% faster
-   than 1 x 2 threads here), and report test accuracy (targets: >= 92% for the best nano model and >= 90% for
-   every family within 15 minutes on 2 cores). The trainer times each run's own warmup and fixes its length to
-   fill 97% of the budget (a separate 30-step calibration run missed the full runs' speed by up to 17% either way
-   on these noisy machines), ending early if the machine slows down.
+   minutes (or for ``--epochs``), as ``--nproc`` gloo processes under torchrun (2 x 1 thread trained between 1%
+   slower and 28% faster than 1 x 2 threads here), and report test accuracy (targets: >= 92% for the best nano model
+   and >= 90% for every family within 15 minutes on 2 cores). The trainer times each run's own warmup and fixes its
+   length to fill 97% of the budget (a separate 30-step calibration run missed the full runs' speed by up to 17%
+   either way on these noisy machines), ending early if the machine slows down.
    The short-budget recipe is the default one without crop/flip augmentation (``--augment`` picks another): 3-5
    epochs are too few for it to pay off (mixer_nano, 2 epochs of 20k images: 78.1% with crop/flip, 85.3%
    without). A run directory that already holds a run is resumed (same recipe) or, if finished, just reported.

@@ -70,6 +70,8 @@ def test_user_errors_are_one_line(capsys: pytest.CaptureFixture[str], tmp_path: 
         "not a visionmix run directory": ["eval", "--checkpoint", str(tmp_path)],
         "--epochs: expected a positive number of epochs, got 'x'": ["train", "--epochs", "x"],
         "--epochs: expected a positive number of epochs, got '0'": ["compare", "--epochs", "0", "--out", "o"],
+        "--time-budget: expected a positive number of minutes, got '-1'": ["train", "--time-budget", "-1"],
+        "--time-budget: expected a positive number of minutes, got 'inf'": ["train", "--time-budget", "inf"],
         "no registered model matches": ["models", "zzz*"],
         "needs --model and --out": ["train", "--model", "tiny_test_net"],
     }

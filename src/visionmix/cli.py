@@ -14,6 +14,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -66,15 +67,26 @@ def _model_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def _epochs(text: str) -> int | float:
-    """``--epochs``: a positive number; a whole one stays an int (``3``, not ``3.0``, in configs and messages)."""
+def _positive(text: str, unit: str) -> float:
+    """A finite number > 0, or an ``ArgumentTypeError`` saying what was expected."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number of epochs, got {text!r}") from None
-    if not (value > 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"expected a positive number of epochs, got {text!r}")
+        value = math.nan
+    if not (0 < value < math.inf):
+        raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}")
+    return value
+
+
+def _epochs(text: str) -> int | float:
+    """``--epochs``: a positive number; a whole one stays an int (``3``, not ``3.0``, in configs and messages)."""
+    value = _positive(text, "epochs")
     return int(value) if value.is_integer() else value
+
+
+def _minutes(text: str) -> float:
+    """``--time-budget``: a positive number of minutes."""
+    return _positive(text, "minutes")
 
 
 def _add_train_parser(subparsers: Any) -> None:
@@ -99,7 +111,7 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
     p.add_argument("--epochs", type=_epochs, default=3,
                    help="training epochs; a fraction ends the run part-way into the last epoch, the cosine "
                         "schedule spanning exactly that many steps (e.g. 4.5)")
-    p.add_argument("--time-budget", type=float, metavar="MINUTES",
+    p.add_argument("--time-budget", type=_minutes, metavar="MINUTES",
                    help="train for at most this long (evaluation and checkpoint writes excluded; --epochs is then an "
                         "upper bound): the warmup is timed and the run fixed at the steps that fill "
                         f"{100 * BUDGET_FILL:g}%% of the budget at that speed, ending early if the machine slows "

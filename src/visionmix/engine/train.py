@@ -473,7 +473,7 @@ class _Trainer:
                 if stop:
                     self._interrupt()
                 if self.step >= self._epoch_steps():
-                    break  # a time budget shortened the run
+                    break  # the epoch's end, possibly moved earlier by a time budget
                 if cfg.save_every and self.global_step % cfg.save_every == 0:
                     self._save()
                     tick = time.perf_counter()
