@@ -42,6 +42,7 @@ from visionmix.engine import checkpoint as ckpt
 from visionmix.engine.distributed import (
     DistContext,
     all_reduce_sum,
+    barrier,
     broadcast_buffers,
     gather_objects,
     init_distributed,
@@ -238,7 +239,9 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     ctx = init_distributed(cfg.device)
     try:
         with _signal_flag() as flag:
-            return _Trainer(cfg, out_dir, ctx, meta, progress, flag).run()
+            summary = _Trainer(cfg, out_dir, ctx, meta, progress, flag).run()
+        barrier(ctx)  # no rank leaves the group while another still writes (gloo aborts on an early teardown)
+        return summary
     finally:
         shutdown(ctx)
 
