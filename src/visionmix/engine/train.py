@@ -240,7 +240,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     try:
         with _signal_flag() as flag:
             summary = _Trainer(cfg, out_dir, ctx, meta, progress, flag).run()
-        barrier(ctx)  # no rank leaves the group while another still writes (gloo aborts on an early teardown)
+        barrier(ctx)  # no rank leaves the group while another still writes (gloo can abort a rank left behind)
         return summary
     finally:
         shutdown(ctx)
