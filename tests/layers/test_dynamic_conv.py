@@ -268,3 +268,22 @@ def test_forward_rejects_wrong_rank_or_channels(layer):
         layer(torch.randn(4, 5, 5))
     with pytest.raises(ValueError, match="expected 4 channels .* got 3"):
         layer(torch.randn(1, 3, 5, 5))
+
+
+@pytest.mark.parametrize("geometry, factory", [((4, 6, 3, 2, None, 1, 2), make_cond),
+                                               ((4, 4, 3, 1, None, 2, 4), make_weightnet)])
+def test_empty_batch_gives_empty_output(geometry, factory):
+    """groups = B*g is 0 for an empty batch; the layer must still return (0, C_out, H', W') like nn.Conv2d."""
+    x = torch.randn(0, 4, 7, 5, requires_grad=True)
+    out = factory(geometry)(x)
+    assert out.shape == expected_shape(geometry, x) == (0, geometry[1], *expected_shape(geometry, x)[2:])
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["condconv_resnet_nano", "weightnet_resnet_nano"])
+def test_dynamic_conv_resnets_take_an_empty_batch(name):
+    from visionmix import create_model
+
+    model = create_model(name, num_classes=7).eval()
+    assert model(torch.randn(0, 1, 28, 28)).shape == (0, 7)

@@ -55,8 +55,12 @@ class _DynamicConv2d(nn.Module):
         """Convolve sample b of ``x`` (B, C_in, H, W) with ``kernels[b]`` (B, C_out, C_in/g, kh, kw), + ``bias[b]``.
 
         One grouped conv: (1, B*C_in, H, W) * (B*C_out, C_in/g, kh, kw), groups = B*g -> (B, C_out, H', W').
+        An empty batch (B = 0) gives an empty (0, C_out, H', W').
         """
         b, _, h, w = x.shape
+        if b == 0:  # groups = B*g would be 0: an empty batch gets its empty output from a plain conv of that shape
+            return F.conv2d(x, kernels.new_zeros(self.kernel_shape), None, self.stride, self.padding, self.dilation,
+                            self.groups)
         out = F.conv2d(x.reshape(1, b * self.in_channels, h, w), kernels.reshape(b * self.out_channels,
                        *kernels.shape[2:]), None if bias is None else bias.reshape(-1), self.stride, self.padding,
                        self.dilation, b * self.groups)
