@@ -7,6 +7,7 @@ class may define ``checkpoint_filter_fn(state_dict, model) -> state_dict`` (timm
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -26,15 +27,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     suffix = path.suffix.lower()
-    if suffix == SAFETENSORS_SUFFIX:
-        from safetensors.torch import load_file
-
-        state: object = load_file(str(path), device="cpu")
-    elif suffix in TORCH_SUFFIXES:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
         raise ValueError(f"unknown checkpoint suffix {path.suffix!r} of {path}; expected one of "
                          f"{', '.join((*TORCH_SUFFIXES, SAFETENSORS_SUFFIX))}")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state: object = (load_file(str(path), device="cpu") if suffix == SAFETENSORS_SUFFIX
+                         else torch.load(path, map_location="cpu", weights_only=True))
+    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
+        raise ValueError(f"{path} is damaged or not a {suffix} checkpoint: {' '.join(str(exc).split())[:200]}"
+                         ) from exc
     return _unwrap(state, path)
 
 
@@ -66,22 +70,27 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> 
     filter_fn = getattr(type(model), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
-    own = model.state_dict()
-    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-              for k, v in state.items() if k in own and v.shape != own[k].shape]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    problems = []
-    if shapes:
-        problems.append(_describe("shape mismatches", shapes))
-    if strict and missing:
-        problems.append(_describe("missing keys", missing))
-    if strict and unexpected:
-        problems.append(_describe("unexpected keys", unexpected))
+    problems = state_dict_problems(model.state_dict(), state, strict=strict)
     if problems:
         raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def state_dict_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *,
+                        strict: bool = True) -> list[str]:
+    """What keeps ``state`` from loading into a model whose state dict is ``own``: shape mismatches always, missing
+    and unexpected keys with ``strict``; one short line per kind, listing a few keys. Empty if it fits."""
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state.items() if k in own and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    problems = [_describe("shape mismatches", shapes)] if shapes else []
+    if strict and missing:
+        problems.append(_describe("missing keys", missing))
+    if strict and unexpected:
+        problems.append(_describe("unexpected keys", unexpected))
+    return problems
 
 
 def _describe(kind: str, items: list[str]) -> str:
