@@ -124,8 +124,11 @@ def test_any_input_size():
     assert model.pretrained_cfg["fixed_input_size"] is False
     for size in (32, 36):
         assert model(torch.randn(1, 3, size, size)).shape == (1, 10)
-    with pytest.raises(ValueError, match="divisible by the patch size 2x2"):
+    with pytest.raises(ValueError, match="input size 33x33 must be divisible by the model's total stride 4x4"):
         model(torch.randn(1, 3, 33, 33))
+    # 30 = 2 * 15 passes the patch but not the merge: the message names the user's size, not the stage's 15x15
+    with pytest.raises(ValueError, match="input size 30x30 must be divisible by the model's total stride 4x4"):
+        model(torch.randn(1, 3, 30, 30))
 
 
 def test_bad_arguments():

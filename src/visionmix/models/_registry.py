@@ -9,10 +9,11 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,25 +102,81 @@ def model_entry(name: str) -> ModelEntry:
     return _ENTRIES[arch]
 
 
-def create_model(model_name: str, pretrained: bool = False, checkpoint_path: str | None = None,
+_UNSUPPORTED = {  # timm keyword arguments with no meaning here (None / False are accepted and dropped)
+    "cache_dir": "visionmix downloads nothing; pass checkpoint_path= to a local file",
+    "scriptable": "visionmix layers have no TorchScript-specific forms",
+    "exportable": "visionmix layers have no export-specific forms (see visionmix.export)",
+    "no_jit": "visionmix layers have no TorchScript-specific forms",
+    "feature_cls": "features_only models always use forward_intermediates (timm's 'getter' kind)",
+    "output_stride": "visionmix models have no dilated variants",
+}
+
+
+def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict[str, Any] | None = None,
+                 pretrained_cfg_overlay: dict[str, Any] | None = None, checkpoint_path: str | None = None, *,
+                 features_only: bool = False, out_indices: int | Sequence[int] | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
                  **kwargs: Any) -> nn.Module:
-    """Build a registered model. Keyword arguments whose value is ``None`` are dropped (timm's convention),
-    so an unset CLI option means the model's default. ``checkpoint_path`` loads a local .pth/.safetensors."""
+    """Build a registered model (timm's signature). Keyword arguments whose value is ``None`` are dropped (timm's
+    convention), so an unset CLI option means the model's default.
+
+    ``checkpoint_path`` loads a local .pth/.safetensors; ``pretrained_cfg`` (a dict) replaces and
+    ``pretrained_cfg_overlay`` updates the registered cfg; ``features_only`` returns a
+    :class:`~visionmix.models._base.FeatureListNet` of the levels ``out_indices``; ``device``/``dtype`` place the
+    model. ``model.pretrained_cfg`` describes the model built: ``input_size`` from ``in_chans``/``img_size``,
+    ``mean``/``std`` with ``in_chans`` entries, ``first_conv``/``classifier`` naming its modules.
+    """
     entry = model_entry(model_name)
+    if "." in model_name:
+        raise ValueError(f"unknown pretrained tag {model_name.split('.', 1)[1]!r} in {model_name!r}: visionmix "
+                         "registers no tagged weights; pass the bare name and checkpoint_path= to a local file")
     if pretrained:
         raise ValueError("pretrained=True: visionmix downloads nothing; pass checkpoint_path= to a local file")
+    for key, why in _UNSUPPORTED.items():
+        if kwargs.pop(key, None) not in (None, False):
+            raise ValueError(f"create_model({key}=...) is not supported: {why}")
+    for key, value in (("pretrained_cfg", pretrained_cfg), ("pretrained_cfg_overlay", pretrained_cfg_overlay)):
+        if value is not None and not isinstance(value, dict):
+            raise TypeError(f"{key} must be a dict of pretrained_cfg fields, got {type(value).__name__}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     model = entry.builder(**kwargs)
-    cfg = dict(entry.cfg, architecture=entry.name)
-    in_chans = kwargs.get("in_chans", cfg["input_size"][0])
-    img_size = kwargs.get("img_size", cfg["input_size"][1:])
-    img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    cfg["input_size"] = (in_chans, *img_size)
-    cfg["num_classes"] = kwargs.get("num_classes", cfg["num_classes"])
-    model.pretrained_cfg = cfg
-    model.default_cfg = cfg
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    cfg = _model_cfg(model, {**entry.cfg, **(pretrained_cfg or {}), "architecture": entry.name}, kwargs)
+    cfg.update(pretrained_cfg_overlay or {})
+    model.pretrained_cfg = model.default_cfg = cfg
     if checkpoint_path is not None:
         from visionmix.models.checkpoint import load_checkpoint
 
         load_checkpoint(model, checkpoint_path)
+    if features_only:
+        from visionmix.models._base import FeatureListNet
+
+        model = FeatureListNet(model, out_indices)
+        model.pretrained_cfg = model.default_cfg = cfg
+    elif out_indices is not None:
+        raise ValueError("out_indices needs features_only=True")
     return model
+
+
+def _model_cfg(model: nn.Module, cfg: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The registered cfg made true of ``model``: input size, per-channel mean/std, first conv, classifier."""
+    in_chans = kwargs.get("in_chans", cfg["input_size"][0])
+    img_size = kwargs.get("img_size", cfg["input_size"][1:])
+    img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    cfg["input_size"] = (in_chans, *img_size)
+    cfg["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes", cfg["num_classes"]))
+    for key in ("mean", "std"):
+        cfg[key] = _per_channel(cfg[key], in_chans)
+    first = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    cfg["first_conv"] = first
+    cfg["classifier"] = getattr(model, "head_name", cfg["classifier"])
+    return cfg
+
+
+def _per_channel(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """Normalisation statistics for ``channels`` inputs: kept if they fit, else their average for every channel
+    (a grey image's statistics are the average of the colour ones)."""
+    if len(values) == channels:
+        return tuple(values)
+    return (sum(values) / len(values),) * channels

@@ -45,7 +45,8 @@ class MixerBlock(nn.Module):
 class MlpMixer(ClassifierModel):
     """Patch embedding -> ``depth`` Mixer blocks -> LayerNorm -> mean over tokens -> linear head.
 
-    ``forward_features`` returns (B, N, C) tokens (timm's NLC convention). Stochastic depth rises linearly from 0 to
+    ``forward_features`` returns (B, N, C) tokens (timm's NLC convention); every block is a feature level
+    (``forward_intermediates`` reshapes its tokens to (B, C, H/p, W/p)). Stochastic depth rises linearly from 0 to
     ``drop_path_rate`` over the blocks (timm gives every block the same rate).
     """
 
@@ -65,6 +66,8 @@ class MlpMixer(ClassifierModel):
         ))
         self.norm = _LayerNorm(embed_dim)
         self._init_head(embed_dim, num_classes, in_chans, global_pool, drop_rate)
+        self._init_features(["stem"], [([f"blocks.{i}"], embed_dim, self.stem.patch_size[0], f"blocks.{i}")
+                                       for i in range(depth)], norm="norm")
         self.init_weights()
 
     @torch.no_grad()
@@ -83,8 +86,8 @@ class MlpMixer(ClassifierModel):
                     nn.init.xavier_uniform_(m.weight)
                     nn.init.normal_(m.bias, std=1e-6)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.blocks(self.stem(x)))
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
 
 
 def _mixer_cfg(**overrides: object) -> dict:

@@ -177,7 +177,8 @@ class ResNet(ClassifierModel):
     Stem: 7x7 s2 conv+BN+ReLU and 3x3 s2 max-pool (``stage0.conv1``, ``stage0.maxpool``), or with ``small_input`` a
     3x3 s1 conv+BN+ReLU and no pooling, for 28-32 px images. ``groups``/``width_per_group`` give ResNeXt bottlenecks.
     ``drop_path_rate`` rises linearly over the blocks; ``drop_rate`` is dropout before the classifier ``linear``.
-    ``forward_features`` returns the last stage's map (B, C, H/s, W/s).
+    ``forward_features`` returns the last stage's map (B, C, H/s, W/s). Feature levels (timm's): the stem's ReLU
+    output, then every stage end. ``global_pool=""`` needs ``num_classes=0`` (unpooled maps out).
     """
 
     head_name = "linear"
@@ -224,18 +225,24 @@ class ResNet(ClassifierModel):
                 blocks.append(make(chs, planes, 2 if j == 0 and i > 1 else 1, drop_path=next(dpr)))
                 chs = planes * block_cls.expansion
             self.add_module(f"stage{i}", nn.Sequential(*blocks))
-        self.num_stages = len(layers)
         self._init_head(chs, num_classes, in_chans, global_pool, drop_rate)
+        # Level 0 is the stem's ReLU output (timm's ``act1``); the max-pool opens stage 1.
+        stem_reduction = 1 if small_input else 2
+        levels = [(["stage0.conv1", "stage0.relu"], stem_width, stem_reduction, "stage0.relu")]
+        pool = [] if small_input else ["stage0.maxpool"]
+        reduction = stem_reduction * (1 if small_input else 2)
+        for i, (depth, planes) in enumerate(zip(layers, widths, strict=True), start=1):
+            reduction *= 2 if i > 1 else 1
+            names = [*(pool if i == 1 else []), *(f"stage{i}.{j}" for j in range(depth))]
+            levels.append((names, planes * block_cls.expansion, reduction, f"stage{i}"))
+        self._init_features(["stage0"], levels, norm=None)
         for m in self.modules():  # torchvision's init for the conv+BN units; other layers keep their own scheme
             if isinstance(m, ConvBN) and type(m.conv) is nn.Conv2d:
                 nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_chans)
-        x = self.stage0(x)
-        for i in range(1, self.num_stages + 1):
-            x = getattr(self, f"stage{i}")(x)
-        return x
+        return x  # the stem is feature level 0
 
     @staticmethod
     def checkpoint_filter_fn(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

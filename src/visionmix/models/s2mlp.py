@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from visionmix.layers import DropPath, Mlp, PatchEmbed, SplitAttention, spatial_shift
-from visionmix.layers.validation import check_divisible, check_positive
+from visionmix.layers.validation import check_divisible, check_input, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_model
 
@@ -79,7 +79,8 @@ class S2MLPv2(ClassifierModel):
     """S2-MLPv2: patch conv, then stages of :class:`S2MLPv2Block` joined by k = s = ``merge_size`` patch-merge convs.
 
     ``embed_dims``/``depths`` give one entry per stage (the paper uses two). ``forward_features`` returns
-    (B, H, W, C). Stochastic depth rises linearly over all blocks.
+    (B, H, W, C); the stage ends are the feature levels. Stochastic depth rises linearly over all blocks. Inputs
+    must divide by the total stride (``patch_size * merge_size ** (stages - 1)``).
     """
 
     feature_fmt = "NHWC"
@@ -107,6 +108,11 @@ class S2MLPv2(ClassifierModel):
         self.stages = nn.Sequential(*stages)
         self.norm = _LayerNorm(embed_dims[-1])
         self._init_head(embed_dims[-1], num_classes, in_chans, global_pool, drop_rate)
+        patch = self.stem.patch_size
+        self.stride = (patch[0] * merge_size ** (len(depths) - 1), patch[1] * merge_size ** (len(depths) - 1))
+        self._init_features(["stem"], [
+            ([f"stages.{i}.{j}" for j in range(len(stage))], dim, patch[0] * merge_size ** i, f"stages.{i}")
+            for i, (stage, dim) in enumerate(zip(stages, embed_dims, strict=True))], norm="norm")
         self.init_weights()
 
     @torch.no_grad()
@@ -120,8 +126,12 @@ class S2MLPv2(ClassifierModel):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.stages(self.stem(x)))
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans)
+        if x.shape[-2] % self.stride[0] or x.shape[-1] % self.stride[1]:
+            raise ValueError(f"input size {x.shape[-2]}x{x.shape[-1]} must be divisible by the model's total stride "
+                             f"{self.stride[0]}x{self.stride[1]} (patch size times the patch merges)")
+        return self.stem(x)
 
 
 def _s2mlp_cfg(**overrides: object) -> dict:

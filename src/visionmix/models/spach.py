@@ -131,7 +131,8 @@ class Spach(ClassifierModel):
     ``net_arch`` lists stages, each a list of ``(spatial type, depth)``: one stage gives the single-stage SPACH
     (``blocks``, stochastic depth constant over blocks as in the official code), several give SPACH-MS
     (``layer1..``, C doubling per stage, stochastic depth rising linearly). ``forward_features`` returns
-    (B, H, W, C). Input size is free unless a stage uses ``"mlp"``, which fixes it to ``img_size``.
+    (B, H, W, C). Feature levels: every block of a single-stage model, every stage end of SPACH-MS.
+    Input size is free unless a stage uses ``"mlp"``, which fixes it to ``img_size``.
     """
 
     feature_fmt = "NHWC"
@@ -160,13 +161,15 @@ class Spach(ClassifierModel):
         block_kwargs = dict(num_heads=num_heads, token_ratio=token_ratio, channel_ratio=channel_ratio,
                             init_values=init_values, drop=proj_drop_rate, attn_drop=attn_drop_rate)
         dim, (grid_h, grid_w) = hidden_dim, self.stem.grid_size
-        self.stage_names = ["blocks"] if not multi_stage else [f"layer{i + 1}" for i in range(len(arch))]
-        for index, (stage_name, stage) in enumerate(zip(self.stage_names, arch, strict=True)):
+        stage_names = ["blocks"] if not multi_stage else [f"layer{i + 1}" for i in range(len(arch))]
+        levels = []  # multi-stage: one per stage; single-stage: one per block
+        reduction = self.stem.patch_size[0]
+        for index, (stage_name, stage) in enumerate(zip(stage_names, arch, strict=True)):
             layers: list[nn.Module] = []
             if index > 0:
                 layers.append(NCHWApply(nn.Sequential(nn.Conv2d(dim, 2 * dim, 2, stride=2, bias=False),
                                                       nn.GroupNorm(1, 2 * dim))))
-                dim, grid_h, grid_w = 2 * dim, grid_h // 2, grid_w // 2
+                dim, grid_h, grid_w, reduction = 2 * dim, grid_h // 2, grid_w // 2, 2 * reduction
             kinds = {kind for kind, _ in stage}
             shared = None
             if shared_spatial_func and kinds != {"conv"}:
@@ -181,8 +184,12 @@ class Spach(ClassifierModel):
                 for kind, d in stage for _ in range(d)
             )
             self.add_module(stage_name, nn.Sequential(*layers))
+            names = [f"{stage_name}.{j}" for j in range(len(layers))]
+            levels.extend([(names, dim, reduction, stage_name)] if multi_stage else
+                          [([name], dim, reduction, name) for name in names])
         self.norm2 = _LayerNorm(dim)
         self._init_head(dim, num_classes, in_chans, global_pool, drop_rate)
+        self._init_features(["stem", "norm1"], levels, norm="norm2")
         self.init_weights()
 
     @torch.no_grad()
@@ -199,11 +206,8 @@ class Spach(ClassifierModel):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm1(self.stem(x))
-        for name in self.stage_names:
-            x = getattr(self, name)(x)
-        return self.norm2(x)
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm1(self.stem(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------

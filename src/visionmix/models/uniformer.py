@@ -9,6 +9,7 @@ ImageNet models, 4 for ``uniformer_nano``). The models compile with ``torch.comp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -106,7 +107,7 @@ class UniFormer(ClassifierModel):
     patch embeddings by :class:`ConvStem` (strides 4, 2, 2, ... only). ``layer_scale_init`` (e.g. 1e-6) adds layer
     scale to the SABlocks. ``drop_rate`` is dropout before the classifier (timm), ``proj_drop_rate`` inside the MLPs
     and attention output, ``attn_drop_rate`` on the attention weights. ``forward_features`` returns (B, C, H/s, W/s)
-    after the final BatchNorm; the head averages over space.
+    after the final BatchNorm; the head averages over space. The stage ends (``blocks{i}``) are the feature levels.
     """
 
     def __init__(self, depths: Sequence[int] = (3, 4, 8, 3), embed_dims: Sequence[int] = (64, 128, 320, 512),
@@ -128,10 +129,7 @@ class UniFormer(ClassifierModel):
         check_positive("in_chans", in_chans)
         if conv_stem and patch_sizes != (4,) + (2,) * (len(depths) - 1):
             raise ValueError(f"conv_stem=True needs patch_sizes (4, 2, 2, ...), got {patch_sizes}")
-        self.num_stages = len(depths)
-        self.stride = 1
-        for p in patch_sizes:
-            self.stride *= p
+        self.stride = math.prod(patch_sizes)
         if img_size is not None:  # the model takes any size divisible by its stride; a given size is checked early
             self._check_size(*((img_size, img_size) if isinstance(img_size, int) else img_size))
 
@@ -151,6 +149,11 @@ class UniFormer(ClassifierModel):
             self.add_module(f"blocks{i}", nn.ModuleList(blocks))
         self.norm = nn.BatchNorm2d(embed_dims[-1])
         self._init_head(embed_dims[-1], num_classes, in_chans, global_pool, drop_rate)
+        reductions = [math.prod(patch_sizes[:i]) for i in range(1, len(depths) + 1)]
+        self._init_features(["patch_embed1"], [
+            ([f"patch_embed{i}", *(f"blocks{i}.{j}" for j in range(depth))], dim, reduction, f"blocks{i}")
+            for i, (depth, dim, reduction) in enumerate(zip(depths, embed_dims, reductions, strict=True), start=1)
+        ], norm="norm")
         self.apply(_init_weights)
 
     def _check_size(self, height: int, width: int) -> None:
@@ -158,14 +161,10 @@ class UniFormer(ClassifierModel):
             raise ValueError(f"input size {height}x{width} must be divisible by the model's total stride "
                              f"{self.stride}")
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_chans)
         self._check_size(x.shape[-2], x.shape[-1])
-        for i in range(1, self.num_stages + 1):
-            x = getattr(self, f"patch_embed{i}")(x)
-            for block in getattr(self, f"blocks{i}"):
-                x = block(x)
-        return self.norm(x)
+        return x  # the patch embeddings open each feature level
 
 
 def _init_weights(m: nn.Module) -> None:
