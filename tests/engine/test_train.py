@@ -3,6 +3,7 @@ overwrite protection, NaN handling, evaluation metrics against a direct computat
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -75,8 +76,10 @@ def test_run_directory_summary_and_evaluation(tmp_path: Path) -> None:
     assert json.loads((run / "summary.json").read_text()) == summary
     meta = read_meta(run)
     assert meta["finished"] and meta["epoch"] == 2 and meta["global_step"] == 12  # 192 // 32 = 6 steps/epoch
-    assert sorted(p.name for p in run.iterdir()) == ["checkpoint.json", "metrics.jsonl", "state-00000012.pt",
-                                                      "summary.json", "weights-00000012.safetensors"]
+    assert sorted(p.name for p in run.iterdir()) == [  # the previous checkpoint (epoch 1) is kept
+        "checkpoint-previous.json", "checkpoint.json", "metrics.jsonl", "state-00000006.pt", "state-00000012.pt",
+        "summary.json", "weights-00000006.safetensors", "weights-00000012.safetensors"]
+    assert json.loads((run / "checkpoint-previous.json").read_text())["global_step"] == 6
     # the reloaded model scores exactly what the run reported; metrics agree with a direct computation
     model, meta = load_run(run)
     test = build_dataset("digits", "test", max_samples=100).with_stats(meta["data"]["mean"], meta["data"]["std"])
@@ -124,6 +127,132 @@ def test_existing_runs_are_protected(tmp_path: Path) -> None:
         train(replace(cfg, label_smoothing=1.0), tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="augment must be one of 'crop-flip', 'flip', 'none'; got 'crop'"):
         train(replace(cfg, augment="crop"), tmp_path / "x", progress=False)
+
+
+USER_FILES = {"summary.json": "{}", "metrics.jsonl": "mine\n", "eval.json": "[]", "weights-best-model.safetensors": "w",
+              "state-of-the-art.pdf": "%PDF", ".notes.tmp": "n"}
+
+
+def _write(directory: Path, files: dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+def _contents(directory: Path) -> dict[str, str]:
+    return {p.name: p.read_bytes().decode("utf-8", "replace") for p in directory.iterdir()}
+
+
+def test_a_directory_without_a_checkpoint_is_the_users(tmp_path: Path) -> None:
+    """Files named like a run's are the user's unless checkpoint.json says the directory is a run: nothing is
+    deleted, with or without --force (regression: all six files below were removed)."""
+    cfg = replace(CFG, epochs=1)
+    out = tmp_path / "out"
+    _write(out, USER_FILES)
+    with pytest.raises(ValueError, match=r"is not empty \(.notes.tmp, eval.json, metrics.jsonl, \.\.\.\)"):
+        train(cfg, out, progress=False)
+    with pytest.raises(ValueError, match=r"holds no visionmix run but has files named like a run's own \(eval.json, "
+                                         r"metrics.jsonl, summary.json\), which --force would overwrite"):
+        train(cfg, out, progress=False, force=True)
+    (out / "checkpoint.json").write_text('{"mine": true}')  # not a visionmix checkpoint: still the user's
+    with pytest.raises(ValueError, match=r"holds no visionmix run .*\(checkpoint.json, eval.json, metrics.jsonl, "):
+        train(cfg, out, resume=True, progress=False, force=True)
+    assert _contents(out) == {**USER_FILES, "checkpoint.json": '{"mine": true}'}
+    others = {"state-of-the-art.pdf": "%PDF", "weights-best-model.safetensors": "w", ".notes.tmp": "n"}
+    side = tmp_path / "side"
+    _write(side, others)
+    train(cfg, side, progress=False, force=True)  # --force writes beside files that are not named like a run's
+    assert {k: v for k, v in _contents(side).items() if k in others} == others
+
+
+def test_force_replaces_only_the_runs_own_files(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(replace(CFG, epochs=1), run, progress=False)
+    stray = ".weights-00000003.safetensors.0123456789abcdef.tmp"  # left by a kill mid-write: the run's own
+    _write(run, {**{k: v for k, v in USER_FILES.items() if k not in ckpt.RUN_FILES}, stray: "partial"})
+    train(replace(CFG, epochs=1, seed=3), run, progress=False, force=True)
+    files = _contents(run)
+    assert {k: files[k] for k in ("state-of-the-art.pdf", "weights-best-model.safetensors", ".notes.tmp")} == {
+        "state-of-the-art.pdf": "%PDF", "weights-best-model.safetensors": "w", ".notes.tmp": "n"}
+    assert stray not in files and read_meta(run)["config"]["seed"] == 3
+
+
+def test_a_stray_temporary_file_is_removed_on_resume(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(replace(CFG, epochs=1), run, progress=False)
+    stray, foreign = ".state-00000009.pt.fedcba9876543210.tmp", ".my-editor.tmp"
+    _write(run, {stray: "partial", foreign: "mine", "weights-00000099.safetensors": "orphan"})
+    resume_run(run, progress=False)  # finished: nothing to train, but a resume cleans up after a killed write
+    assert not (run / stray).exists() and not (run / "weights-00000099.safetensors").exists()
+    assert (run / foreign).read_text() == "mine"
+
+
+def test_a_failing_write_fails_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The step-0 checkpoint is written before the first step: an unwritable directory fails at once."""
+    calls = []
+    monkeypatch.setattr(tinynets.TinyNet, "forward", lambda self, x: calls.append(1))
+
+    def refuse(*args: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run"))
+
+    monkeypatch.setattr(ckpt, "atomic_write", refuse)
+    with pytest.raises(PermissionError, match="Permission denied"):
+        train(CFG, tmp_path / "run", progress=False)
+    assert calls == []
+
+
+def test_a_damaged_checkpoint_names_its_file_and_the_previous_one_takes_over(tmp_path: Path) -> None:
+    cfg = replace(CFG, epochs=2)
+    straight = train(cfg, tmp_path / "straight", progress=False)
+    run = tmp_path / "run"
+    train(replace(cfg, epochs=2), run, progress=False)
+    meta = read_meta(run)
+    weights = run / meta["files"]["weights"]
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated
+    hint = (r"the previous checkpoint \(epoch 1, global step 6\) is intact: continue from it with 'visionmix train "
+            rf"--resume {run} --from-previous'")
+    with pytest.raises(ckpt.CheckpointError, match=rf"{weights} is damaged: not a readable safetensors file .*{hint}"):
+        resume_run(run, progress=False)  # a finished run is checked too
+    with pytest.raises(ckpt.CheckpointError, match=rf"{weights} is damaged.*{hint}"):
+        load_run(run)
+    again = resume_run(run, progress=False, from_previous=True)  # epoch 2 again, exactly as the first time
+    timeless = [{k: v for k, v in h.items() if k not in ("time_s", "images_per_s")} for h in straight["history"]]
+    assert [{k: h[k] for k in timeless[0]} for h in again["history"]] == timeless
+    state = run / read_meta(run)["files"]["state"]
+    state.write_bytes(b"garbage")
+    with pytest.raises(ckpt.CheckpointError, match=rf"{state} is damaged: not a readable training state"):
+        resume_run(run, progress=False)
+
+
+def test_weights_that_do_not_fit_are_one_line(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(replace(CFG, epochs=1), run, progress=False)
+    weights = run / read_meta(run)["files"]["weights"]
+    state = load_file(weights)
+    state["head.weight"] = state["head.weight"][:3]
+    del state["stem.weight"]
+    from safetensors.torch import save_file
+
+    save_file(state, weights)
+    with pytest.raises(ckpt.CheckpointError, match=r"does not fit TinyNet: 1 shape mismatches: head.weight: checkpoint "
+                                                   r"\(3, 8\) vs model \(10, 8\); 1 missing keys: stem.weight"):
+        load_run(run)
+
+
+def test_a_diverged_evaluation_stops_instead_of_writing_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    engine_train = importlib.import_module("visionmix.engine.train")  # the package re-exports train()
+
+    real = engine_train.evaluate
+    monkeypatch.setattr(engine_train, "evaluate", lambda *a, **k: {**real(*a, **k), "loss": math.inf})
+    with pytest.raises(TrainingError, match=r"non-finite test loss \(inf\) after epoch 1; the last good checkpoint "
+                                            r"\(epoch 0, global step 0\)"):
+        train(CFG, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "summary.json").exists()
+    with pytest.raises(ValueError, match=r"lr must be in \(0.0, 1.0\], got 1e\+30"):
+        train(replace(CFG, lr=1e30), tmp_path / "x", progress=False)
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        ckpt.atomic_write_json(tmp_path / "nan.json", {"loss": math.nan})
+    assert not (tmp_path / "nan.json").exists()
 
 
 def test_configs_saved_with_a_boolean_augment_still_load() -> None:
@@ -270,9 +399,13 @@ def test_checkpoint_switches_only_when_complete(tmp_path: Path, monkeypatch: pyt
     reloaded, _ = load_run(run)
     first = load_file(run / before["files"]["weights"])
     assert all(torch.equal(v, first[k]) for k, v in reloaded.state_dict().items())
-    # the next successful save switches over and removes every file the JSON no longer names
+    # the next successful save switches over, keeps the checkpoint it replaces as the previous one and removes
+    # every tagged file neither names (the orphans of the killed save, the checkpoint before the previous one)
     ckpt.save_checkpoint(run, dict(before, global_step=100), model, {"optimizer": {}})
     names = sorted(p.name for p in run.iterdir())
-    assert names == ["checkpoint.json", "metrics.jsonl", "state-00000100.pt", "summary.json",
+    step = before["global_step"]
+    assert names == ["checkpoint-previous.json", "checkpoint.json", "metrics.jsonl", f"state-{step:08d}.pt",
+                     "state-00000100.pt", "summary.json", f"weights-{step:08d}.safetensors",
                      "weights-00000100.safetensors"]
     assert read_meta(run)["files"]["weights"] == "weights-00000100.safetensors"
+    assert json.loads((run / "checkpoint-previous.json").read_text()) == before

@@ -4,15 +4,21 @@ Layout of a run directory::
 
     checkpoint.json              what the run is (model, kwargs, data, config), where it stands (epoch, step),
                                  its history, and the names of the three files below
+    checkpoint-previous.json     the checkpoint before it, whose files are kept until the next one is complete
     weights-<step>.safetensors   model weights at global step <step>
     ema-<step>.safetensors       EMA weights (only with EMA)
     state-<step>.pt              optimizer, scheduler, per-rank RNG states (``torch.load(weights_only=True)``)
     metrics.jsonl                one JSON line per finished epoch
     summary.json                 the final result, once training has finished
+    eval*.json, confusion*.png   written by ``visionmix eval``
 
 Every file is written to a temporary name in the same directory, flushed to disk and renamed over its target.
-The step-tagged files are complete before ``checkpoint.json`` switches to them, and files it no longer names are
-removed only afterwards, so a kill at any instant leaves a consistent checkpoint behind.
+The step-tagged files are complete before ``checkpoint.json`` switches to them, and files that neither it nor
+``checkpoint-previous.json`` names are removed only afterwards, so a kill at any instant leaves a consistent
+checkpoint behind, and a damaged latest checkpoint leaves the previous one to fall back on.
+
+A directory is a run directory only if its ``checkpoint.json`` is one (:func:`read_meta`); only there, and only
+files named exactly as above (:func:`is_run_file`), count as the run's own: nothing else is ever deleted.
 """
 
 from __future__ import annotations
@@ -20,41 +26,64 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
+import pickle
+import re
+import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 CHECKPOINT_FILE = "checkpoint.json"
+PREVIOUS_FILE = "checkpoint-previous.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FORMAT = "visionmix-run/1"
-TAGGED_PREFIXES = ("weights-", "ema-", "state-")
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, "eval.json", "eval-deploy.json", "confusion.png",
-             "confusion-deploy.png")
+RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE, "eval.json", "eval-deploy.json",
+             "confusion.png", "confusion-deploy.png")
+_TAGGED = r"(?:weights|ema)-\d{8}\.safetensors|state-\d{8}\.pt"
+_TAGGED_RE = re.compile(_TAGGED)
+_OWN_NAME_RE = re.compile("|".join([*map(re.escape, RUN_FILES), _TAGGED]))
+_TMP_RE = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{16}\.tmp")  # what atomic_write leaves behind if killed
+
+
+class CheckpointError(ValueError):
+    """A run directory's file is missing, damaged or does not fit its model; the message names the file."""
+
+
+def is_run_file(name: str) -> bool:
+    """Whether ``name`` is exactly what a run writes into its directory (including a temporary file of it)."""
+    tmp = _TMP_RE.fullmatch(name)
+    return bool(_OWN_NAME_RE.fullmatch(tmp["target"] if tmp else name))
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file :func:`atomic_write` leaves behind when killed mid-write."""
+    return _TMP_RE.fullmatch(name) is not None
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one, never a part."""
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one, never a part.
+
+    The temporary file ``.<name>.<16 hex>.tmp`` is created with ``open()``'s permissions (0666 less the umask).
+    """
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
@@ -68,7 +97,8 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write(path, json.dumps(obj, indent=1) + "\n")
+    """:func:`atomic_write` of ``obj`` as strict JSON (a NaN or infinity is a ``ValueError``, never written)."""
+    atomic_write(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
 
 
 def state_dict_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,7 +109,8 @@ def state_dict_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(run_dir: str | Path, meta: dict[str, Any], model: nn.Module, train_state: dict[str, Any],
                     ema: nn.Module | None = None) -> dict[str, Any]:
     """Write weights, EMA weights and training state tagged with ``meta["global_step"]``, then switch
-    ``checkpoint.json`` (``meta`` plus the file names) to them, then delete the files of older checkpoints."""
+    ``checkpoint.json`` (``meta`` plus the file names) to them, keeping the checkpoint it replaces as
+    ``checkpoint-previous.json``, then delete the files that neither names."""
     run_dir = Path(run_dir)
     tag = f"{int(meta['global_step']):08d}"
     files = {"weights": f"weights-{tag}.safetensors", "state": f"state-{tag}.pt"}
@@ -91,44 +122,94 @@ def save_checkpoint(run_dir: str | Path, meta: dict[str, Any], model: nn.Module,
     torch.save(train_state, buffer)
     atomic_write(run_dir / files["state"], buffer.getvalue())
     meta = dict(meta, format=FORMAT, files=files)
+    replaced = _read_checkpoint(run_dir / CHECKPOINT_FILE, missing_ok=True)
+    if replaced is not None and replaced["files"] != files:
+        atomic_write_json(run_dir / PREVIOUS_FILE, replaced)
     atomic_write_json(run_dir / CHECKPOINT_FILE, meta)
+    remove_unnamed_files(run_dir)
+    return meta
+
+
+def remove_unnamed_files(run_dir: str | Path, *, temporary: bool = False) -> None:
+    """Delete the step-tagged files that neither checkpoint names (and, with ``temporary``, the temporary files a
+    killed write left behind). Only names a run writes are touched (:func:`is_run_file`)."""
+    run_dir = Path(run_dir)
+    keep = {name for meta_file in (CHECKPOINT_FILE, PREVIOUS_FILE)
+            if (meta := _read_checkpoint(run_dir / meta_file, missing_ok=True, damaged_ok=True)) is not None
+            for name in meta["files"].values()}
     for path in run_dir.iterdir():
-        if path.name.startswith(TAGGED_PREFIXES) and path.name not in files.values():
+        stale = _TAGGED_RE.fullmatch(path.name) and path.name not in keep
+        if stale or (temporary and is_temporary(path.name) and is_run_file(path.name)):
             path.unlink(missing_ok=True)
+
+
+def _read_checkpoint(path: Path, *, missing_ok: bool = False, damaged_ok: bool = False) -> dict[str, Any] | None:
+    """A checkpoint JSON file; ``None`` if absent (``missing_ok``) or not a readable one of ours (``damaged_ok``)."""
+    if not path.is_file():
+        if missing_ok:
+            return None
+        raise FileNotFoundError(f"{path.parent} holds no {path.name}: not a visionmix run directory "
+                                f"(create one with 'visionmix train --out {path.parent} ...')")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if damaged_ok:
+            return None
+        raise CheckpointError(f"{path} is damaged: not valid JSON ({exc})") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("files"), dict):
+        if damaged_ok:
+            return None
+        raise CheckpointError(f"{path} is not a {FORMAT} checkpoint")
     return meta
 
 
 def read_meta(run_dir: str | Path) -> dict[str, Any]:
-    """The ``checkpoint.json`` of a run directory (``FileNotFoundError`` if absent, ``ValueError`` if foreign)."""
-    path = Path(run_dir) / CHECKPOINT_FILE
+    """The ``checkpoint.json`` of a run directory (``FileNotFoundError`` if absent, :class:`CheckpointError` if
+    damaged or foreign)."""
+    return _read_checkpoint(Path(run_dir) / CHECKPOINT_FILE)  # type: ignore[return-value]
+
+
+def run_meta(directory: str | Path) -> dict[str, Any] | None:
+    """The meta of the run in ``directory``, or ``None`` if it is not a run directory (no ``checkpoint.json``, or
+    one that visionmix did not write)."""
+    return _read_checkpoint(Path(directory) / CHECKPOINT_FILE, missing_ok=True, damaged_ok=True)
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; :class:`CheckpointError` naming it if it is missing or damaged."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} holds no {CHECKPOINT_FILE}: not a visionmix run directory "
-                                f"(create one with 'visionmix train --out {run_dir} ...')")
+        raise CheckpointError(f"{path} is missing: the run directory is incomplete")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} checkpoint")
-    return meta
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the run directory is incomplete")
-    return load_safetensors(path.read_bytes())
+        return load_safetensors(path.read_bytes())
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is damaged: not a readable safetensors file ({exc})") from exc
 
 
 def load_weights(module: nn.Module, path: str | Path) -> None:
-    """Load a safetensors state dict into ``module`` with ``strict=True``."""
-    module.load_state_dict(_load_tensors(Path(path)), strict=True)
+    """Load a safetensors state dict into ``module``: every key, with its shape (:class:`CheckpointError` if not)."""
+    from visionmix.models.checkpoint import state_dict_problems
+
+    state = read_weights(path)
+    problems = state_dict_problems(module.state_dict(), state, strict=True)
+    if problems:
+        raise CheckpointError(f"{path} does not fit {type(module).__name__}: {'; '.join(problems)}")
+    module.load_state_dict(state, strict=True)
 
 
 def load_train_state(run_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The optimizer, scheduler and RNG states of a checkpoint (``torch.load(weights_only=True)``)."""
     path = Path(run_dir) / meta["files"]["state"]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the run directory is incomplete")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path} is missing: the run directory is incomplete")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise CheckpointError(f"{path} is damaged: not a readable training state "
+                              f"({' '.join(str(exc).split())[:200]})") from exc
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):
+        raise CheckpointError(f"{path} is damaged: it lacks the optimizer/scheduler/RNG states of a training state")
+    return state
 
 
 def build_model(meta: dict[str, Any]) -> nn.Module:
@@ -138,12 +219,58 @@ def build_model(meta: dict[str, Any]) -> nn.Module:
     return create_model(meta["model"], **meta["model_kwargs"])
 
 
+def verify_checkpoint(run_dir: str | Path, meta: dict[str, Any],
+                      model_factory: Callable[[dict[str, Any]], nn.Module] = build_model) -> None:
+    """Read every file ``meta`` names and load its weights into the run's model; :class:`CheckpointError` at the
+    first that is missing, damaged or does not fit."""
+    run_dir = Path(run_dir)
+    model = model_factory(meta)
+    for kind in ("weights", "ema"):
+        if kind in meta["files"]:
+            load_weights(model, run_dir / meta["files"][kind])
+    load_train_state(run_dir, meta)
+
+
+def intact_previous(run_dir: str | Path,
+                    model_factory: Callable[[dict[str, Any]], nn.Module] = build_model) -> dict[str, Any] | None:
+    """The meta of ``checkpoint-previous.json`` if every file it names is intact, else ``None``."""
+    meta = _read_checkpoint(Path(run_dir) / PREVIOUS_FILE, missing_ok=True, damaged_ok=True)
+    if meta is None:
+        return None
+    try:
+        verify_checkpoint(run_dir, meta, model_factory)
+    except CheckpointError:
+        return None
+    return meta
+
+
+def previous_hint(run_dir: str | Path) -> str:
+    """What to say after a damaged checkpoint: how to continue from the previous one, if it is intact."""
+    meta = intact_previous(run_dir)
+    if meta is None:
+        return "no earlier intact checkpoint is kept"
+    return (f"the previous checkpoint (epoch {meta['epoch']}, global step {meta['global_step']}) is intact: continue "
+            f"from it with 'visionmix train --resume {run_dir} --from-previous'")
+
+
+def restore_previous(run_dir: str | Path) -> dict[str, Any]:
+    """Make the intact previous checkpoint the current one again (``--from-previous``); returns its meta."""
+    run_dir = Path(run_dir)
+    meta = intact_previous(run_dir)
+    if meta is None:
+        raise CheckpointError(f"{run_dir} has no intact previous checkpoint ({PREVIOUS_FILE} is missing, or a file "
+                              f"it names is missing or damaged)")
+    atomic_write_json(run_dir / CHECKPOINT_FILE, meta)
+    return meta
+
+
 def load_run(run_dir: str | Path, *, ema: bool | None = None,
              model_factory: Callable[[dict[str, Any]], nn.Module] = build_model) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a run's model from its JSON sidecar and load its latest weights; returns ``(model, meta)``.
 
     ``ema=None`` picks the weights the run evaluated (its EMA when it kept one); ``meta["data"]`` holds the
     normalisation (mean/std), input size and class names the model was trained with. The model is in eval mode.
+    A damaged weights file is a :class:`CheckpointError` that says whether the previous checkpoint is intact.
     """
     run_dir = Path(run_dir)
     meta = read_meta(run_dir)
@@ -151,5 +278,8 @@ def load_run(run_dir: str | Path, *, ema: bool | None = None,
     if use_ema and "ema" not in meta["files"]:
         raise ValueError(f"{run_dir} was trained without EMA; there are no EMA weights to load")
     model = model_factory(meta)
-    load_weights(model, run_dir / meta["files"]["ema" if use_ema else "weights"])
+    try:
+        load_weights(model, run_dir / meta["files"]["ema" if use_ema else "weights"])
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {previous_hint(run_dir)}") from exc
     return model.eval(), meta

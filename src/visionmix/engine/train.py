@@ -55,6 +55,7 @@ from visionmix.layers.validation import check_choice, check_positive
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SET_BY_ENGINE = ("num_classes", "in_chans", "img_size")
 BUDGET_FILL = 0.97  # a time-budgeted run is sized to this share of its budget: headroom for speed drift
+MAX_LR = 1.0  # AdamW moves every weight by about lr per step: above 1 no run learns anything
 
 
 class TrainingError(RuntimeError):
@@ -114,7 +115,7 @@ class TrainConfig:
                 check_positive(name, getattr(self, name))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.save_every < 0:
             raise ValueError(f"seed must be an int and save_every >= 0, got {self.seed!r}, {self.save_every!r}")
-        _check_range("lr", self.lr, 0.0, math.inf, low_open=True)
+        _check_range("lr", self.lr, 0.0, MAX_LR, low_open=True)
         _check_range("weight_decay", self.weight_decay, 0.0, math.inf)
         _check_range("warmup_epochs", self.warmup_epochs, 0.0, math.inf)
         _check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
@@ -218,24 +219,32 @@ def _signal_flag() -> Iterator[dict[str, int]]:
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          force: bool = False) -> dict[str, Any]:
+          force: bool = False, from_previous: bool = False) -> dict[str, Any]:
     """Train ``cfg`` into run directory ``out_dir``; returns the summary also written to ``summary.json``.
 
     ``resume=True`` continues the checkpoint in ``out_dir`` (whose configuration must equal ``cfg`` but for the
-    device), returns at once if that run has finished, and starts afresh if ``out_dir`` holds no run yet.
-    Without it an existing run directory, or a non-empty directory, is an error unless ``force`` (then the
-    run's files are replaced; other files are left alone). Raises :class:`TrainingError` on a non-finite loss
-    and :class:`TrainingInterrupted` after saving on SIGINT/SIGTERM.
+    device), returns at once if that run has finished (after checking that its files are intact), and starts
+    afresh if ``out_dir`` holds no run yet; ``from_previous`` first goes back to the run's previous checkpoint
+    (when the latest is damaged). Without ``resume`` an existing run directory, or a non-empty directory, is an
+    error unless ``force``: then the files of the run already there are replaced, and in a directory that holds
+    no run nothing is deleted (files named like a run's own are an error). Raises :class:`TrainingError` on a
+    non-finite loss and :class:`TrainingInterrupted` after saving on SIGINT/SIGTERM.
     """
     from visionmix.models import model_entry
 
     cfg.validate()
     model_entry(cfg.model)  # an unknown name fails here, before any data is read
     out_dir = Path(out_dir)
+    if from_previous:
+        if not resume:
+            raise ValueError("from_previous only applies when resuming a run")
+        ckpt.restore_previous(out_dir)
     meta = _prepare_out_dir(cfg, out_dir, resume=resume, force=force)
+    if meta is not None:
+        ckpt.remove_unnamed_files(out_dir, temporary=True)  # what a kill mid-write left behind
     if meta is not None and meta.get("finished"):
-        summary_path = out_dir / ckpt.SUMMARY_FILE
-        return json.loads(summary_path.read_text()) if summary_path.is_file() else _summary(meta)
+        _verify(out_dir, meta)
+        return _finished_summary(out_dir, meta)
     ctx = init_distributed(cfg.device)
     try:
         with _signal_flag() as flag:
@@ -246,49 +255,81 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         shutdown(ctx)
 
 
-def resume_run(run_dir: str | Path, *, device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` with its saved configuration (optionally on another ``device``)."""
+def resume_run(run_dir: str | Path, *, device: str | None = None, progress: bool = True,
+               from_previous: bool = False) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` with its saved configuration (optionally on another ``device``), or from its
+    previous checkpoint with ``from_previous``."""
+    if from_previous:
+        ckpt.restore_previous(run_dir)
     saved = TrainConfig.from_dict(ckpt.read_meta(run_dir)["config"])
     if device is not None:
         saved.device = device
     return train(saved, run_dir, resume=True, progress=progress)
 
 
-def _is_run_file(name: str) -> bool:
-    return (name in ckpt.RUN_FILES or name.startswith(ckpt.TAGGED_PREFIXES)
-            or (name.startswith(".") and name.endswith(".tmp")))
+def _verify(run_dir: Path, meta: dict[str, Any]) -> None:
+    """:func:`ckpt.verify_checkpoint`, its error saying whether the previous checkpoint can take over."""
+    try:
+        ckpt.verify_checkpoint(run_dir, meta)
+    except ckpt.CheckpointError as exc:
+        raise ckpt.CheckpointError(f"{exc}; {ckpt.previous_hint(run_dir)}") from exc
+
+
+def _finished_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's ``summary.json``, rewritten from its checkpoint if it is missing or damaged."""
+    path = run_dir / ckpt.SUMMARY_FILE
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        summary = _summary(meta)
+        ckpt.atomic_write_json(path, summary)
+        return summary
 
 
 def _prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: bool) -> dict[str, Any] | None:
-    """Check ``out_dir`` (every rank, before anyone writes); the meta of the run to resume, or ``None``."""
+    """Check ``out_dir`` (every rank, before anyone writes); the meta of the run to resume, or ``None``.
+
+    A directory holds a run only if its ``checkpoint.json`` is a visionmix checkpoint; only then are files there
+    the run's own (and ``force`` replaces exactly those). Anything else in ``out_dir`` is the user's.
+    """
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--out {out_dir} exists and is not a directory")
-    has_run = (out_dir / ckpt.CHECKPOINT_FILE).is_file()
-    if resume and has_run:
-        meta = ckpt.read_meta(out_dir)
+    meta = ckpt.run_meta(out_dir) if out_dir.is_dir() else None
+    if resume and meta is not None:
         saved, now = asdict(TrainConfig.from_dict(meta["config"])), asdict(cfg)
         diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k != "device" and saved[k] != now[k]]
         if diff:
             raise ValueError(f"{out_dir} was trained with another configuration ({'; '.join(diff)}); resume it "
                              f"with its own settings or train into a new --out")
         return meta
-    foreign = sorted(p.name for p in out_dir.iterdir() if not _is_run_file(p.name)) if out_dir.is_dir() else []
-    if not force:
-        if has_run:
+    if meta is not None:
+        if not force:
             raise ValueError(f"{out_dir} already holds a training run; pass --resume {out_dir} to continue it or "
                              f"--force to replace it")
-        if foreign:
-            listing = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
-            raise ValueError(f"--out {out_dir} is not empty ({listing}); choose a new directory or pass --force to "
-                             f"write into it")
+        return None
+    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if entries and not force:
+        listing = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ValueError(f"--out {out_dir} is not empty ({listing}); choose a new directory or pass --force to "
+                         f"write into it")
+    clash = [name for name in entries if ckpt.is_run_file(name)]
+    if clash:
+        raise ValueError(f"--out {out_dir} holds no visionmix run but has files named like a run's own "
+                         f"({', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}), which --force would "
+                         f"overwrite; move them or choose a new directory")
     return None
 
 
-def _clear_run_files(out_dir: Path) -> None:
+def _clear_run(out_dir: Path) -> None:
+    """Make ``out_dir`` ready for a fresh run: created, and the files of a run replaced with ``--force`` removed
+    (only when its ``checkpoint.json`` says it is a run directory; other files stay)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt.run_meta(out_dir) is None:
+        return
     for path in out_dir.iterdir():
-        if path.is_file() and _is_run_file(path.name):
+        if path.is_file() and ckpt.is_run_file(path.name) and path.name != ckpt.CHECKPOINT_FILE:
             path.unlink()
+    (out_dir / ckpt.CHECKPOINT_FILE).unlink()  # last: until then the directory still says whose files these are
 
 
 class _Trainer:
@@ -330,7 +371,9 @@ class _Trainer:
         if meta is None:
             torch.manual_seed(stable_seed(cfg.seed, "train", ctx.rank))  # drop-path differs across ranks
             if ctx.is_main:
-                _clear_run_files(out_dir)
+                _clear_run(out_dir)
+            barrier(ctx)
+            self._save()  # step 0: the directory is a run's from the start, and a write that fails, fails now
         else:
             self._restore(meta)
         self.model = wrap_model(self.raw_model, ctx)
@@ -365,10 +408,13 @@ class _Trainer:
                                  self.ema.module if self.ema else None)
 
     def _restore(self, meta: dict[str, Any]) -> None:
-        ckpt.load_weights(self.raw_model, self.out_dir / meta["files"]["weights"])
-        if self.ema is not None:
-            ckpt.load_weights(self.ema.module, self.out_dir / meta["files"]["ema"])
-        state = ckpt.load_train_state(self.out_dir, meta)
+        try:
+            ckpt.load_weights(self.raw_model, self.out_dir / meta["files"]["weights"])
+            if self.ema is not None:
+                ckpt.load_weights(self.ema.module, self.out_dir / meta["files"]["ema"])
+            state = ckpt.load_train_state(self.out_dir, meta)
+        except ckpt.CheckpointError as exc:
+            raise ckpt.CheckpointError(f"{exc}; {ckpt.previous_hint(self.out_dir)}") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
@@ -450,7 +496,10 @@ class _Trainer:
                                    torch.tensor(counts, device=labels.device)])
                 loss_sum, correct, seen, stop, spent = all_reduce_sum(stats, ctx).tolist()
                 if not (math.isfinite(loss_sum) and math.isfinite(float(grad_norm))):
-                    self._fail(loss_sum / seen, float(grad_norm))
+                    loss_value, norm = loss_sum / seen, float(grad_norm)
+                    self._fail(f"non-finite training loss ({loss_value}) / gradient norm ({norm}) at epoch "
+                               f"{self.epoch + 1} step {self.step + 1}",
+                               {"step": self.step + 1, "loss": repr(loss_value), "grad_norm": repr(norm)})
                 self.optimizer.step()
                 self.global_step += 1
                 self.step += 1
@@ -511,6 +560,9 @@ class _Trainer:
         cfg, run = self.cfg, self.running
         broadcast_buffers(self.raw_model, self.ctx)
         metrics = evaluate(self.ema.module if self.ema else self.raw_model, self.test_loader, ctx=self.ctx)
+        if not math.isfinite(metrics["loss"]):  # the last step's update made the weights diverge
+            self._fail(f"non-finite test loss ({metrics['loss']}) after epoch {self.epoch + 1}",
+                       {"eval_loss": repr(metrics["loss"])})
         epoch_steps = self.step
         entry = {
             "epoch": self.epoch + 1, "train_loss": run["loss_sum"] / run["seen"],
@@ -543,19 +595,13 @@ class _Trainer:
             f"{name}: stopped at epoch {self.epoch + 1} step {self.step}/{self.steps_per_epoch} (global step "
             f"{self.global_step}), checkpoint saved; continue with: visionmix train --resume {self.out_dir}", signum)
 
-    def _fail(self, loss: float, grad_norm: float) -> None:
-        self._append_metrics({"event": "non-finite", "epoch": self.epoch + 1, "step": self.step + 1,
-                              "loss": repr(loss), "grad_norm": repr(grad_norm)})
-        kept = (f"the last good checkpoint (epoch {self.history[-1]['epoch'] if self.history else 0}, global step "
-                f"{self._saved_step()}) is kept in {self.out_dir}" if self._saved_step() is not None
-                else f"no checkpoint had been written to {self.out_dir} yet")
-        raise TrainingError(f"non-finite training loss ({loss}) / gradient norm ({grad_norm}) at epoch "
-                            f"{self.epoch + 1} step {self.step + 1}; {kept}; try a lower --lr, --clip-grad or "
+    def _fail(self, problem: str, event: dict[str, Any]) -> None:
+        """Stop on a non-finite number: log ``event`` and keep the last good checkpoint (a run has one from step 0)."""
+        self._append_metrics({"event": "non-finite", "epoch": self.epoch + 1, **event})
+        saved = ckpt.read_meta(self.out_dir)
+        raise TrainingError(f"{problem}; the last good checkpoint (epoch {saved['epoch']}, global step "
+                            f"{saved['global_step']}) is kept in {self.out_dir}; try a lower --lr, --clip-grad or "
                             f"--warmup-epochs")
-
-    def _saved_step(self) -> int | None:
-        path = self.out_dir / ckpt.CHECKPOINT_FILE
-        return json.loads(path.read_text())["global_step"] if path.is_file() else None
 
 
 def _model_kwargs(cfg: TrainConfig, ds: ImageDataset) -> dict[str, Any]:
