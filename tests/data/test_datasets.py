@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +232,55 @@ def test_image_folder_reader(tmp_path: Path) -> None:
     (tmp_path / "val" / "bird").mkdir()
     with pytest.raises(DataError, match="classes missing from .*train: bird"):
         build_dataset("imagefolder", "test", tmp_path)
+
+
+def png_header(path: Path, width: int, height: int) -> Path:
+    """A ~1 KB PNG whose header claims ``width`` x ``height`` grey pixels (a decompression bomb, data truncated)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1000)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def two_class_tree(root: Path) -> None:
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(root / "train" / cls / "0.png")
+
+
+@pytest.mark.parametrize("side, reason", [
+    (50_000, "cannot decode"), (12_000, "is 12000x12000 pixels, more than the 64,000,000 decoded for --image-size 32")])
+def test_decompression_bombs_are_one_line_errors_naming_the_file(tmp_path: Path, side: int, reason: str) -> None:
+    two_class_tree(tmp_path)
+    bomb = png_header(tmp_path / "train" / "b" / "bomb.png", side, side)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no DecompressionBombWarning either
+        with pytest.raises(DataError, match=rf"imagefolder: .*{bomb.name}.*" if "cannot" in reason else reason) as info:
+            build_dataset("imagefolder", "train", tmp_path)
+    assert str(bomb) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_image_size_the_memory_cannot_hold_is_refused_with_what_it_needs(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"digits: 1,797 images of 1x100000x100000 need 18.0 TB in memory"):
+        build_dataset("digits", "train", image_size=100_000)
+    write_fmnist(tmp_path)
+    with pytest.raises(DataError, match=r"fashion-mnist train: 12 images of 1x100000x100000 need 120.0 GB in memory, "
+                                        r".* is available; choose a smaller --image-size"):
+        build_dataset("fashion-mnist", "train", tmp_path, image_size=100_000)
+    two_class_tree(tmp_path / "tree")
+    with pytest.raises(DataError, match=r"imagefolder train: 2 images of 3x1000000x1000000 need 6.0 TB"):
+        build_dataset("imagefolder", "train", tmp_path / "tree", image_size=1_000_000)
+
+
+def test_an_image_folder_with_one_class_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "train" / "only").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8), mode="L").save(tmp_path / "train" / "only" / "0.png")
+    with pytest.raises(DataError, match=r"needs a sub-folder per class, at least two; it has only one, 'only'"):
+        build_dataset("imagefolder", "train", tmp_path)
 
 
 # --------------------------------------------------------------------------------------------------- digits

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import io
+import os
 import pickle
+import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -28,6 +30,8 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 DIGITS_TEST_FRACTION = 0.2
+MIN_DECODE_PIXELS = 64_000_000  # decode_pixel_limit's floor: any ordinary photo
+RESIZE_CHUNK_BYTES = 256 * 2**20
 
 
 class DataError(ValueError):
@@ -117,6 +121,7 @@ def build_dataset(name: str, split: str = "train", data_dir: str | Path | None =
         ds = load_digits(split, image_size or 28)
     ds = ds.subset(max_samples)
     if image_size is not None and ds.image_size != (image_size, image_size):
+        check_fits_in_memory(len(ds), ds.channels, image_size, f"{name} {split}")
         ds = replace(ds, images=resize_uint8(ds.images, image_size))
     return ds
 
@@ -293,29 +298,37 @@ def load_image_folder(data_dir: str | Path | None, split: str, image_size: int =
                         f"{root}/{names[0]}/<class>/<image>)")
     class_root = root / "train" if (root / "train").is_dir() else split_dir
     classes = tuple(sorted(p.name for p in class_root.iterdir() if p.is_dir()))
-    if not classes:
-        raise DataError(f"imagefolder: {class_root} has no class sub-folders")
+    if len(classes) < 2:
+        found = f"only one, {classes[0]!r}" if classes else "none"
+        raise DataError(f"imagefolder: {class_root} needs a sub-folder per class, at least two; it has {found}")
     unknown = sorted({p.name for p in split_dir.iterdir() if p.is_dir()} - set(classes))
     if unknown:
         raise DataError(f"imagefolder: {split_dir} has classes missing from {class_root}: {', '.join(unknown)}")
-    images, labels = [], []
-    for index, cls in enumerate(classes):
-        if not (split_dir / cls).is_dir():
-            continue
-        for path in sorted((split_dir / cls).iterdir()):
-            if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                continue
-            try:
-                with Image.open(path) as im:
-                    rgb = im.convert("RGB")
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"imagefolder: cannot decode {path} ({exc})") from exc
-            if rgb.size != (image_size, image_size):
-                rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            images.append(np.asarray(rgb, dtype=np.uint8))
-            labels.append(index)
-    if not images:
+    files = [(path, index) for index, cls in enumerate(classes) if (split_dir / cls).is_dir()
+             for path in sorted((split_dir / cls).iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS]
+    if not files:
         raise DataError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}/<class>/")
+    check_fits_in_memory(len(files), 3, image_size, f"imagefolder {split}")
+    max_pixels = decode_pixel_limit(image_size)
+    images, labels = [], []
+    for path, index in files:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+                im = Image.open(path)
+            with im:
+                if im.width * im.height > max_pixels:
+                    raise DataError(f"imagefolder: {path} is {im.width}x{im.height} pixels, more than the "
+                                    f"{max_pixels:,} decoded for --image-size {image_size} (a decompression bomb or a "
+                                    f"mistaken file); shrink or remove it")
+                im.draft("RGB", (image_size, image_size))  # JPEG decodes at the smallest scale that is large enough
+                rgb = im.convert("RGB")
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise DataError(f"imagefolder: cannot decode {path} ({' '.join(str(exc).split())})") from exc
+        if rgb.size != (image_size, image_size):
+            rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        images.append(np.asarray(rgb, dtype=np.uint8))
+        labels.append(index)
     tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     mean, std = channel_stats(tensor)
     return ImageDataset("imagefolder", split, tensor, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
@@ -348,6 +361,7 @@ def load_digits(split: str, image_size: int = 28) -> ImageDataset:
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
     n_test = round(len(labels) * DIGITS_TEST_FRACTION)
     train_idx, test_idx = order[n_test:], order[:n_test]
+    check_fits_in_memory(len(images), 1, image_size, "digits")
     images = resize_uint8(images, image_size)
     mean, std = channel_stats(images[train_idx])
     keep = train_idx if split == "train" else test_idx
@@ -356,8 +370,46 @@ def load_digits(split: str, image_size: int = 28) -> ImageDataset:
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
-    """Bilinear resize of uint8 (N, C, H, W) images to (size, size), in chunks to bound memory."""
+def decode_pixel_limit(image_size: int) -> int:
+    """Most pixels an image may have to be decoded for ``image_size``: 64 MP, or (32 x image_size)^2 if larger.
+    A header claiming more is a decompression bomb or a file that does not belong in the dataset."""
+    return max(MIN_DECODE_PIXELS, (32 * image_size) ** 2)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations (``MemAvailable`` of /proc/meminfo, else physical memory)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits_in_memory(num_images: int, channels: int, image_size: int, what: str) -> None:
+    """:class:`DataError` if ``num_images`` uint8 images of ``image_size`` squared cannot be held in memory."""
+    need = num_images * channels * image_size * image_size
+    have = available_memory()
+    if need > have:
+        raise DataError(f"{what}: {num_images:,} images of {channels}x{image_size}x{image_size} need "
+                        f"{_bytes(need)} in memory, {_bytes(have)} is available; choose a smaller --image-size "
+                        f"or fewer images (--max-train-samples)")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of uint8 (N, C, H, W) images to (size, size), in chunks of at most ~256 MB of float
+    input and output to bound memory (callers check first that the result fits: :func:`check_fits_in_memory`)."""
+    n, c, h, w = images.shape
+    chunk = max(1, RESIZE_CHUNK_BYTES // (4 * c * (h * w + size * size)))
     out = [F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False,
                          antialias=part.shape[-1] > size).round_().clamp_(0, 255).to(torch.uint8)
            for part in images.split(chunk)]
