@@ -213,3 +213,77 @@ def test_convert_convs_options_and_bad_input():
     already = visionmix.convert_convs(net, to="dbb")
     again = visionmix.convert_convs(already, to="dbb")  # re-parameterisable modules are left alone
     assert again.state_dict().keys() == already.state_dict().keys()
+
+
+# ------------------------------------------------- models visionmix did not build: each deploy convention
+class _TwoBranch(nn.Module):
+    """3x3 + 1x1 branches (RepVGG-like, no BN) whose sum folds into one 3x3 conv."""
+
+    def __init__(self, channels: int = 3) -> None:
+        super().__init__()
+        self.kxk = nn.Conv2d(channels, channels, 3, padding=1)
+        self.one = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "fused"):
+            return self.fused(x)
+        return self.kxk(x) + self.one(x)
+
+    @torch.no_grad()
+    def folded(self) -> nn.Conv2d:
+        conv = nn.Conv2d(self.kxk.in_channels, self.kxk.out_channels, 3, padding=1).to(self.kxk.weight.dtype)
+        conv.weight.copy_(self.kxk.weight + F.pad(self.one.weight, (1, 1, 1, 1)))
+        conv.bias.copy_(self.kxk.bias + self.one.bias)
+        return conv
+
+    def convert_in_place(self) -> None:
+        if not hasattr(self, "fused"):  # the official blocks return early once deployed
+            self.fused = self.folded()
+            del self.kxk, self.one
+
+
+class InPlaceReparam(_TwoBranch):  # timm's MobileOne / FastViT: reparameterize() converts in place, returns None
+    def reparameterize(self) -> None:
+        self.convert_in_place()
+
+
+class SwitchToDeploy(_TwoBranch):  # the official DBB / RepVGG code
+    def switch_to_deploy(self) -> None:
+        self.convert_in_place()
+
+
+class Fuse(_TwoBranch):  # timm's fuse(): returns the replacement
+    def fuse(self) -> nn.Module:
+        return self.folded()
+
+
+class ChildNamedFuse(nn.Module):  # a submodule called "fuse" is not a deploy method
+    def __init__(self) -> None:
+        super().__init__()
+        self.fuse = SwitchToDeploy()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fuse(x)
+
+
+def test_every_deploy_convention_of_foreign_models():
+    """Regression: an in-place reparameterize() returning None crashed the walk with AttributeError."""
+    torch.manual_seed(0)
+    model = nn.Sequential(InPlaceReparam(), nn.ReLU(), SwitchToDeploy(), nn.ReLU(), Fuse(), ChildNamedFuse()).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    deployed = visionmix.reparameterize(model)
+    assert not any(name.endswith(("kxk", "one")) for name, _ in deployed.named_modules())
+    assert type(deployed[4]) is nn.Conv2d and all(hasattr(m, "fused") for m in (deployed[0], deployed[2],
+                                                                                  deployed[5].fuse))
+    assert visionmix.check_equivalence(model, deployed, x).ok
+    assert hasattr(model[0], "kxk")  # the caller's model is untouched
+    assert visionmix.check_equivalence(model, visionmix.reparameterize(deployed), x).ok  # deploying twice: no-op
+
+
+def test_a_deploy_method_returning_something_else_is_a_type_error():
+    class Odd(nn.Module):
+        def fuse(self) -> str:
+            return "done"
+
+    with pytest.raises(TypeError, match=r"Odd.fuse\(\) returned a str"):
+        visionmix.reparameterize(Odd())

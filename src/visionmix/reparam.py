@@ -1,6 +1,6 @@
 """Structural re-parameterisation for any ``nn.Module`` (SPEC section 3): train rich, deploy plain.
 
-- :func:`reparameterize` swaps every module that has ``reparameterize()`` for its inference form.
+- :func:`reparameterize` converts every module that has ``reparameterize()``, ``switch_to_deploy()`` or ``fuse()``.
 - :func:`check_equivalence` measures how far two models' eval-mode outputs are apart.
 - :func:`convert_convs` turns the KxK convs of any model (1 < K < 7, the DBB-ResNet rule) into DO-Conv or DBB.
 """
@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,13 +34,21 @@ class Reparameterizable(Protocol):
     def reparameterize(self) -> nn.Module: ...
 
 
-def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Return ``model`` with every :class:`Reparameterizable` module replaced by its inference form, in eval mode.
+# The conversion methods real models define, tried in this order: visionmix's and MobileOne/FastViT's
+# ``reparameterize()``, the official DBB/RepVGG/ACNet ``switch_to_deploy()``, timm's ``fuse()``.
+DEPLOY_METHODS = ("reparameterize", "switch_to_deploy", "fuse")
 
-    The walk is top-down: a module that re-parameterises owns its children (a DBB folds its own conv+BN branches);
-    the walk then goes on inside whatever it returned. A model that is already deployed comes back unchanged.
-    Works on a deep copy unless ``inplace``; always use the returned model (the root itself may be replaced).
-    Raises ``ValueError`` if a BN to be folded has no running statistics.
+
+def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with every re-parameterisable module converted to its inference form, in eval mode.
+
+    A module converts through the first of :data:`DEPLOY_METHODS` it has: a method that returns a module replaces
+    it (visionmix's and timm's ``fuse()`` convention), one that returns ``None`` has converted it in place (the
+    official DBB/RepVGG ``switch_to_deploy()``, timm's MobileOne ``reparameterize()``), so models visionmix did not
+    build deploy too. The walk is top-down: a module that re-parameterises owns its children (a DBB folds its own
+    conv+BN branches); the walk then goes on inside its inference form. A model that is already deployed comes back
+    unchanged. Works on a deep copy unless ``inplace``; always use the returned model (the root itself may be
+    replaced). Raises ``ValueError`` if a BN to be folded has no running statistics.
     """
     if not inplace:
         model = copy.deepcopy(model)
@@ -49,13 +58,27 @@ def reparameterize(model: nn.Module, inplace: bool = False) -> nn.Module:
 
 
 def _deploy(module: nn.Module) -> nn.Module:
-    if isinstance(module, Reparameterizable):
-        module = module.reparameterize()
+    method = _deploy_method(module)
+    if method is not None:
+        deployed = method()
+        if deployed is not None and not isinstance(deployed, nn.Module):
+            raise TypeError(f"{type(module).__name__}.{method.__name__}() returned a {type(deployed).__name__}; "
+                            "expected the inference module or None (converted in place)")
+        module = module if deployed is None else deployed
     for name, child in module.named_children():
         deployed = _deploy(child)
         if deployed is not child:
             setattr(module, name, deployed)
     return module
+
+
+def _deploy_method(module: nn.Module) -> Callable[[], nn.Module | None] | None:
+    """The module's first bound method among :data:`DEPLOY_METHODS` (a child module named ``fuse`` is not one)."""
+    for name in DEPLOY_METHODS:
+        method = getattr(module, name, None)
+        if inspect.ismethod(method):
+            return method
+    return None
 
 
 @dataclass(frozen=True)
