@@ -89,9 +89,20 @@ def _minutes(text: str) -> float:
     return _positive(text, "minutes")
 
 
+def _count(text: str) -> int:
+    """A positive whole number (seeds, batch sizes, repeats)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
+    return value
+
+
 def _add_train_parser(subparsers: Any) -> None:
     from visionmix.data import AUGMENTATIONS, DATASETS, FASHION_MNIST_DIR
-    from visionmix.engine.train import BUDGET_FILL
+    from visionmix.engine.train import BUDGET_FILL, MAX_LR
 
     p = add_command(subparsers, "train", "train a registered model on a dataset", """\
 Train any registered model with one recipe (AdamW, warmup + cosine LR, label smoothing, gradient clipping,
@@ -105,9 +116,14 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
     p.add_argument("--data-dir", help=f"dataset directory (default: {FASHION_MNIST_DIR} for fashion-mnist; "
                                       "cifar10/cifar100/imagefolder need it; digits is built in)")
     p.add_argument("--out", metavar="RUN_DIR", help="new run directory (must not exist or be empty, unless --force)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings "
-                                                       "(the other training options are then ignored)")
-    p.add_argument("--force", action="store_true", help="replace the run already in --out")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings (only "
+                                                       "--device and --no-progress may be given beside it)")
+    p.add_argument("--from-previous", action="store_true",
+                   help="with --resume: continue from the run's previous checkpoint (kept for when the latest one "
+                        "is damaged)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the visionmix run already in --out (only its own files are removed), or write into "
+                        "a non-empty directory that holds no run (nothing there is deleted or overwritten)")
     p.add_argument("--epochs", type=_epochs, default=3,
                    help="training epochs; a fraction ends the run part-way into the last epoch, the cosine "
                         "schedule spanning exactly that many steps (e.g. 4.5)")
@@ -118,7 +134,7 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
                         "down (default: off)")
     p.add_argument("--batch-size", type=int, default=128,
                    help="global batch size (split evenly across torchrun processes)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
+    p.add_argument("--lr", type=float, default=2e-3, help=f"peak learning rate of AdamW, in (0, {MAX_LR:g}]")
     p.add_argument("--weight-decay", type=float, default=0.05,
                    help="AdamW weight decay (not applied to biases, norms and no_weight_decay() parameters)")
     p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup length, in epochs")
@@ -147,17 +163,29 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
     p.add_argument("--save-every", type=int, default=0,
                    help="also checkpoint every N steps (0: at epoch ends and on SIGINT/SIGTERM only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
-    p.set_defaults(run=_run_train)
+    p.set_defaults(run=_run_train, defaults={a.dest: a.default for a in p._actions})
+
+
+# what may be given beside --resume: everything else is the saved run's and would be ignored
+_RESUME_OPTIONS = ("resume", "from_previous", "out", "device", "no_progress")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from visionmix.engine import TrainConfig, resume_run, train
 
     progress = not args.no_progress
+    if args.from_previous and not args.resume:
+        raise ValueError("--from-previous needs --resume RUN_DIR")
     if args.resume:
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise ValueError(f"--resume {args.resume} and --out {args.out} name different directories")
-        summary = resume_run(args.resume, device=args.device, progress=progress)
+        ignored = [f"--{dest.replace('_', '-')}" for dest, default in args.defaults.items()
+                   if dest not in _RESUME_OPTIONS and getattr(args, dest, default) != default]
+        if ignored:
+            raise ValueError(f"--resume continues {args.resume} with its saved settings, so {', '.join(ignored)} "
+                             f"would be ignored; drop {'it' if len(ignored) == 1 else 'them'} (or train a new run "
+                             f"with --out)")
+        summary = resume_run(args.resume, device=args.device, progress=progress, from_previous=args.from_previous)
         run_dir = args.resume
     else:
         if not args.model or not args.out:
@@ -400,10 +428,14 @@ presets:
 example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist --epochs 3 --seeds 3 --out runs/cmp""")
     p.add_argument("--preset", choices=tuple(PRESETS), help="a predefined comparison")
     p.add_argument("--models", help="comma-separated registered model names (required without --preset)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (re-use it to resume)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: new, empty, or a comparison visionmix wrote (re-use it to resume)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty DIR that is not a visionmix comparison, replacing files there named "
+                        "like its report (results.*, the plots); nothing else is touched")
     p.add_argument("--data", choices=DATASETS, help="dataset (default: fashion-mnist, or the preset's)")
     p.add_argument("--data-dir", help="dataset directory (see 'visionmix train --help')")
-    p.add_argument("--seeds", type=int, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
+    p.add_argument("--seeds", type=_count, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
     p.add_argument("--epochs", type=_epochs,
                    help="training epochs, may be fractional (default: the engine's, or the preset's)")
     p.add_argument("--batch-size", type=int, help="training batch size (default: the engine's)")
@@ -411,8 +443,8 @@ example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist 
     p.add_argument("--max-train-samples", type=int, help="fixed random subset of the training images")
     p.add_argument("--max-eval-samples", type=int, help="fixed random subset of the test images")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (default: auto)")
-    p.add_argument("--bench-batch-size", type=int, default=64, help="batch size of the throughput measurement")
-    p.add_argument("--bench-repeats", type=int, default=10, help="timed samples per speed measurement")
+    p.add_argument("--bench-batch-size", type=_count, default=64, help="batch size of the throughput measurement")
+    p.add_argument("--bench-repeats", type=_count, default=10, help="timed samples per speed measurement (>= 2)")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch lines from the trainer")
     p.set_defaults(run=_run_compare)
 
@@ -437,9 +469,10 @@ def _run_compare(args: argparse.Namespace) -> int:
     recipe = {**preset.recipe, **{k: v for k, v in overrides.items() if v is not None}}
     if note:
         print(f"note: {note}", flush=True)
-    rows = compare(models, args.out, data=data, seeds=args.seeds or preset.seeds, recipe=recipe,
+    seeds = preset.seeds if args.seeds is None else args.seeds
+    rows = compare(models, args.out, data=data, seeds=seeds, recipe=recipe,
                    bench_batch_size=args.bench_batch_size, bench_repeats=args.bench_repeats,
-                   progress=not args.no_progress, note=note, command=args.command_line,
+                   progress=not args.no_progress, note=note, command=args.command_line, force=args.force,
                    log=lambda line: print(line, flush=True))
     out = Path(args.out)
     print()
@@ -479,7 +512,8 @@ example: visionmix export runs/dbb --deploy --onnx dbb.onnx --torchscript dbb.pt
                    help="fix the batch size at --batch-size (needed by CondConv/WeightNet: one grouped conv with "
                         "groups = batch)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
-    p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |exported - PyTorch|")
+    p.add_argument("--atol", type=lambda t: _positive(t, "absolute difference"), default=1e-4,
+                   help="largest allowed |exported - PyTorch| (a positive number)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(run=_run_export)
 
@@ -491,6 +525,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
     if not (args.onnx or args.torchscript):
         raise ValueError("export needs --onnx FILE and/or --torchscript FILE")
+    if args.onnx and args.torchscript and Path(args.onnx).resolve() == Path(args.torchscript).resolve():
+        raise ValueError(f"--onnx and --torchscript name the same file {args.onnx}; give each its own")
     if not args.random_init and (args.img_size or args.in_chans or args.num_classes):
         raise ValueError("--img-size/--in-chans/--num-classes only apply with --random-init (a run's model keeps "
                          "the shape it was trained with)")

@@ -14,7 +14,7 @@ from visionmix.bench.compare import PLOTS, PRESETS, RunOutcome, compare, markdow
 from visionmix.cli import main
 from visionmix.data import FASHION_MNIST_DIR
 
-MODELS = ["mixer_nano", "resnet_nano", "no_such_model"]
+MODELS = ["mixer_nano", "resnet_nano", "mixer_s32_224"]  # the last cannot take 28 px: it fails at training
 RECIPE = {"epochs": 1, "batch_size": 32, "max_train_samples": 64, "max_eval_samples": 32}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -64,10 +64,10 @@ def test_pngs_are_valid_images(compared):
 def test_a_broken_model_is_a_failed_row_and_the_others_finish(compared):
     out, (rows, _), _ = compared
     broken = rows[-1]
-    assert broken["model"] == "no_such_model" and broken["status"] == "failed" and broken["top1"] is None
-    assert "unknown model 'no_such_model'" in broken["error"]
+    assert broken["model"] == "mixer_s32_224" and broken["status"] == "failed" and broken["top1"] is None
+    assert "must be divisible by patch_size=32" in broken["error"]
     markdown = (out / "results.md").read_text()
-    assert "| no_such_model |" in markdown and "failed: seed 0: ValueError: unknown model" in markdown
+    assert "| mixer_s32_224 |" in markdown and "failed: seed 0: ValueError: " in markdown
     assert all(f"| {m} |" in markdown for m in MODELS[:2])
     results = json.loads((out / "results.json").read_text())
     assert [m["status"] for m in results["models"]] == ["ok", "ok", "failed"]
@@ -124,7 +124,28 @@ def test_bad_arguments(tmp_path):
         compare(["mixer_nano"], tmp_path, recipe={"epoch": 1})
     with pytest.raises(ValueError, match="epochs"):
         compare(["mixer_nano"], tmp_path, recipe={"epochs": 0})
+    with pytest.raises(ValueError, match="unknown model 'no_such_model'"):  # before mixer_nano trains
+        compare(["mixer_nano", "no_such_model"], tmp_path)
+    with pytest.raises(ValueError, match="bench_repeats must be at least 2"):
+        compare(["mixer_nano"], tmp_path, bench_repeats=1)
+    with pytest.raises(ValueError, match="seeds must be a positive integer, got 0"):
+        compare(["mixer_nano"], tmp_path, seeds=0)
     assert list(tmp_path.iterdir()) == []  # nothing was trained or written
+
+
+def test_a_directory_that_is_not_a_comparison_is_refused_unless_forced(tmp_path, monkeypatch):
+    import visionmix.engine
+
+    monkeypatch.setattr(visionmix.engine, "train", lambda *args, **kwargs: {"nothing": "trained"})
+    mine = {"results.md": "my notes\n", "results.csv": "a,b\n1,2\n"}
+    for name, text in mine.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=r"is not empty \(results.csv, results.md\) and holds no visionmix comparison"):
+        compare(["mixer_nano"], tmp_path, data="digits", progress=False, log=lambda line: None)
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == mine  # untouched
+    (tmp_path / "results.json").write_text('{"meta": {}, "models": []}')  # looks like one, but no format mark
+    with pytest.raises(ValueError, match="holds no visionmix comparison"):
+        compare(["mixer_nano"], tmp_path, data="digits", progress=False, log=lambda line: None)
 
 
 def test_compare_cli_on_the_same_directory_skips_and_reports(compared, capsys):
@@ -136,7 +157,7 @@ def test_compare_cli_on_the_same_directory_skips_and_reports(compared, capsys):
     captured = capsys.readouterr()
     assert captured.out.count("already done") == 2 and "| mixer_nano |" in captured.out
     assert f"table: {out / 'results.md'}" in captured.out and str(out / PLOTS[0]) in captured.out
-    assert "no_such_model" in captured.err
+    assert "mixer_s32_224" in captured.err
     assert f"Produced by `visionmix compare --models {','.join(MODELS)}" in (out / "results.md").read_text()
     assert main(["compare", "--out", str(out)]) == 2
     assert "--models" in capsys.readouterr().err
@@ -152,7 +173,9 @@ def test_an_interrupt_stops_the_whole_comparison_with_a_resume_hint(tmp_path, mo
     monkeypatch.setattr(visionmix.engine, "train", interrupted)
     with pytest.raises(TrainingInterrupted, match="run the same 'visionmix compare' command again") as info:
         compare(["mixer_nano", "resnet_nano"], tmp_path, data="digits", progress=False, log=lambda line: None)
-    assert info.value.signum == 2 and not (tmp_path / "results.csv").exists()
+    assert info.value.signum == 2
+    report = json.loads((tmp_path / "results.json").read_text())  # the directory is claimed: a re-run resumes it
+    assert report["format"] == "visionmix-compare/1" and report["models"] == [] and report["runs"] == []
 
 
 def test_training_curves_average_seeds_and_end_a_partial_run_at_its_length(monkeypatch, tmp_path):

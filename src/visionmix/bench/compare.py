@@ -29,6 +29,7 @@ from visionmix.engine.checkpoint import atomic_write
 from visionmix.layers.validation import check_choice, check_positive
 
 PLOTS = ("accuracy_vs_macs.png", "accuracy_vs_throughput.png", "training_curves.png")
+FORMAT = "visionmix-compare/1"  # results.json says this: the directory is a comparison, resumed when re-run
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,12 @@ def _run_one(cfg: Any, run_dir: Path, progress: bool) -> RunOutcome:
 
 def _bench_run(name: str, run_dir: Path, bench_path: Path, batch_size: int, repeats: int) -> dict[str, Any]:
     """Benchmark the deployed form of the trained model in ``run_dir`` (cached in ``bench_path``)."""
-    if bench_path.exists():
+    try:
         record = json.loads(bench_path.read_text())
         if record["batch_size"] == batch_size:
             return record
+    except (OSError, ValueError, TypeError, KeyError):
+        pass  # not measured yet, or a damaged record of ours: measure again
     from visionmix.engine.checkpoint import load_run
     from visionmix.reparam import reparameterize
 
@@ -183,21 +186,29 @@ def _outcome_line(outcome: RunOutcome) -> str:
 
 def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-mnist", seeds: int = 1,
             recipe: Mapping[str, Any] | None = None, bench_batch_size: int = 64, bench_repeats: int = 10,
-            progress: bool = True, note: str = "", command: str = "",
+            progress: bool = True, note: str = "", command: str = "", force: bool = False,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train, evaluate and benchmark ``models`` under one recipe; write the results and plots into ``out_dir``.
 
     ``recipe`` holds ``visionmix.engine.TrainConfig`` fields other than ``model``, ``data`` and ``seed``
     (epochs, batch_size, lr, max_train_samples, ...). Seeds are ``0 .. seeds-1``. ``note`` and ``command`` (the
-    command line that ran it) go into the report. Returns one row per model.
+    command line that ran it) go into the report. ``out_dir`` must be new, empty or a comparison this function
+    wrote (its ``results.json`` says so), unless ``force``. Every argument is checked before anything is trained.
+    Returns one row per model.
     """
     from visionmix.engine import TrainConfig
+    from visionmix.models import model_entry
 
     if not models:
         raise ValueError("models must name at least one model")
     if len(set(models)) != len(models):
         raise ValueError(f"models contains duplicates: {list(models)}")
+    for model in models:
+        model_entry(model)  # an unknown name fails now, not after the models before it have trained
     check_positive("seeds", seeds)
+    check_positive("bench_batch_size", bench_batch_size)
+    if check_positive("bench_repeats", bench_repeats) < 2:
+        raise ValueError(f"bench_repeats must be at least 2 to give a spread, got {bench_repeats}")
     recipe = dict(recipe or {})
     for key in ("model", "data", "seed"):
         if key in recipe:
@@ -211,6 +222,8 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     meta = {"data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note, "command": command,
             "bench_batch_size": bench_batch_size, "environment": environment()}
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, force)
+    write_report(out_dir, [], [], meta)  # claims the directory: a re-run of an interrupted comparison resumes here
     runs_dir = out_dir / "runs"
     total = len(models) * seeds
     rows, outcomes = [], []
@@ -235,6 +248,28 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
         outcomes.extend(model_outcomes)
         write_report(out_dir, rows, outcomes, meta)  # after every model, so a long comparison shows its progress
     return rows
+
+
+def is_comparison(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a comparison written by :func:`compare` (its ``results.json`` says so)."""
+    try:
+        report = json.loads((Path(out_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and report.get("format") == FORMAT
+
+
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """``out_dir`` may be written: new, empty, a comparison of ours, or anything with ``force``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    if force or not out_dir.is_dir() or is_comparison(out_dir):
+        return
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if entries:
+        listing = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ValueError(f"--out {out_dir} is not empty ({listing}) and holds no visionmix comparison; choose a new "
+                         f"directory or pass --force to write the report into it")
 
 
 def _fmt(value: float | None, std: float | None = None, digits: int = 2) -> str:
@@ -329,8 +364,8 @@ def write_report(out_dir: str | Path, rows: Sequence[dict[str, Any]], outcomes: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [{"model": o.model, "seed": o.seed, "error": o.error, "summary": o.summary} for o in outcomes]
-    atomic_write(out_dir / "results.json",
-                 json.dumps({"meta": meta, "models": list(rows), "runs": runs}, indent=2) + "\n")
+    atomic_write(out_dir / "results.json", json.dumps({"format": FORMAT, "meta": meta, "models": list(rows),
+                                                       "runs": runs}, indent=2, allow_nan=False) + "\n")
     atomic_write(out_dir / "results.csv", to_csv(rows))
     atomic_write(out_dir / "results.md", markdown_table(rows, meta))
     batch = meta["bench_batch_size"]
