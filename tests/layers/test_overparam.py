@@ -149,3 +149,51 @@ def test_compile_and_state_dict_round_trip():
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         DOConv2d(**kwargs)
+
+
+def official_kernel_reference(layer: DOConv2d) -> torch.Tensor:
+    """The official DO-Conv forward, one entry at a time: W read as (out/groups, in, D_mul) rows, row o' meeting
+    D[i] at column block i, the (out/groups, in, K*K) result read back as (out, in/groups, K, K)."""
+    out, cin, g, k = layer.out_channels, layer.in_channels, layer.groups, layer.kernel_size[0]
+    rows = layer.W.detach().reshape(out // g, cin, layer.D_mul)
+    depthwise = (layer.D + layer.d_diag).detach()
+    kernel = torch.zeros(out // g, cin, k * k, dtype=layer.W.dtype)
+    for o, i in itertools.product(range(out // g), range(cin)):
+        kernel[o, i] = depthwise[i] @ rows[o, i]
+    return kernel.reshape(out, cin // g, k, k)
+
+
+@pytest.mark.parametrize("cin, cout, groups, matters", [
+    (16, 32, 4, True), (16, 32, 16, True), (8, 8, 2, True), (6, 6, 1, False), (4, 4, 4, False)])  # the issue's shapes
+def test_official_grouping_matches_the_official_composition(cin, cout, groups, matters):
+    layer = randomized(DOConv2d(cin, cout, 3, groups=groups, bias=True, grouping="official").double())
+    reference = official_kernel_reference(layer)
+    torch.testing.assert_close(layer.weight, reference, rtol=0, atol=1e-12)
+    x = torch.randn(2, cin, 7, 7, dtype=F64)
+    torch.testing.assert_close(layer(x), F.conv2d(x, reference, layer.bias, 1, 1, groups=groups), rtol=0, atol=1e-11)
+    torch.testing.assert_close(layer.reparameterize()(x), layer(x), rtol=0, atol=1e-10)
+    ours = DOConv2d(cin, cout, 3, groups=groups, bias=True).double()
+    ours.load_state_dict(layer.state_dict())
+    assert ours.grouping_matters == (not torch.equal(ours.weight, layer.weight)) == matters
+
+
+def test_official_grouped_checkpoint_needs_its_grouping(tmp_path):
+    """Regression: an official groups=4 checkpoint loaded strictly into the default layer and computed outputs
+    1.2-1.4 away from the official ones; loading now asks which composition the file has."""
+    from visionmix.models import load_checkpoint
+
+    official = randomized(DOConv2d(16, 32, 3, groups=4, grouping="official").double())
+    path = tmp_path / "doconv_official.pth"
+    torch.save(nn.Sequential(official).state_dict(), path)
+    x = torch.randn(1, 16, 6, 6, dtype=F64)
+    model = nn.Sequential(DOConv2d(16, 32, 3, groups=4)).double()
+    with pytest.raises(ValueError, match="doconv_grouping='official'"):
+        load_checkpoint(model, path)
+    load_checkpoint(model, path, doconv_grouping="official")
+    assert model[0].grouping == "official"
+    torch.testing.assert_close(model(x), official(x), rtol=0, atol=1e-12)
+    plain = nn.Sequential(DOConv2d(16, 32, 3)).double()  # groups=1: nothing to choose
+    torch.save(plain.state_dict(), path)
+    load_checkpoint(plain, path)
+    with pytest.raises(ValueError, match="grouping must be one of"):
+        DOConv2d(4, 4, 3, grouping="pytorch")

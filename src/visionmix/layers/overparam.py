@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.layers.fusion import conv2d_from_kernel, square_conv_geometry
-from visionmix.layers.validation import check_conv_channels, check_positive, same_padding
+from visionmix.layers.validation import check_choice, check_conv_channels, check_positive, same_padding
+
+GROUPINGS = ("visionmix", "official")
 
 
 class DOConv2d(nn.Module):
@@ -23,16 +25,20 @@ class DOConv2d(nn.Module):
     layer has one), so the deployed parameter count equals the plain conv's.
 
     A 1x1 DO-Conv is a plain conv (``W`` is (out, in/groups, 1), no ``D``). Names and shapes follow the official
-    layout (``W``, ``D``, ``d_diag``, ``bias``); with groups > 1 each D row is paired with the input channel its
-    weights actually read (the official reshape pairs them by position and its fusion recipe fails there).
-    Input/output NCHW.
+    layout (``W``, ``D``, ``d_diag``, ``bias``). ``grouping`` says which D row composes with ``W[o, c]`` when
+    groups > 1: ``"visionmix"`` pairs it with the input channel those weights read (``i = group(o) * in/groups +
+    c``); ``"official"`` is the official code's reshape of W to (out/groups, in, D_mul), which pairs it with
+    ``i = (o * in/groups + c) mod in``, so the official grouped checkpoints compute what they were trained to.
+    Both are the same for groups = 1 (see :attr:`grouping_matters`). Input/output NCHW.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  padding: int | None = None, dilation: int = 1, groups: int = 1, bias: bool = False, *,
-                 D_mul: int | None = None) -> None:
+                 D_mul: int | None = None, grouping: str = "visionmix") -> None:
         super().__init__()
         check_conv_channels(in_channels, out_channels, groups)
+        check_choice("grouping", grouping, GROUPINGS)
+        self.grouping = grouping
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         k = check_positive("kernel_size", kernel_size)
         self.kernel_size = (k, k)
@@ -84,9 +90,23 @@ class DOConv2d(nn.Module):
         if self.D is None:
             return self.W.reshape(shape)
         g = self.groups
+        if self.grouping == "official":  # W as (out/g, in, D_mul): row i of D meets W's i-th column block
+            conventional = self.W.reshape(self.out_channels // g, self.in_channels, self.D_mul)
+            return torch.einsum("isd,oid->ois", self.D + self.d_diag, conventional).reshape(shape)
         depthwise = (self.D + self.d_diag).reshape(g, self.in_channels // g, -1, self.D_mul)  # (g, c, s, d)
         conventional = self.W.reshape(g, self.out_channels // g, self.in_channels // g, self.D_mul)  # (g, o, c, d)
         return torch.einsum("gcsd,gocd->gocs", depthwise, conventional).reshape(shape)
+
+    @property
+    def grouping_matters(self) -> bool:
+        """Whether the two ``grouping`` conventions compose different kernels for this layer's shape."""
+        if self.D is None:
+            return False
+        per_group = self.in_channels // self.groups
+        o = torch.arange(self.out_channels).unsqueeze(1)
+        c = torch.arange(per_group).unsqueeze(0)
+        visionmix_rows = o // (self.out_channels // self.groups) * per_group + c
+        return not torch.equal(visionmix_rows, (o * per_group + c) % self.in_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
@@ -98,7 +118,7 @@ class DOConv2d(nn.Module):
                                   dilation=self.dilation, groups=self.groups)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, D_mul: int | None = None) -> DOConv2d:
+    def from_conv(cls, conv: nn.Conv2d, *, D_mul: int | None = None, grouping: str = "visionmix") -> DOConv2d:
         """A DO-Conv computing exactly ``conv`` at initialisation: its kernel goes into W's first K*K columns.
 
         With ``D = 0`` the composed kernel is ``W[..., :K*K]`` plus the other identity blocks of W (set to zero),
@@ -106,7 +126,7 @@ class DOConv2d(nn.Module):
         """
         k, stride, padding, dilation = square_conv_geometry(conv)
         layer = cls(conv.in_channels, conv.out_channels, k, stride, padding, dilation, conv.groups,
-                    conv.bias is not None, D_mul=D_mul)
+                    conv.bias is not None, D_mul=D_mul, grouping=grouping)
         layer.to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             layer.W.zero_()
@@ -118,4 +138,4 @@ class DOConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, groups={self.groups}, D_mul={self.D_mul}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}, grouping={self.grouping!r}")

@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionmix.layers.overparam import GROUPINGS, DOConv2d
+from visionmix.layers.validation import check_choice
+
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Checked in this order; "state_dict" first so a training checkpoint loads its live (non-EMA) weights.
@@ -60,12 +63,19 @@ def _is_flat(state: Mapping) -> bool:
     return bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
-def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
+def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, *,
+                    doconv_grouping: str | None = None) -> nn.Module:
     """Load the weights at ``path`` into ``model`` (in place) and return it.
 
     Applies ``type(model).checkpoint_filter_fn`` if the class defines one. With ``strict`` any missing or
     unexpected key, and always any shape mismatch, raises ``ValueError`` listing a few of each.
+
+    ``doconv_grouping`` (``"official"`` for checkpoints of the official DO-Conv code, ``"visionmix"`` for
+    visionmix's own) sets the composition of every :class:`~visionmix.layers.DOConv2d`: both layouts have the same
+    keys and shapes, so a grouped DO-Conv would load strictly either way and compute other outputs. Left None, it
+    is required (``ValueError``) only when the model has a DO-Conv whose grouping matters.
     """
+    _set_doconv_grouping(model, doconv_grouping, path)
     state = read_state_dict(path)
     filter_fn = getattr(type(model), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -91,6 +101,20 @@ def state_dict_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, tor
     if strict and unexpected:
         problems.append(_describe("unexpected keys", unexpected))
     return problems
+
+
+def _set_doconv_grouping(model: nn.Module, grouping: str | None, path: str | Path) -> None:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, DOConv2d)}
+    if grouping is None:
+        ambiguous = [name or type(model).__name__ for name, m in layers.items() if m.grouping_matters]
+        if ambiguous:
+            raise ValueError(f"checkpoint {path}: {_describe('grouped DO-Convs', ambiguous)} compose their kernel "
+                             "differently in the official code; pass doconv_grouping='official' for an official "
+                             "checkpoint or 'visionmix' for one saved from visionmix")
+        return
+    check_choice("doconv_grouping", grouping, GROUPINGS)
+    for layer in layers.values():
+        layer.grouping = grouping
 
 
 def _describe(kind: str, items: list[str]) -> str:
