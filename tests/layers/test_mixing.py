@@ -283,3 +283,12 @@ def test_double_backward_compile_and_gradcheck(name):
     assert out.dtype == torch.float64
     torch.testing.assert_close(torch.compile(module, backend="eager")(x), out, rtol=0, atol=0)
     assert torch.autograd.gradcheck(module, (x,))
+
+
+def test_attention_checks_its_input():
+    """Regression: a 4-D input failed with 'too many values to unpack'."""
+    attn = Attention(8, 2)
+    with pytest.raises(ValueError, match=r"expected a 3D \(B, N, C\) input, got a 4D tensor of shape \(1, 8, 2, 2\)"):
+        attn(torch.randn(1, 8, 2, 2))
+    with pytest.raises(ValueError, match="expected 8 channels"):
+        attn(torch.randn(1, 4, 6))

@@ -74,6 +74,7 @@ class Attention(nn.Module):
             check_divisible("dim", dim, check_positive("head_dim", head_dim), "head_dim")
             num_heads = dim // head_dim
         check_divisible("dim", dim, check_positive("num_heads", num_heads), "num_heads")
+        self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -82,6 +83,7 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.dim, ndim=3, channel_dim=2, layout="(B, N, C)")
         b, n, c = x.shape
         # (B, N, 3C) -> (3, B, heads, N, head_dim)
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
