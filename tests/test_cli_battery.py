@@ -1,0 +1,249 @@
+"""A hostile-input battery through the real command line, each case in its own ``python -m visionmix`` process.
+
+Every case asserts: the documented exit code (2 for a user's mistake), no ``Traceback`` in the output, a one-line
+message naming the argument or file at fault, and every file that existed before byte-identical afterwards (none
+deleted, none overwritten, none added where a command was refused). Tiny data (digits, 64 images, fractions of an
+epoch) keep the whole battery cheap enough for ``make test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from visionmix.engine import train
+from visionmix.engine.train import TrainConfig
+
+TINY = ["--data", "digits", "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "32",
+        "--no-progress", "--device", "cpu"]
+USER_FILES = {"summary.json": b"{}", "metrics.jsonl": b"mine\n", "eval.json": b"[]",
+              "weights-best-model.safetensors": b"w", "state-of-the-art.pdf": b"%PDF", ".notes.tmp": b"n"}
+
+
+def visionmix(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "visionmix", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def png_header(path: Path, side: int) -> None:
+    """A 1 KB PNG whose header claims side x side grey pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(bytes(1000))) + chunk(b"IEND", b""))
+
+
+def image_tree(root: Path, classes: tuple[str, ...]) -> Path:
+    for cls in classes:
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8), 40 * i, np.uint8), mode="L").save(root / "train" / cls / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 2-epoch run of resnet_nano on 64 digits (so a previous checkpoint exists)."""
+    run = tmp_path_factory.mktemp("battery") / "run"
+    train(TrainConfig(model="resnet_nano", data="digits", epochs=2, batch_size=32, max_train_samples=64,
+                      max_eval_samples=32, device="cpu"), run, progress=False)
+    return run
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, finished_run: Path) -> Path:
+    """A fresh copy of the finished run under ``tmp_path/run``, plus a user's directory ``tmp_path/mine``."""
+    shutil.copytree(finished_run, tmp_path / "run")
+    (tmp_path / "mine").mkdir()
+    for name, data in USER_FILES.items():
+        (tmp_path / "mine" / name).write_bytes(data)
+    return tmp_path
+
+
+def _weights(ws: Path) -> Path:
+    return ws / "run" / json.loads((ws / "run" / "checkpoint.json").read_text())["files"]["weights"]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:64])
+
+
+def _damage_weights(ws: Path) -> None:
+    _truncate(_weights(ws))
+
+
+def _damage_state(ws: Path) -> None:
+    meta = json.loads((ws / "run" / "checkpoint.json").read_text())
+    (ws / "run" / meta["files"]["state"]).write_bytes(b"PK\x03\x04 not a zip archive")
+
+
+def _misfit_weights(ws: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(_weights(ws))
+    state["linear.weight"] = state["linear.weight"][:3]
+    save_file(state, _weights(ws))
+
+
+def _damage_meta(ws: Path) -> None:
+    (ws / "run" / "checkpoint.json").write_text('{"format": "visionmix-run/1", "files": ')
+
+
+def _bomb_tree(ws: Path) -> None:
+    image_tree(ws / "tree", ("a", "b"))
+    png_header(ws / "tree" / "train" / "b" / "bomb.png", 50_000)
+
+
+def _one_class_tree(ws: Path) -> None:
+    image_tree(ws / "tree", ("only",))
+
+
+def _user_report(ws: Path) -> None:
+    (ws / "mine" / "results.md").write_text("# my own results\n")
+
+
+# (id, setup(ws) or None, argv with {ws} placeholders, exit code, fragments the one-line message must contain)
+CASES = [
+    ("epochs-zero", None, ["train", "--model", "resnet_nano", "--epochs", "0", "--out", "{ws}/new"], 2,
+     ["--epochs", "expected a positive number of epochs, got '0'"]),
+    ("time-budget-negative", None, ["train", "--model", "resnet_nano", "--time-budget", "-1", "--out", "{ws}/new"],
+     2, ["--time-budget", "expected a positive number of minutes"]),
+    ("lr-inf", None, ["train", "--model", "resnet_nano", *TINY, "--lr", "inf", "--out", "{ws}/new"], 2,
+     ["lr must be in (0.0, 1.0], got inf"]),
+    ("lr-huge", None, ["train", "--model", "resnet_nano", *TINY, "--lr", "1e30", "--out", "{ws}/new"], 2,
+     ["lr must be in (0.0, 1.0], got 1e+30"]),
+    ("image-size-huge", None, ["train", "--model", "resnet_nano", *TINY, "--image-size", "100000",
+                               "--out", "{ws}/new"], 2, ["100000x100000 need", "in memory", "--image-size"]),
+    ("unknown-model", None, ["train", "--model", "resnet_nan", *TINY, "--out", "{ws}/new"], 2,
+     ["unknown model 'resnet_nan'", "resnet_nano"]),
+    ("resume-with-other-options", None, ["train", "--resume", "{ws}/run", "--lr", "5"], 2,
+     ["--lr would be ignored"]),
+    ("from-previous-without-resume", None, ["train", "--model", "resnet_nano", "--from-previous",
+                                            "--out", "{ws}/new"], 2, ["--from-previous needs --resume"]),
+    ("out-is-a-file", None, ["train", "--model", "resnet_nano", *TINY, "--out", "{ws}/mine/summary.json"], 2,
+     ["exists and is not a directory"]),
+    ("out-holds-user-files", None, ["train", "--model", "resnet_nano", *TINY, "--out", "{ws}/mine"], 2,
+     ["is not empty", "--force"]),
+    ("force-over-user-files", None, ["train", "--model", "resnet_nano", *TINY, "--force", "--out", "{ws}/mine"], 2,
+     ["holds no visionmix run", "eval.json, metrics.jsonl, summary.json", "move them"]),
+    ("out-holds-a-run", None, ["train", "--model", "resnet_nano", *TINY, "--out", "{ws}/run"], 2,
+     ["already holds a training run", "--resume"]),
+    ("one-class-folder", _one_class_tree, ["train", "--model", "resnet_nano", "--data", "imagefolder", "--data-dir",
+                                           "{ws}/tree", "--no-progress", "--out", "{ws}/new"], 2,
+     ["at least two; it has only one, 'only'"]),
+    ("decompression-bomb", _bomb_tree, ["train", "--model", "resnet_nano", "--data", "imagefolder", "--data-dir",
+                                        "{ws}/tree", "--no-progress", "--out", "{ws}/new"], 2,
+     ["cannot decode", "bomb.png", "decompression bomb"]),
+    ("resume-damaged-weights", _damage_weights, ["train", "--resume", "{ws}/run"], 2,
+     ["weights-", "is damaged: not a readable safetensors file", "the previous checkpoint (epoch 1, global step 2) "
+      "is intact", "--from-previous"]),
+    ("resume-damaged-state", _damage_state, ["train", "--resume", "{ws}/run"], 2,
+     ["state-", "is damaged: not a readable training state"]),
+    ("eval-damaged-weights", _damage_weights, ["eval", "--checkpoint", "{ws}/run"], 2,
+     ["is damaged: not a readable safetensors file"]),
+    ("eval-misfit-weights", _misfit_weights, ["eval", "--checkpoint", "{ws}/run"], 2,
+     ["does not fit ResNet: 1 shape mismatches: linear.weight: checkpoint (3, "]),
+    ("eval-damaged-meta", _damage_meta, ["eval", "--checkpoint", "{ws}/run"], 2,
+     ["checkpoint.json is damaged: not valid JSON"]),
+    ("eval-not-a-run", None, ["eval", "--checkpoint", "{ws}/mine"], 2, ["holds no checkpoint.json"]),
+    ("export-damaged-weights", _damage_weights, ["export", "{ws}/run", "--onnx", "{ws}/m.onnx"], 2,
+     ["is damaged: not a readable safetensors file"]),
+    ("export-same-file-twice", None, ["export", "{ws}/run", "--onnx", "{ws}/m", "--torchscript", "{ws}/m"], 2,
+     ["--onnx and --torchscript name the same file"]),
+    ("export-negative-atol", None, ["export", "{ws}/run", "--onnx", "{ws}/m.onnx", "--atol", "-1"], 2,
+     ["--atol", "expected a positive number"]),
+    ("export-over-a-user-file", None, ["export", "{ws}/run", "--onnx", "{ws}/mine/summary.json"], 2,
+     ["already exists; pass --force"]),
+    ("compare-seeds-zero", None, ["compare", "--models", "resnet_nano", "--seeds", "0", "--out", "{ws}/cmp"], 2,
+     ["--seeds", "expected a positive whole number, got '0'"]),
+    ("compare-unknown-model", None, ["compare", "--models", "resnet_nano,nope", *TINY, "--out", "{ws}/cmp"], 2,
+     ["unknown model 'nope'"]),
+    ("compare-bench-repeats-one", None, ["compare", "--models", "resnet_nano", *TINY, "--bench-repeats", "1",
+                                         "--out", "{ws}/cmp"], 2, ["bench_repeats must be at least 2"]),
+    ("compare-over-a-user-report", _user_report, ["compare", "--models", "resnet_nano", *TINY,
+                                                  "--out", "{ws}/mine"], 2,
+     ["is not empty", "holds no visionmix comparison", "--force"]),
+]
+
+
+@pytest.mark.parametrize("setup, argv, code, fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_hostile_input(workspace: Path, setup, argv: list[str], code: int, fragments: list[str]) -> None:
+    if setup is not None:
+        setup(workspace)
+    before = snapshot(workspace)
+    result = visionmix(*(a.format(ws=workspace) for a in argv), cwd=workspace)
+    output = result.stdout + result.stderr
+    assert result.returncode == code, output
+    assert "Traceback" not in output, output
+    message = result.stderr.strip().splitlines()
+    assert len(message) == 1 and message[0].startswith("visionmix: error: "), output
+    for fragment in fragments:
+        assert fragment.format(ws=workspace) in message[0], message[0]
+    assert snapshot(workspace) == before  # nothing deleted, overwritten or added
+
+
+def test_from_previous_recovers_a_damaged_run_and_force_keeps_the_users_files(workspace: Path) -> None:
+    _damage_weights(workspace)
+    result = visionmix("train", "--resume", str(workspace / "run"), "--from-previous", "--no-progress",
+                       cwd=workspace)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert json.loads((workspace / "run" / "summary.json").read_text())["epochs_trained"] == 2
+    assert visionmix("eval", "--checkpoint", str(workspace / "run"), cwd=workspace).returncode == 0
+    (workspace / "run" / "notes.pdf").write_bytes(b"%PDF mine")
+    result = visionmix("train", "--model", "resnet_nano", *TINY, "--epochs", "0.5", "--force",
+                       "--out", str(workspace / "run"), cwd=workspace)
+    assert result.returncode == 0, result.stderr
+    assert (workspace / "run" / "notes.pdf").read_bytes() == b"%PDF mine"
+
+
+def test_compare_force_writes_its_report_beside_the_users_files(workspace: Path) -> None:
+    (workspace / "mine" / "results.md").write_text("# my own results\n")
+    result = visionmix("compare", "--models", "resnet_nano", *TINY, "--epochs", "0.5", "--bench-repeats", "2",
+                       "--bench-batch-size", "4", "--no-progress", "--force", "--out", str(workspace / "mine"),
+                       cwd=workspace)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert "| resnet_nano |" in (workspace / "mine" / "results.md").read_text()
+    assert {n: (workspace / "mine" / n).read_bytes() for n in USER_FILES} == USER_FILES
+    again = visionmix("compare", "--models", "resnet_nano", *TINY, "--epochs", "0.5", "--bench-repeats", "2",
+                      "--bench-batch-size", "4", "--no-progress", "--out", str(workspace / "mine"), cwd=workspace)
+    assert again.returncode == 0 and "already done" in again.stdout, again.stderr  # now it is a comparison of ours
+
+
+def test_sigint_saves_and_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "visionmix", "train", "--model", "resnet_nano", "--data", "digits",
+                             "--batch-size", "16", "--epochs", "3", "--no-progress", "--device", "cpu",
+                             "--save-every", "5", "--out", str(run)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:  # wait for a checkpoint past step 0
+        path = run / "checkpoint.json"
+        if path.is_file() and json.loads(path.read_text())["global_step"] > 0:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in out + err, err
+    assert "checkpoint saved; continue with: visionmix train --resume" in err
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert meta["global_step"] > 0 and not meta["finished"]
+    assert all((run / name).is_file() for name in meta["files"].values())
