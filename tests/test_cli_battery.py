@@ -134,6 +134,8 @@ CASES = [
                                "--out", "{ws}/new"], 2, ["100000x100000 need", "in memory", "--image-size"]),
     ("unknown-model", None, ["train", "--model", "resnet_nan", *TINY, "--out", "{ws}/new"], 2,
      ["unknown model 'resnet_nan'", "resnet_nano"]),
+    ("unknown-model-no-match", None, ["train", "--model", "zzzqqq", *TINY, "--out", "{ws}/new"], 2,
+     ["unknown model 'zzzqqq'; list them with 'visionmix models'"]),
     ("resume-with-other-options", None, ["train", "--resume", "{ws}/run", "--lr", "5"], 2,
      ["--lr would be ignored"]),
     ("from-previous-without-resume", None, ["train", "--model", "resnet_nano", "--from-previous",

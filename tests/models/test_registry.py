@@ -87,3 +87,19 @@ def test_nano_zoo_budget(model_stats):
     # Re-parameterisable models (DBB, DO-Conv) are compared at their inference cost, as their papers do.
     macs = {name: model_stats(name, deploy=True).macs for name in NANOS}
     assert max(macs.values()) <= 2 * min(macs.values()), macs
+
+
+@pytest.mark.parametrize("value, error, message", [
+    (28.0, TypeError, r"img_size must be an int or a pair of ints, got float \(28.0\)"),
+    ("28", TypeError, r"img_size must be an int or a pair of ints, got str \('28'\)"),
+    ((28, 28, 1), ValueError, r"img_size must be an int or a pair of ints, got \(28, 28, 1\)"),
+])
+def test_a_bad_img_size_is_named_before_a_family_sees_it(value, error, message):
+    with pytest.raises(error, match=message):  # was "'float' object is not iterable"
+        visionmix.create_model("resnet_nano", img_size=value)
+
+
+def test_an_unknown_name_without_close_matches_says_how_to_list_them():
+    with pytest.raises(ValueError, match=r"unknown model 'zzzqqq'; list them with 'visionmix models' \(Python: "
+                                         r"visionmix.list_models\(\)\)"):
+        visionmix.create_model("zzzqqq")

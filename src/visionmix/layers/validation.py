@@ -43,7 +43,12 @@ def check_choice(name: str, value: object, choices: Collection[object]) -> None:
 
 def to_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
     """``3 -> (3, 3)``; a pair is returned as a tuple. Both entries must be positive."""
-    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if isinstance(value, int):
+        pair: tuple = (value, value)
+    elif isinstance(value, tuple | list):
+        pair = tuple(value)
+    else:
+        raise TypeError(f"{name} must be an int or a pair of ints, got {type(value).__name__} ({value!r})")
     if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
     for v in pair:

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionmix.layers.validation import to_pair
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -97,7 +99,8 @@ def model_entry(name: str) -> ModelEntry:
     arch = name.split(".", 1)[0]
     if arch not in _ENTRIES:
         close = difflib.get_close_matches(arch, list(_ENTRIES), n=5, cutoff=0.5)
-        hint = f"; closest: {', '.join(close)}" if close else "; see visionmix.list_models()"
+        hint = (f"; closest: {', '.join(close)}" if close
+                else "; list them with 'visionmix models' (Python: visionmix.list_models())")
         raise ValueError(f"unknown model {name!r}{hint}")
     return _ENTRIES[arch]
 
@@ -139,6 +142,8 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
         if value is not None and not isinstance(value, dict):
             raise TypeError(f"{key} must be a dict of pretrained_cfg fields, got {type(value).__name__}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if "img_size" in kwargs:
+        to_pair("img_size", kwargs["img_size"])  # a clear error for 28.0 or "28", before any family sees it
     model = entry.builder(**kwargs)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
