@@ -118,14 +118,16 @@ def test_models_listing(capsys: pytest.CaptureFixture[str]) -> None:
     assert macs == f"{counter.get_total_flops() / 2 / 1e6:.2f}M"  # computed on the meta device, same count
 
 
-def test_console_script_sets_omp_wait_policy_before_torch() -> None:
-    code = "import sys, os, visionmix.cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+def test_main_sets_omp_wait_policy_before_torch_and_importing_changes_nothing() -> None:
+    code = ("import sys, os, visionmix.cli as cli; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules); "
+            "parse = cli.build_parser; cli.build_parser = lambda: (print(os.environ['OMP_WAIT_POLICY'], "
+            "'torch' in sys.modules), parse())[1]; cli.main(['models', 'mixer_nano'])")
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["PASSIVE", "False"]
+    assert out.split()[:4] == ["None", "False", "PASSIVE", "False"]  # import: untouched; main: set before torch
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split()[0] == "ACTIVE"  # the user's choice wins
+    assert out.split()[:4] == ["ACTIVE", "False", "ACTIVE", "False"]  # the user's choice wins
     version = subprocess.run([sys.executable, "-m", "visionmix", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("visionmix ")
 

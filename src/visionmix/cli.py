@@ -7,14 +7,10 @@ line ``visionmix: error: ...`` and exit with status 2, without a traceback.
 
 from __future__ import annotations
 
-import os
-
-# Before torch loads: idle OpenMP threads that spin instead of sleeping halve throughput on shared CPUs.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from collections.abc import Callable, Sequence
@@ -591,7 +587,13 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Unless the user chose otherwise, sets ``OMP_WAIT_POLICY=PASSIVE`` for this process before it loads torch (when
+    it has not already): idle OpenMP threads that spin instead of sleeping halve throughput on shared CPUs.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = shlex.join([PROG, *(sys.argv[1:] if argv is None else argv)])  # recorded in reports

@@ -409,3 +409,17 @@ def test_checkpoint_switches_only_when_complete(tmp_path: Path, monkeypatch: pyt
                      "weights-00000100.safetensors"]
     assert read_meta(run)["files"]["weights"] == "weights-00000100.safetensors"
     assert json.loads((run / "checkpoint-previous.json").read_text()) == before
+
+
+def test_plotting_the_confusion_matrix_leaves_matplotlib_alone(tmp_path: Path) -> None:
+    """No import-time or call-time global state: no backend switch, no pyplot figure registry (was matplotlib.use)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, matplotlib; from visionmix.engine.evaluate import plot_confusion; "
+            "before = matplotlib.rcParams._get_backend_or_none(); "
+            f"assert plot_confusion([[3, 1], [0, 4]], ['a', 'b'], {str(tmp_path / 'c.png')!r}); "
+            "print(before == matplotlib.rcParams._get_backend_or_none(), 'matplotlib.pyplot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "False"]
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")

@@ -74,17 +74,15 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
                    title: str = "") -> bool:
     """Save the row-normalised confusion matrix as a PNG; ``False`` (nothing written) without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: no global backend or figure registry is touched
     except ImportError:
         return False
     counts = torch.tensor(confusion, dtype=torch.float64)
     rates = counts / counts.sum(1, keepdim=True).clamp_min(1)
     n = len(classes)
     size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size, size), dpi=100)
+    fig = Figure(figsize=(size, size), dpi=100)
+    ax = fig.add_subplot()
     ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     if n <= 20:
         ax.set_xticks(range(n), classes, rotation=90)
@@ -100,6 +98,5 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png")
-    plt.close(fig)
     atomic_write(path, png.getvalue())
     return True
