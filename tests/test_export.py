@@ -184,3 +184,15 @@ def test_export_cli_random_init_and_static_batch(tmp_path, capsys):
     assert ort.InferenceSession(str(path)).get_inputs()[0].shape[0] == 3
     assert main(["export", "condconv_resnet_nano", "--random-init", "--onnx", str(tmp_path / "d.onnx")]) == 1
     assert "static batch" in capsys.readouterr().err and not (tmp_path / "d.onnx").exists()
+
+
+@pytest.mark.parametrize("export", [export_onnx, export_torchscript])
+def test_export_leaves_the_callers_model_as_it_was(export, tmp_path):
+    """Export used to call model.cpu().eval() on the caller's model: now every module keeps its own flag."""
+    model = _nano("spach_ms_nano_conv").train()
+    frozen = next(m for m in model.modules() if isinstance(m, nn.LayerNorm | nn.GroupNorm | nn.BatchNorm2d))
+    frozen.eval()
+    flags = [m.training for m in model.modules()]
+    assert export(model, tmp_path / "m.out", torch.randn(2, 1, 28, 28)) < 1e-4
+    assert [m.training for m in model.modules()] == flags
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.out"]  # no temporary file left

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from visionmix.files import check_new
+
 PROG = "visionmix"
 
 
@@ -280,18 +282,10 @@ models at their default input, the reference figure otherwise) and the published
     p.set_defaults(run=_run_models)
 
 
-def _si(count: float) -> str:
-    """``1234567 -> '1.23M'``, ``950 -> '950'``."""
-    for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if count >= scale:
-            return f"{count / scale:.2f}{unit}"
-    return f"{count:.0f}"
-
-
 def _model_row(name: str) -> tuple[str, str, str, str, str]:
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
+    from visionmix.bench.profile import count_macs, count_params, si_format
     from visionmix.models import create_model, model_entry
 
     entry = model_entry(name)
@@ -302,15 +296,13 @@ def _model_row(name: str) -> tuple[str, str, str, str, str]:
     try:
         with torch.device("meta"):
             model = create_model(name, **kwargs)
-            params = _si(sum(p.numel() for p in model.parameters()))
+            params = si_format(count_params(model))
             if small:
-                with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                    model.eval()(torch.empty(1, c, h, w))
-                macs = _si(counter.get_total_flops() // 2)
+                macs = si_format(count_macs(model, torch.empty(1, c, h, w)))
     except Exception:  # a model that cannot be built on the meta device still gets its row
         pass
     if not small:
-        macs = _si(entry.reference.gmacs * 1e9) if entry.reference.gmacs is not None else "-"
+        macs = si_format(entry.reference.gmacs * 1e9 if entry.reference.gmacs is not None else None)
     top1 = f"{entry.reference.top1:.1f}" if entry.reference.top1 is not None else "-"
     return name, params, macs, f"{c}x{h}x{w}", top1
 
@@ -376,18 +368,13 @@ def _expand_models(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(expanded))
 
 
-def _check_new_files(paths: Sequence[str | None], force: bool) -> None:
-    for path in paths:
-        if path and Path(path).exists() and not force:
-            raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-
-
 def _run_bench(args: argparse.Namespace) -> int:
     from visionmix.bench.profile import bench_models, format_table, matmul_gflops, save_results
     from visionmix.engine.distributed import resolve_device
 
     names = _expand_models(args.models)
-    _check_new_files([args.json, args.csv], args.force)
+    for path in (args.json, args.csv):
+        check_new(path, args.force)
     device = resolve_device(args.device)
     reference = matmul_gflops(device=device) if args.vs_matmul else None
     results = bench_models(names, deploy=args.deploy, batch_size=args.batch_size, img_size=args.img_size,
@@ -526,7 +513,8 @@ def _run_export(args: argparse.Namespace) -> int:
     if not args.random_init and (args.img_size or args.in_chans or args.num_classes):
         raise ValueError("--img-size/--in-chans/--num-classes only apply with --random-init (a run's model keeps "
                          "the shape it was trained with)")
-    _check_new_files([args.onnx, args.torchscript], args.force)
+    for path in (args.onnx, args.torchscript):
+        check_new(path, args.force)
     if args.random_init:
         from visionmix.models import create_model
 

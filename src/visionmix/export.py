@@ -15,7 +15,6 @@ runtimes that still load it.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from visionmix.files import staged
 from visionmix.layers.validation import check_positive
+from visionmix.module_state import eval_mode, on_device
 
 
 class ExportError(RuntimeError):
@@ -56,21 +57,6 @@ def randomize_weights(model: nn.Module, example: torch.Tensor, *, std: float = 0
     for bn, momentum in zip(norms, momenta, strict=True):
         bn.momentum = momentum
     return model.eval()
-
-
-@contextmanager
-def _staged(path: str | Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it to ``path`` if the block succeeds, delete it otherwise."""
-    path = Path(path)
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _reason(err: BaseException) -> str:
@@ -105,10 +91,14 @@ def _check_parity(model: nn.Module, run: Callable[[torch.Tensor], np.ndarray], e
     return worst
 
 
-def _prepare(model: nn.Module, example: torch.Tensor) -> nn.Module:
+@contextmanager
+def _exportable(model: nn.Module, example: torch.Tensor) -> Iterator[nn.Module]:
+    """``model`` on the CPU in eval mode for the block (a copy if it lives elsewhere; the caller's model keeps its
+    device and its modules' train/eval flags)."""
     if example.dim() == 0 or example.shape[0] < 1:
         raise ValueError(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
-    return model.cpu().eval()
+    with eval_mode(on_device(model, "cpu")) as exportable:
+        yield exportable
 
 
 @contextmanager
@@ -136,9 +126,8 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, op
 
     if check_positive("opset", opset) < 17:
         raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
-    model = _prepare(model, example)
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with _staged(path, force) as tmp:
+    with _exportable(model, example) as model, staged(path, force) as tmp:
         try:
             with _quiet_onnx_registry():
                 torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset,
@@ -156,8 +145,7 @@ def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor
                        dynamic_batch: bool = True, force: bool = False) -> float:
     """Trace ``model`` to TorchScript, reload the saved file and return the max absolute difference from PyTorch.
     ``dynamic_batch=False`` checks the example's batch size only (see :func:`export_onnx`)."""
-    model = _prepare(model, example)
-    with _staged(path, force) as tmp:
+    with _exportable(model, example) as model, staged(path, force) as tmp:
         try:
             with torch.no_grad():
                 torch.jit.save(torch.jit.trace(model, example), str(tmp))

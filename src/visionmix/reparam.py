@@ -22,6 +22,7 @@ from visionmix.layers.diverse_branch import DiverseBranchBlock
 from visionmix.layers.fusion import square_conv_geometry
 from visionmix.layers.overparam import DOConv2d
 from visionmix.layers.validation import check_choice
+from visionmix.module_state import eval_mode
 
 __all__ = ["Equivalence", "Reparameterizable", "check_equivalence", "convert_convs", "randomize_batchnorm",
            "reparameterize"]
@@ -112,15 +113,8 @@ def check_equivalence(model_a: nn.Module, model_b: nn.Module, example: torch.Ten
     Each module's train/eval flag is restored afterwards.
     """
     args = example if isinstance(example, tuple) else (example,)
-    modes = [(m, m.training) for m in (*model_a.modules(), *model_b.modules())]
-    try:
-        model_a.eval()
-        model_b.eval()
-        with torch.no_grad():
-            outs_a, outs_b = _tensors(model_a(*args)), _tensors(model_b(*args))
-    finally:
-        for module, training in modes:
-            module.training = training
+    with eval_mode(model_a), eval_mode(model_b), torch.no_grad():
+        outs_a, outs_b = _tensors(model_a(*args)), _tensors(model_b(*args))
     if not outs_a or len(outs_a) != len(outs_b) or any(a.shape != b.shape for a, b in zip(outs_a, outs_b, strict=True)):
         raise ValueError(f"the models' outputs differ in structure: {[tuple(a.shape) for a in outs_a]} vs "
                          f"{[tuple(b.shape) for b in outs_b]}")

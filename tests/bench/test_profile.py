@@ -188,3 +188,21 @@ def test_bench_cli_rejects_unknown_models(capsys):
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
     assert main(["bench", "zzz*"]) == 2
     assert "no registered model matches" in capsys.readouterr().err
+
+
+def test_profile_leaves_the_callers_model_on_its_device_and_in_its_mode():
+    net = _tiny_net().train()
+    net[0].eval()
+    flags = [m.training for m in net.modules()]
+    profile_model(net, name="tiny", input_size=(3, 10, 10), batch_size=2, warmup=1, repeats=2)
+    assert [m.training for m in net.modules()] == flags
+
+
+def test_on_device_moves_a_copy_never_the_callers_module():
+    from visionmix.module_state import on_device
+
+    net = _tiny_net()
+    assert on_device(net, "cpu") is net
+    moved = on_device(net, "meta")
+    assert moved is not net and all(p.device.type == "meta" for p in moved.parameters())
+    assert all(p.device.type == "cpu" for p in net.parameters())

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from visionmix import reparameterize
+from visionmix.bench.profile import count_macs
 from visionmix.models import create_model
 
 REFERENCE_DIR = Path(__file__).resolve().parent / "reference"  # key lists copied from the official implementations
@@ -23,26 +23,24 @@ REFERENCE_DIR = Path(__file__).resolve().parent / "reference"  # key lists copie
 class Stats:
     params: int
     params_no_head: int
-    macs: float  # FlopCounterMode flops / 2
+    macs: float  # visionmix.bench.profile.count_macs: FlopCounterMode flops / 2
 
 
 def _model_stats(name: str, input_size: tuple[int, ...] | None = None, *, deploy: bool = False, **kwargs) -> Stats:
     """Parameter counts and MACs of a registered model at batch 1, built on the meta device (no memory, fast).
 
-    The meta device also lets FlopCounterMode see scaled_dot_product_attention, which it misses on CPU. Eval mode, as
-    MACs are counted for inference (and a BN on pooled features, as in selective kernels, needs batch > 1 to train).
+    MACs come from the package's one counter (``count_macs``, which also counts CPU attention). Eval mode, as MACs
+    are counted for inference (and a BN on pooled features, as in selective kernels, needs batch > 1 to train).
     ``deploy=True`` counts the re-parameterised inference form (``visionmix.reparameterize``) instead.
     """
     with torch.device("meta"):
         model = create_model(name, **kwargs).eval()
         if deploy:
             model = reparameterize(model)
-        x = torch.empty(1, *(input_size or model.pretrained_cfg["input_size"]))
-        with FlopCounterMode(display=False) as counter:
-            model(x)
+        macs = count_macs(model, torch.empty(1, *(input_size or model.pretrained_cfg["input_size"])))
     params = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.get_classifier().parameters())
-    return Stats(params, params - head, counter.get_total_flops() / 2)
+    return Stats(params, params - head, macs)
 
 
 def _toy_training_losses(name: str, steps: int = 30, batch: int = 8, seed: int = 0) -> list[float]:

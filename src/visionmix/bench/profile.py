@@ -23,8 +23,7 @@ import platform
 import statistics
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from visionmix.engine.checkpoint import atomic_write
+from visionmix.files import write_new
 from visionmix.layers.validation import check_choice, check_positive
+from visionmix.module_state import eval_mode, on_device
 
 FORMS = ("train", "deploy")
 
@@ -44,18 +44,6 @@ FORMS = ("train", "deploy")
 def count_params(model: nn.Module) -> int:
     """Number of parameters, ``sum(p.numel())`` (buffers such as BN statistics are not parameters)."""
     return sum(p.numel() for p in model.parameters())
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block and restore every submodule's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in flags:
-            m.training = training
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -70,7 +58,7 @@ _CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _c
 
 def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
     """Multiply-adds of one forward pass of ``model(inputs)`` in eval mode (FlopCounterMode flops / 2)."""
-    with (_eval_mode(model), torch.inference_mode(),
+    with (eval_mode(model), torch.inference_mode(),
           FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter):
         model(inputs)
     return counter.get_total_flops() // 2
@@ -175,7 +163,7 @@ class _LiveTensorBytes(TorchDispatchMode):
 
 def peak_memory(model: nn.Module, inputs: torch.Tensor) -> int:
     """Peak bytes of the tensors created by one eval-mode forward pass of ``model(inputs)`` (see the module doc)."""
-    with _eval_mode(model), torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         if inputs.device.type == "cuda":
             torch.cuda.synchronize(inputs.device)
             before = torch.cuda.memory_allocated(inputs.device)
@@ -233,7 +221,8 @@ class BenchResult:
 def profile_model(model: nn.Module, *, name: str, form: str = "train", input_size: Sequence[int] = (3, 224, 224),
                   batch_size: int = 8, device: str | torch.device = "cpu", compile_backend: str | None = None,
                   warmup: int = 3, repeats: int = 10, reference_gflops: float | None = None) -> BenchResult:
-    """Profile ``model`` (moved to ``device``, put in eval mode) on random ``(B, *input_size)`` inputs.
+    """Profile ``model`` in eval mode on ``device`` (a copy if it lives elsewhere; the caller's model keeps its
+    device and mode) on random ``(B, *input_size)`` inputs.
 
     Latency is at batch 1, throughput (images/s) and peak memory at ``batch_size``. ``compile_backend`` times
     ``torch.compile(model, backend=...)`` instead of the eager model (params, MACs and memory stay eager).
@@ -245,12 +234,12 @@ def profile_model(model: nn.Module, *, name: str, form: str = "train", input_siz
     if len(input_size) != 3:
         raise ValueError(f"input_size must be (channels, height, width), got {input_size!r}")
     device = torch.device(device)
-    model = model.to(device).eval()
+    model = on_device(model, device)  # the caller's model stays where it is, in its own mode
     one = torch.randn(1, *input_size, device=device)
     batch = torch.randn(batch_size, *input_size, device=device)
     runner = torch.compile(model, backend=compile_backend, dynamic=False) if compile_backend else model
     sync = _sync_for(device)
-    with torch.inference_mode():
+    with eval_mode(model), torch.inference_mode():
         latency = time_call(lambda: runner(one), warmup=warmup, repeats=repeats, sync=sync)
         per_batch = time_call(lambda: runner(batch), warmup=warmup, repeats=repeats, sync=sync)
     macs = count_macs(model, one)
@@ -322,17 +311,6 @@ def format_table(results: Sequence[BenchResult]) -> str:
     lines = ["  ".join(row) for row in aligned]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
-
-
-def write_new(path: str | Path, content: str | bytes, *, force: bool = False) -> Path:
-    """Write ``content`` atomically to ``path``, creating its directory; an existing file is an error unless
-    ``force``."""
-    path = Path(path)
-    if not force and path.exists():
-        raise FileExistsError(f"{path} already exists; pass --force to overwrite it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, content)
-    return path
 
 
 def environment() -> dict[str, Any]:

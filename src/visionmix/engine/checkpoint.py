@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import pickle
 import re
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
+
+from visionmix.files import atomic_write, atomic_write_json, temporary_target
 
 CHECKPOINT_FILE = "checkpoint.json"
 PREVIOUS_FILE = "checkpoint-previous.json"
@@ -49,7 +49,6 @@ RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE, "eval.j
 _TAGGED = r"(?:weights|ema)-\d{8}\.safetensors|state-\d{8}\.pt"
 _TAGGED_RE = re.compile(_TAGGED)
 _OWN_NAME_RE = re.compile("|".join([*map(re.escape, RUN_FILES), _TAGGED]))
-_TMP_RE = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{16}\.tmp")  # what atomic_write leaves behind if killed
 
 
 class CheckpointError(ValueError):
@@ -58,47 +57,7 @@ class CheckpointError(ValueError):
 
 def is_run_file(name: str) -> bool:
     """Whether ``name`` is exactly what a run writes into its directory (including a temporary file of it)."""
-    tmp = _TMP_RE.fullmatch(name)
-    return bool(_OWN_NAME_RE.fullmatch(tmp["target"] if tmp else name))
-
-
-def is_temporary(name: str) -> bool:
-    """Whether ``name`` is a temporary file :func:`atomic_write` leaves behind when killed mid-write."""
-    return _TMP_RE.fullmatch(name) is not None
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one, never a part.
-
-    The temporary file ``.<name>.<16 hex>.tmp`` is created with ``open()``'s permissions (0666 less the umask).
-    """
-    path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """:func:`atomic_write` of ``obj`` as strict JSON (a NaN or infinity is a ``ValueError``, never written)."""
-    atomic_write(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+    return bool(_OWN_NAME_RE.fullmatch(temporary_target(name) or name))
 
 
 def state_dict_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -139,7 +98,7 @@ def remove_unnamed_files(run_dir: str | Path, *, temporary: bool = False) -> Non
             for name in meta["files"].values()}
     for path in run_dir.iterdir():
         stale = _TAGGED_RE.fullmatch(path.name) and path.name not in keep
-        if stale or (temporary and is_temporary(path.name) and is_run_file(path.name)):
+        if stale or (temporary and temporary_target(path.name) is not None and is_run_file(path.name)):
             path.unlink(missing_ok=True)
 
 

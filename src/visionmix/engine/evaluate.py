@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.data import BatchLoader, ImageDataset
-from visionmix.engine.checkpoint import atomic_write
 from visionmix.engine.distributed import DistContext, all_reduce_sum
+from visionmix.files import atomic_write
+from visionmix.module_state import eval_mode
 
 
 @torch.no_grad()
@@ -35,17 +36,13 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, device: torch.d
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     top5 = torch.zeros((), dtype=torch.int64, device=data.device)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         for images, labels in data:
             logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             ranked = logits.topk(k, dim=1).indices
             top5 += (ranked == labels[:, None]).any(1).sum()
             confusion += torch.bincount(labels * num_classes + ranked[:, 0], minlength=num_classes**2)
-    finally:
-        model.train(was_training)
     if ctx is not None:
         totals = all_reduce_sum(torch.cat([confusion.double(), loss_sum[None], top5[None].double()]), ctx)
         confusion, loss_sum, top5 = totals[:-2].long(), totals[-2], totals[-1].long()

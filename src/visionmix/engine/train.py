@@ -50,6 +50,7 @@ from visionmix.engine.distributed import (
     wrap_model,
 )
 from visionmix.engine.evaluate import evaluate
+from visionmix.files import atomic_write, atomic_write_json
 from visionmix.layers.validation import check_choice, check_positive
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -282,7 +283,7 @@ def _finished_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         summary = _summary(meta)
-        ckpt.atomic_write_json(path, summary)
+        atomic_write_json(path, summary)
         return summary
 
 
@@ -449,13 +450,13 @@ class _Trainer:
                     lines.append(entry)
         logged = {e["epoch"] for e in lines if "event" not in e}
         lines += [h for h in self.history if h["epoch"] not in logged]
-        ckpt.atomic_write(path, "".join(json.dumps(e) + "\n" for e in lines))
+        atomic_write(path, "".join(json.dumps(e) + "\n" for e in lines))
 
     def _append_metrics(self, entry: dict[str, Any]) -> None:
         """Add a line to metrics.jsonl, rewriting the (small) file atomically like every other write."""
         if self.ctx.is_main:
             path = self.out_dir / ckpt.METRICS_FILE
-            ckpt.atomic_write(path, (path.read_text() if path.is_file() else "") + json.dumps(entry) + "\n")
+            atomic_write(path, (path.read_text() if path.is_file() else "") + json.dumps(entry) + "\n")
 
     def _log(self, message: str) -> None:
         if self.show:
@@ -468,7 +469,7 @@ class _Trainer:
             self._end_epoch()
         summary = _summary(self._meta(finished=True))
         if self.ctx.is_main:
-            ckpt.atomic_write_json(self.out_dir / ckpt.SUMMARY_FILE, summary)
+            atomic_write_json(self.out_dir / ckpt.SUMMARY_FILE, summary)
         return summary
 
     def _train_epoch(self) -> None:
