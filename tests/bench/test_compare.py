@@ -1,16 +1,31 @@
-"""visionmix.bench.compare: a real end-to-end comparison on the bundled digits, resumability, failure isolation."""
+"""visionmix.bench.compare: a real end-to-end comparison on the bundled digits, resumability, failure isolation,
+paired differences to a baseline and the claims table."""
 
 from __future__ import annotations
 
 import csv
 import importlib
 import json
+import math
 import statistics
 
 import pytest
 from matplotlib.image import imread
 
-from visionmix.bench.compare import PLOTS, PRESETS, RunOutcome, compare, markdown_table, resolve_preset, summarize
+from visionmix.bench.compare import (
+    PAPER_CLAIMS,
+    PLOTS,
+    PRESETS,
+    Claim,
+    RunOutcome,
+    claim_rows,
+    compare,
+    markdown_table,
+    resolve_preset,
+    summarize,
+    with_differences,
+)
+from visionmix.bench.stats import t_quantile
 from visionmix.cli import main
 from visionmix.data import FASHION_MNIST_DIR
 
@@ -32,6 +47,7 @@ def test_every_artefact_is_written(compared):
     out, _, _ = compared
     for name in ("results.csv", "results.json", "results.md", *PLOTS):
         assert (out / name).is_file(), name
+    assert not (out / "claims.csv").exists()  # no paper claim compares mixer_nano with resnet_nano
     for model in MODELS[:2]:
         assert (out / "runs" / model / "seed0" / "summary.json").is_file()
         assert (out / "runs" / model / "bench.json").is_file()
@@ -47,6 +63,11 @@ def test_csv_parses_with_one_row_per_model(compared):
         assert r["status"] == "ok" and r["error"] == "" and r["seeds"] == "1"
         assert 0.0 <= float(r["top1"]) <= float(r["top5"]) <= 100.0
         assert int(r["params"]) > 0 and int(r["macs"]) > 0 and float(r["throughput"]) > 0
+    assert rows["mixer_nano"]["verdict"] == "baseline"  # the first model, by default
+    assert rows["resnet_nano"]["verdict"] == "1 seed: cannot decide" and rows["resnet_nano"]["pairs"] == "1"
+    assert float(rows["resnet_nano"]["delta"]) == pytest.approx(
+        float(rows["resnet_nano"]["top1"]) - float(rows["mixer_nano"]["top1"]), abs=1e-4)
+    assert rows["resnet_nano"]["ci_low"] == "" and rows["mixer_s32_224"]["verdict"] == "no seed finished for both"
     summary = json.loads((out / "runs" / "mixer_nano" / "seed0" / "summary.json").read_text())
     assert float(rows["mixer_nano"]["top1"]) == summary["top1"]
 
@@ -96,9 +117,11 @@ def test_summarize_mean_and_sample_std_over_seeds():
     partial = summarize("m", [_outcome(0, 90.0), _outcome(1, None, "TrainingError: nan")], None, None)
     assert partial["status"] == "partial (1/2)" and partial["top1_std"] is None
     assert partial["error"] == "seed 1: TrainingError: nan"
-    table = markdown_table([row, partial], {"recipe": {}, "bench_batch_size": 8, "seeds": 3, "data": "digits",
-                                            "environment": {"threads": 2, "torch": "x"}})
-    assert "| m | 92.00 ± 2.65 |" in table and "partial (1/2): seed 1: TrainingError: nan" in table
+    rows = with_differences([row, {**partial, "model": "p"}], [], "m")
+    table = markdown_table(rows, {"recipe": {}, "bench_batch_size": 8, "seeds": 3, "data": "digits", "baseline": "m",
+                                  "environment": {"threads": 2, "torch": "x"}})
+    assert "| m | 92.00 ± 2.65 | - | baseline |" in table and "partial (1/2): seed 1: TrainingError: nan" in table
+    assert "| p | 90.00 | - | no seed finished for both |" in table
     no_bench = summarize("m", [_outcome(0, 90.0)], None, "RuntimeError: boom")
     assert no_bench["status"] == "bench failed" and no_bench["top1"] == 90.0 and no_bench["throughput"] is None
 
@@ -195,3 +218,112 @@ def test_training_curves_average_seeds_and_end_a_partial_run_at_its_length(monke
     (loss_line,), (acc_line,) = loss_ax.get_lines(), acc_ax.get_lines()
     assert list(loss_line.get_xdata()) == list(acc_line.get_xdata()) == [1, 2, 2.5]
     assert list(loss_line.get_ydata()) == [2.5, 1.5, 1.0] and list(acc_line.get_ydata()) == [55.0, 75.0, 85.0]
+
+
+def _top1_outcomes(model: str, top1_by_seed: dict[int, float | None]) -> list[RunOutcome]:
+    return [RunOutcome(model, seed, summary={"top1": top1}) if top1 is not None else RunOutcome(model, seed, error="x")
+            for seed, top1 in top1_by_seed.items()]
+
+
+def test_only_seeds_both_finished_are_paired():
+    outcomes = [*_top1_outcomes("base", {0: 90.0, 1: None, 2: 91.0, 3: 89.0}),
+                *_top1_outcomes("a", {0: 91.0, 1: 95.0, 2: 93.0, 3: 92.0})]  # differences 1, (none), 2, 3
+    rows = with_differences([{"model": "base"}, {"model": "a"}], outcomes, "base")
+    half = t_quantile(0.975, 2) / math.sqrt(3)
+    assert rows[0]["verdict"] == "baseline" and rows[0]["delta"] is None
+    assert rows[1]["pairs"] == 3 and rows[1]["delta"] == pytest.approx(2.0)
+    assert (rows[1]["ci_low"], rows[1]["ci_high"]) == (pytest.approx(2 - half, abs=1e-4),
+                                                       pytest.approx(2 + half, abs=1e-4))
+    assert rows[1]["verdict"] == "no difference shown"
+
+
+def test_claims_are_tested_on_their_own_pair_and_absent_models_are_not_shown():
+    outcomes = [*_top1_outcomes("a", {0: 90.0, 1: 91.0, 2: 92.0}), *_top1_outcomes("b", {0: 85.0, 1: 85.5, 2: 86.5}),
+                *_top1_outcomes("c", {0: 90.2, 1: 90.9, 2: 92.1})]
+    rows = [{"model": m, "macs": macs} for m, macs in (("a", 100), ("b", 100), ("c", 120))]
+    claims = (Claim("P", "a beats b", "a", "b"), Claim("P", "a on par with c", "a", "c", "on par"),
+              Claim("P", "b not worse than a", "b", "a", "not worse"), Claim("P", "a beats d", "a", "d"))
+    table = claim_rows(rows, outcomes, claims)
+    assert [(c["claim"], c["verdict"]) for c in table] == [
+        ("a beats b", "holds"), ("a on par with c", "holds"), ("b not worse than a", "does not hold")]
+    assert table[0]["delta"] == pytest.approx(5.333, abs=1e-3) and table[1]["macs_b"] == 120
+    with pytest.raises(ValueError, match="kind must be one of 'better', 'on par', 'not worse'; got 'beats'"):
+        Claim("P", "x", "a", "b", "beats")
+
+
+def test_paper_claims_name_registered_models():
+    import visionmix
+
+    names = set(visionmix.list_models())
+    assert all({c.model_a, c.model_b} <= names for c in PAPER_CLAIMS)
+    assert all({c.model_a, c.model_b} <= set(PRESETS["claims"].models) for c in PAPER_CLAIMS)
+    assert PRESETS["claims"].seeds >= 3 and PRESETS["claims"].data == "fashion-mnist"
+    assert PRESETS["claims"].baseline in PRESETS["claims"].models
+
+
+PAIRED = ["resnet_nano", "mixer_nano"]
+
+
+@pytest.fixture(scope="module")
+def paired_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("paired")
+    claims = (Claim("test", "resnet beats mixer", "resnet_nano", "mixer_nano"),
+              Claim("test", "absent", "resnet_nano", "uniformer_nano", "on par"))
+    rows = compare(PAIRED, out, data="digits", seeds=2, recipe=RECIPE, bench_batch_size=4, bench_repeats=2,
+                   progress=False, baseline="mixer_nano", claims=claims, log=lambda line: None)
+    return out, rows
+
+
+def test_two_seeds_and_a_baseline_give_verdict_columns(paired_run):
+    out, rows = paired_run
+    with open(out / "results.csv", newline="") as f:
+        csv_rows = {r["model"]: r for r in csv.DictReader(f)}
+    assert csv_rows["mixer_nano"]["verdict"] == "baseline"
+    resnet = csv_rows["resnet_nano"]
+    assert resnet["pairs"] == "2" and resnet["verdict"] in ("better", "worse", "no difference shown")
+    assert float(resnet["ci_low"]) <= float(resnet["delta"]) <= float(resnet["ci_high"])
+    top1 = {m: [json.loads((out / "runs" / m / f"seed{s}" / "summary.json").read_text())["top1"] for s in (0, 1)]
+            for m in PAIRED}
+    assert float(resnet["delta"]) == pytest.approx(statistics.fmean(
+        a - b for a, b in zip(top1["resnet_nano"], top1["mixer_nano"], strict=True)), abs=1e-4)
+    report = json.loads((out / "results.json").read_text())
+    assert report["meta"]["baseline"] == "mixer_nano" and report["models"][0]["verdict"] == resnet["verdict"]
+    assert rows[0]["delta"] == report["models"][0]["delta"]
+    assert "| Δ top-1 vs mixer_nano (95% CI) | verdict |" in (out / "results.md").read_text()
+
+
+def test_the_differences_plot_and_the_claims_table(paired_run):
+    out, _ = paired_run
+    image = imread(out / "differences.png")
+    assert (out / "differences.png").read_bytes().startswith(PNG_SIGNATURE) and image[..., :3].std() > 0
+    report = json.loads((out / "results.json").read_text())
+    assert [c["claim"] for c in report["claims"]] == ["resnet beats mixer"]  # the absent model's claim is not shown
+    claim = report["claims"][0]
+    assert claim["pairs"] == 2 and claim["delta"] == report["models"][0]["delta"]
+    assert claim["macs_a"] == report["models"][0]["macs"] and claim["macs_b"] == report["models"][1]["macs"]
+    with open(out / "claims.csv", newline="") as f:
+        assert [r["verdict"] for r in csv.DictReader(f)] == [claim["verdict"]]
+    markdown = (out / "results.md").read_text()
+    assert "## Claims" in markdown and "| test | resnet beats mixer (better) | resnet_nano vs mixer_nano |" in markdown
+
+
+def test_a_baseline_outside_the_models_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="baseline must be one of 'mixer_nano'; got 'resnet_nano'"):
+        compare(["mixer_nano"], tmp_path, baseline="resnet_nano")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_differences_plot_has_one_row_per_paired_model_and_a_line_at_zero(monkeypatch, tmp_path):
+    compare_module = importlib.import_module("visionmix.bench.compare")
+    rows = [{"model": "base", "delta": None, "ci_low": None, "ci_high": None},
+            {"model": "a", "delta": 2.0, "ci_low": -0.5, "ci_high": 4.5},
+            {"model": "b", "delta": -1.0, "ci_low": None, "ci_high": None},  # one seed: a point, no bar
+            {"model": "c", "delta": None, "ci_low": None, "ci_high": None}]  # not paired: no row
+    figures = []
+    monkeypatch.setattr(compare_module, "_save_figure", lambda fig, path: figures.append(fig))
+    compare_module._differences(rows, "base", tmp_path / "d.png")
+    (ax,) = figures[0].axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"] and "base" in ax.get_title()
+    assert any(list(line.get_xdata()) == [0.0, 0.0] for line in ax.get_lines())
+    points = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert [(list(p.get_xdata()), list(p.get_ydata())) for p in points] == [([2.0], [0]), ([-1.0], [1])]

@@ -6,12 +6,18 @@ benchmarks the deployed form (``visionmix.reparameterize``) of the trained model
 
     runs/<model>/seed<k>/   the engine's run directory (checkpoint, metrics.jsonl, summary.json)
     runs/<model>/bench.json the speed measurement
-    results.csv, results.json, results.md, accuracy_vs_macs.png, accuracy_vs_throughput.png, training_curves.png
+    results.csv, results.json, results.md, accuracy_vs_macs.png, accuracy_vs_throughput.png, training_curves.png,
+    differences.png, claims.csv (when a claim's two models are compared)
 
 A run whose ``summary.json`` exists is finished and is not trained again, so an interrupted comparison resumes where
 it stopped (an interrupted run resumes from its last checkpoint). A model that fails is reported with its error and
 does not stop the others. The report is rewritten after every model. Accuracies are mean ± sample standard deviation
 over the seeds that finished.
+
+Verdicts (``visionmix.bench.stats``): runs of one seed share data order and augmentation across models, so every
+model is compared with the ``baseline`` seed by seed (the paired t interval of its top-1 minus the baseline's over
+the seeds both finished), and each of the papers' claims (``PAPER_CLAIMS``) whose two models are in the comparison
+is tested the same way on its own pair of models.
 """
 
 from __future__ import annotations
@@ -25,17 +31,67 @@ from pathlib import Path
 from typing import Any
 
 from visionmix.bench.profile import environment, profile_model, si_format, to_csv
+from visionmix.bench.stats import (
+    CLAIM_KINDS,
+    ON_PAR_MARGIN,
+    PairedDifference,
+    claim_verdict,
+    paired_difference,
+)
 from visionmix.engine.checkpoint import atomic_write
 from visionmix.layers.validation import check_choice, check_positive
 
-PLOTS = ("accuracy_vs_macs.png", "accuracy_vs_throughput.png", "training_curves.png")
+PLOTS = ("accuracy_vs_macs.png", "accuracy_vs_throughput.png", "training_curves.png", "differences.png")
 FORMAT = "visionmix-compare/1"  # results.json says this: the directory is a comparison, resumed when re-run
 
 
 @dataclass(frozen=True)
+class Claim:
+    """A paper's claim about test top-1, tested on the paired difference Δ = ``model_a`` - ``model_b``: ``kind`` is
+    "better" (Δ > 0), "on par" (|Δ| within ``ON_PAR_MARGIN``) or "not worse" (Δ above ``-ON_PAR_MARGIN``); see
+    ``visionmix.bench.stats.claim_verdict``."""
+
+    paper: str
+    statement: str
+    model_a: str
+    model_b: str
+    kind: str = "better"
+
+    def __post_init__(self) -> None:
+        check_choice("kind", self.kind, CLAIM_KINDS)
+
+
+_SPACH = "SPACH (2108.13002)"
+_SAME_COST = "beats the plain ResNet at the same deployed cost"
+PAPER_CLAIMS: tuple[Claim, ...] = (
+    *(Claim(_SPACH, f"multi-stage beats single-stage ({kind} mixing)", f"spach_ms_nano_{kind}", f"spach_nano_{kind}")
+      for kind in ("conv", "attn", "mlp")),
+    Claim(_SPACH, "with local modelling, conv and attention mixing are on par", "spach_ms_nano_conv",
+          "spach_ms_nano_attn", "on par"),
+    Claim(_SPACH, "MLP mixing is strong at small size: not worse than conv", "spach_ms_nano_mlp", "spach_ms_nano_conv",
+          "not worse"),
+    Claim(_SPACH, "MLP mixing is strong at small size: not worse than attention", "spach_ms_nano_mlp",
+          "spach_ms_nano_attn", "not worse"),
+    Claim("DBB (2103.13425)", f"Diverse Branch Block {_SAME_COST}", "dbb_resnet_nano", "resnet_nano"),
+    Claim("DO-Conv (2006.12030)", f"depthwise over-parameterised conv {_SAME_COST}", "doconv_resnet_nano",
+          "resnet_nano"),
+    Claim("PSConv (2007.06191)", f"poly-scale conv {_SAME_COST}", "psresnet_nano", "resnet_nano"),
+    Claim("SE (1709.01507)", "squeeze-and-excitation beats the plain ResNet", "seresnet_nano", "resnet_nano"),
+    Claim("SKNet (1903.06586)", "selective kernels beat the plain ResNet", "skresnet_nano", "resnet_nano"),
+    Claim("ULSAM (2006.15102)", "subspace attention beats the plain ResNet", "ulsam_resnet_nano", "resnet_nano"),
+    Claim("CondConv (1904.04971)", "conditional convs beat the plain ResNet", "condconv_resnet_nano", "resnet_nano"),
+    Claim("WeightNet (2007.11823)", "generated weights beat the plain ResNet", "weightnet_resnet_nano", "resnet_nano"),
+    Claim("UniFormer (2201.09450)", "hybrid local conv + global attention beats pure attention", "uniformer_nano",
+          "spach_ms_nano_attn"),
+    Claim("S2-MLPv2 (2108.01072)", "spatial shift + split attention beats Mixer", "s2mlpv2_nano", "mixer_nano"),
+)
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A named comparison: models, dataset, seeds and the training recipe (``TrainConfig`` fields).
-    ``fallback_recipe`` (with ``data="digits"``) is used when Fashion-MNIST is not installed; ``None``: error."""
+    """A named comparison: models, dataset, seeds, the training recipe (``TrainConfig`` fields) and the baseline of
+    the paired differences (``None``: the first model). ``fallback_recipe`` (with ``data="digits"``) is used when
+    Fashion-MNIST is not installed; ``None``: error."""
 
     models: tuple[str, ...]
     data: str
@@ -43,6 +99,7 @@ class Preset:
     recipe: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     fallback_recipe: dict[str, Any] | None = None
+    baseline: str | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -59,6 +116,22 @@ PRESETS: dict[str, Preset] = {
                 "spach_ms_nano_mlp", "uniformer_nano"),
         data="fashion-mnist", seeds=1, recipe={"epochs": 3},
         description="every family's nano model on full Fashion-MNIST",
+    ),
+    # Sizing (2 CPU threads, training img/s at batch 128 measured with `visionmix train --epochs 0.02-0.05` while the
+    # machine was shared, so an upper bound on time): resnet 189, skresnet 169, doconv 149, spach_ms attn 223,
+    # uniformer 110, ulsam 104, condconv 66, psresnet 57, weightnet 47, dbb 46 (training form); the 18 models sum to
+    # about 0.15 s per training image per seed, and one evaluation on the 10,000 test images costs 15-95 s a model
+    # (about 565 s for all). 15,000 training images (0.25 epoch) x 3 seeds: 3 x (15,000 x 0.15 + 565) + 18 x 20 s of
+    # benchmark = 8,900 s, about 2.5 hours; it resumes, so it may be run in parts.
+    "claims": Preset(
+        models=("resnet_nano", "seresnet_nano", "skresnet_nano", "ulsam_resnet_nano", "condconv_resnet_nano",
+                "weightnet_resnet_nano", "dbb_resnet_nano", "doconv_resnet_nano", "psresnet_nano",
+                "spach_nano_conv", "spach_nano_attn", "spach_nano_mlp", "spach_ms_nano_conv", "spach_ms_nano_attn",
+                "spach_ms_nano_mlp", "uniformer_nano", "mixer_nano", "s2mlpv2_nano"),
+        data="fashion-mnist", seeds=3, recipe={"epochs": 0.25, "batch_size": 64, "warmup_epochs": 0.02},
+        description="the papers' claims (PAPER_CLAIMS) on full Fashion-MNIST: every nano model for a quarter epoch "
+                    "(15,000 images, 234 steps), 3 seeds, paired against resnet_nano; about 2.5 h on 2 CPU threads",
+        baseline="resnet_nano",
     ),
 }
 
@@ -177,6 +250,59 @@ def summarize(model: str, outcomes: Sequence[RunOutcome], bench: dict[str, Any] 
     }
 
 
+def _top1_by_seed(outcomes: Sequence[RunOutcome]) -> dict[str, dict[int, float]]:
+    by_model: dict[str, dict[int, float]] = {}
+    for o in outcomes:
+        if o.summary is not None:
+            by_model.setdefault(o.model, {})[o.seed] = o.summary["top1"]
+    return by_model
+
+
+def paired(top1: Mapping[str, Mapping[int, float]], model_a: str, model_b: str) -> PairedDifference:
+    """The paired difference of top-1, ``model_a`` - ``model_b``, over the seeds both finished."""
+    a, b = top1.get(model_a, {}), top1.get(model_b, {})
+    seeds = sorted(a.keys() & b.keys())
+    return paired_difference([a[s] for s in seeds], [b[s] for s in seeds])
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def with_differences(rows: Sequence[dict[str, Any]], outcomes: Sequence[RunOutcome],
+                     baseline: str) -> list[dict[str, Any]]:
+    """``rows`` with each model's paired difference to ``baseline``: pairs, delta, ci_low, ci_high, verdict."""
+    top1 = _top1_by_seed(outcomes)
+    result = []
+    for row in rows:
+        if row["model"] == baseline:
+            extra = {"pairs": None, "delta": None, "ci_low": None, "ci_high": None, "verdict": "baseline"}
+        else:
+            diff = paired(top1, row["model"], baseline)
+            extra = {"pairs": diff.n, "delta": _rounded(diff.mean), "ci_low": _rounded(diff.low),
+                     "ci_high": _rounded(diff.high), "verdict": diff.verdict}
+        result.append({**row, **extra})
+    return result
+
+
+def claim_rows(rows: Sequence[dict[str, Any]], outcomes: Sequence[RunOutcome],
+               claims: Sequence[Claim]) -> list[dict[str, Any]]:
+    """One row per claim whose two models are both in ``rows``: Δ top-1 (A - B), its interval, MACs, verdict."""
+    macs = {r["model"]: r["macs"] for r in rows}
+    top1 = _top1_by_seed(outcomes)
+    result = []
+    for claim in claims:
+        if claim.model_a not in macs or claim.model_b not in macs:
+            continue
+        diff = paired(top1, claim.model_a, claim.model_b)
+        result.append({"paper": claim.paper, "claim": claim.statement, "model_a": claim.model_a,
+                       "model_b": claim.model_b, "kind": claim.kind, "pairs": diff.n, "delta": _rounded(diff.mean),
+                       "ci_low": _rounded(diff.low), "ci_high": _rounded(diff.high),
+                       "macs_a": macs[claim.model_a], "macs_b": macs[claim.model_b],
+                       "verdict": claim_verdict(diff, claim.kind)})
+    return result
+
+
 def _outcome_line(outcome: RunOutcome) -> str:
     if outcome.error:
         return f"failed: {outcome.error}"
@@ -187,14 +313,17 @@ def _outcome_line(outcome: RunOutcome) -> str:
 def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-mnist", seeds: int = 1,
             recipe: Mapping[str, Any] | None = None, bench_batch_size: int = 64, bench_repeats: int = 10,
             progress: bool = True, note: str = "", command: str = "", force: bool = False,
+            baseline: str | None = None, claims: Sequence[Claim] = PAPER_CLAIMS,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train, evaluate and benchmark ``models`` under one recipe; write the results and plots into ``out_dir``.
 
     ``recipe`` holds ``visionmix.engine.TrainConfig`` fields other than ``model``, ``data`` and ``seed``
     (epochs, batch_size, lr, max_train_samples, ...). Seeds are ``0 .. seeds-1``. ``note`` and ``command`` (the
     command line that ran it) go into the report. ``out_dir`` must be new, empty or a comparison this function
-    wrote (its ``results.json`` says so), unless ``force``. Every argument is checked before anything is trained.
-    Returns one row per model.
+    wrote (its ``results.json`` says so), unless ``force``. Every model's top-1 is compared seed by seed with the
+    ``baseline``'s (one of ``models``; default the first), and each of ``claims`` whose two models are both in
+    ``models`` gets a verdict. Every argument is checked before anything is trained. Returns one row per model, with
+    its paired difference to the baseline (pairs, delta, ci_low, ci_high, verdict).
     """
     from visionmix.engine import TrainConfig
     from visionmix.models import model_entry
@@ -205,6 +334,8 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
         raise ValueError(f"models contains duplicates: {list(models)}")
     for model in models:
         model_entry(model)  # an unknown name fails now, not after the models before it have trained
+    baseline = models[0] if baseline is None else baseline
+    check_choice("baseline", baseline, models)
     check_positive("seeds", seeds)
     check_positive("bench_batch_size", bench_batch_size)
     if check_positive("bench_repeats", bench_repeats) < 2:
@@ -220,10 +351,11 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     base.validate()  # a bad recipe fails once, here, not once per model
     shown = {k: v for k, v in asdict(base).items() if k not in _NOT_RECIPE}
     meta = {"data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note, "command": command,
-            "bench_batch_size": bench_batch_size, "environment": environment()}
+            "bench_batch_size": bench_batch_size, "baseline": baseline, "on_par_margin": ON_PAR_MARGIN,
+            "environment": environment()}
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
-    write_report(out_dir, [], [], meta)  # claims the directory: a re-run of an interrupted comparison resumes here
+    write_report(out_dir, [], [], meta, claims)  # claims the directory: a re-run of an interrupted comparison resumes
     runs_dir = out_dir / "runs"
     total = len(models) * seeds
     rows, outcomes = [], []
@@ -246,8 +378,9 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
                 log(f"{model}: benchmark failed: {bench_error}")
         rows.append(summarize(model, model_outcomes, bench, bench_error))
         outcomes.extend(model_outcomes)
-        write_report(out_dir, rows, outcomes, meta)  # after every model, so a long comparison shows its progress
-    return rows
+        report = with_differences(rows, outcomes, baseline)
+        write_report(out_dir, report, outcomes, meta, claims)  # after every model: a long comparison shows progress
+    return report
 
 
 def is_comparison(out_dir: str | Path) -> bool:
@@ -278,6 +411,36 @@ def _fmt(value: float | None, std: float | None = None, digits: int = 2) -> str:
     return f"{value:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
+def _interval(row: Mapping[str, Any]) -> str:
+    """``+1.23 [-0.50, +2.96]`` (a mean without interval: just the mean; no mean: ``-``)."""
+    if row["delta"] is None:
+        return "-"
+    if row["ci_low"] is None:
+        return f"{row['delta']:+.2f}"
+    return f"{row['delta']:+.2f} [{row['ci_low']:+.2f}, {row['ci_high']:+.2f}]"
+
+
+def claims_markdown(claims: Sequence[dict[str, Any]]) -> str:
+    """The claims section of results.md: one row per claim (see :func:`claim_rows`)."""
+    lines = [
+        "## Claims",
+        "",
+        "Δ = top-1 of A - top-1 of B in points, mean over the seeds both finished with its 95% paired t interval. "
+        "\"better\" holds if the interval lies above 0; \"on par\" holds if it lies within "
+        f"±{ON_PAR_MARGIN:g} point and does not hold if it lies wholly outside; \"not worse\" holds if it lies "
+        f"above -{ON_PAR_MARGIN:g} and does not hold if it lies below. Otherwise the claim is not shown at this scale. "
+        "MACs are of the deployed models.",
+        "",
+        "| paper | claim | A vs B | Δ top-1 (95% CI) | seeds | MACs A | MACs B | verdict |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for c in claims:
+        cells = [c["paper"], f"{c['claim']} ({c['kind']})", f"{c['model_a']} vs {c['model_b']}", _interval(c),
+                 str(c["pairs"]), si_format(c["macs_a"]), si_format(c["macs_b"]), c["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any]) -> str:
     """The comparison as a markdown document: a header saying what was run, then one row per model."""
     recipe = ", ".join(f"{k}={v}" for k, v in meta["recipe"].items()) or "engine defaults"
@@ -293,12 +456,16 @@ def markdown_table(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any]) -> s
         lines += ["", f"Produced by `{meta['command']}`."]
     if meta.get("note"):
         lines += ["", f"Note: {meta['note']}"]
-    lines += ["", f"| model | top-1 (%) | top-5 (%) | params | MACs | img/s (b{batch}) | latency b1 (ms) "
-                  "| train time (s) | status |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    baseline = meta.get("baseline")
+    lines += ["", f"Δ top-1: the model's top-1 minus {baseline}'s, mean over the seeds both finished, with its 95% "
+                  "paired t interval; the verdict is \"no difference shown\" when the interval contains 0.",
+              "", f"| model | top-1 (%) | Δ top-1 vs {baseline} (95% CI) | verdict | top-5 (%) | params | MACs "
+                  f"| img/s (b{batch}) | latency b1 (ms) | train time (s) | status |",
+              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         status = r["status"] if not r["error"] else f"{r['status']}: {r['error']}"
-        cells = [r["model"], _fmt(r["top1"], r["top1_std"]), _fmt(r["top5"], r["top5_std"]), si_format(r["params"]),
+        cells = [r["model"], _fmt(r["top1"], r["top1_std"]), _interval(r), r["verdict"], _fmt(r["top5"], r["top5_std"]),
+                 si_format(r["params"]),
                  si_format(r["macs"]), _fmt(r["throughput"], digits=0), _fmt(r["latency_ms"]),
                  _fmt(r["train_time_s"], digits=0), status.replace("|", "\\|")]
         lines.append("| " + " | ".join(cells) + " |")
@@ -358,18 +525,46 @@ def _curves(outcomes: Sequence[RunOutcome], path: Path) -> None:
     _save_figure(fig, path)
 
 
+def _differences(rows: Sequence[dict[str, Any]], baseline: str, path: Path) -> None:
+    """One row per model: its mean paired difference to ``baseline`` with the 95% interval, a line at 0."""
+    from matplotlib.figure import Figure
+
+    points = [r for r in rows if r["model"] != baseline and r["delta"] is not None]
+    fig = Figure(figsize=(6.4, 1.2 + 0.35 * max(len(points), 3)), layout="constrained")
+    ax = fig.add_subplot()
+    for y, r in enumerate(points):
+        error = None if r["ci_low"] is None else [[r["delta"] - r["ci_low"]], [r["ci_high"] - r["delta"]]]
+        ax.errorbar(r["delta"], y, xerr=error, fmt="o", capsize=3)
+    if not points:
+        ax.text(0.5, 0.5, "no model paired with the baseline yet", ha="center", va="center", transform=ax.transAxes)
+    ax.axvline(0.0, color="grey", linewidth=1)
+    ax.set_yticks(range(len(points)), [r["model"] for r in points])
+    ax.set_ylim(max(len(points), 1) - 0.5, -0.5)  # the table's order, top to bottom
+    ax.set(xlabel=f"top-1 minus {baseline}'s (points)", title=f"paired difference to {baseline} (95% CI over seeds)")
+    ax.grid(True, axis="x", alpha=0.3)
+    _save_figure(fig, path)
+
+
 def write_report(out_dir: str | Path, rows: Sequence[dict[str, Any]], outcomes: Sequence[RunOutcome],
-                 meta: Mapping[str, Any]) -> None:
-    """Write results.json/.csv/.md and the three PNG plots into ``out_dir``."""
+                 meta: Mapping[str, Any], claims: Sequence[Claim] = PAPER_CLAIMS) -> None:
+    """Write results.json/.csv/.md, the PNG plots and (when a claim applies) claims.csv into ``out_dir``.
+    ``rows`` carry the paired differences (:func:`with_differences`) to ``meta["baseline"]``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [{"model": o.model, "seed": o.seed, "error": o.error, "summary": o.summary} for o in outcomes]
+    tested = claim_rows(rows, outcomes, claims)
     atomic_write(out_dir / "results.json", json.dumps({"format": FORMAT, "meta": meta, "models": list(rows),
-                                                       "runs": runs}, indent=2, allow_nan=False) + "\n")
+                                                       "claims": tested, "runs": runs}, indent=2, allow_nan=False)
+                 + "\n")
     atomic_write(out_dir / "results.csv", to_csv(rows))
-    atomic_write(out_dir / "results.md", markdown_table(rows, meta))
+    markdown = markdown_table(rows, meta)
+    if tested:
+        atomic_write(out_dir / "claims.csv", to_csv(tested))
+        markdown += "\n" + claims_markdown(tested)
+    atomic_write(out_dir / "results.md", markdown)
     batch = meta["bench_batch_size"]
     _scatter(rows, "macs", 1e6, "MMACs per image", "accuracy vs MACs", out_dir / PLOTS[0])
     _scatter(rows, "throughput", 1.0, f"images/s at batch {batch}", "accuracy vs measured throughput",
              out_dir / PLOTS[1])
     _curves(outcomes, out_dir / PLOTS[2])
+    _differences(rows, meta["baseline"], out_dir / PLOTS[3])
