@@ -206,6 +206,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------------- eval
 def _add_eval_parser(subparsers: Any) -> None:
+    from visionmix.engine.evaluate import EVAL_WEIGHTS
+
     p = add_command(subparsers, "eval", "evaluate a trained run", """\
 Evaluate a run directory's model: top-1/top-5, loss, per-class accuracy and the confusion matrix, written to
 RUN_DIR/eval.json and RUN_DIR/confusion.png (PNG when matplotlib is installed). --deploy also evaluates the
@@ -216,7 +218,7 @@ re-parameterised model (visionmix.reparameterize) to show that it scores identic
     p.add_argument("--split", default="test", choices=("test", "train"), help="which split to evaluate")
     p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this many images, 0 = all "
                                                         "(default: the run's own setting)")
-    p.add_argument("--weights", default="auto", choices=("auto", "ema", "raw"),
+    p.add_argument("--weights", default="auto", choices=EVAL_WEIGHTS,
                    help="auto = the EMA weights if the run kept them")
     p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
@@ -224,51 +226,22 @@ re-parameterised model (visionmix.reparameterize) to show that it scores identic
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from visionmix.data import BatchLoader, build_dataset
-    from visionmix.engine.checkpoint import atomic_write_json, load_run
     from visionmix.engine.distributed import resolve_device
-    from visionmix.engine.evaluate import evaluate, plot_confusion
+    from visionmix.engine.evaluate import evaluate_run
 
-    run_dir = Path(args.checkpoint)
-    model, meta = load_run(run_dir, ema={"auto": None, "ema": True, "raw": False}[args.weights])
-    device = resolve_device(args.device)
-    cfg, info = meta["config"], meta["data"]
-    size = info["image_size"]
-    run_limit = cfg["max_eval_samples" if args.split == "test" else "max_train_samples"]
-    limit = run_limit if args.max_eval_samples is None else args.max_eval_samples or None
-    dataset = build_dataset(cfg["data"], args.split, args.data_dir or cfg["data_dir"], limit,
-                            image_size=size[0] if size[0] == size[1] else None)
-    dataset = dataset.with_stats(info["mean"], info["std"])
-    forms: list[tuple[str, torch.nn.Module]] = [("trained", model.to(device))]
+    report = evaluate_run(args.checkpoint, split=args.split, deploy=args.deploy, data_dir=args.data_dir,
+                          max_samples=args.max_eval_samples, weights=args.weights, batch_size=args.batch_size,
+                          device=resolve_device(args.device))
+    for form, record in report["forms"].items():
+        _say(f"{form:>8}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  loss {record['loss']:.4f}  "
+             f"({record['num_samples']} images, {record['params']:,} params)")
+    per_class = zip(report["classes"], report["forms"]["trained"]["per_class"], strict=True)
+    _say("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in per_class if a is not None))
     if args.deploy:
-        from visionmix.reparam import reparameterize
-
-        forms.append(("deployed", reparameterize(model)))
-    results = {}
-    for form, net in forms:
-        metrics = evaluate(net, dataset, device, batch_size=args.batch_size)
-        suffix = "" if form == "trained" else "-deploy"
-        record = {"run": str(run_dir), "model": meta["model"], "form": form, "split": args.split,
-                  "params": sum(p.numel() for p in net.parameters()), **metrics}
-        atomic_write_json(run_dir / f"eval{suffix}.json", record)
-        plot_confusion(metrics["confusion"], info["classes"], run_dir / f"confusion{suffix}.png",
-                       title=f"{meta['model']} ({form}) on {cfg['data']} {args.split}: top-1 {metrics['top1']:.2f}%")
-        results[form] = metrics
-        _say(f"{form:>8}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  loss {metrics['loss']:.4f}  "
-             f"({metrics['num_samples']} images, {record['params']:,} params)")
-    classes = info["classes"]
-    per_class = results["trained"]["per_class"]
-    _say("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in zip(classes, per_class, strict=True) if a is not None))
-    if args.deploy:
-        same = results["trained"]["confusion"] == results["deployed"]["confusion"]
-        with torch.no_grad():
-            x, _ = next(iter(BatchLoader(dataset, 256, train=False, device=device)))
-            diff = (forms[0][1](x) - forms[1][1](x)).abs().max().item()
-        _say(f"deployed vs trained: {'identical' if same else 'DIFFERENT'} predictions, max |logit difference| "
-             f"{diff:.2e} on the first batch")
-    _say(f"wrote {run_dir / 'eval.json'}" + (" and eval-deploy.json" if args.deploy else ""))
+        check = report["deploy_check"]
+        _say(f"deployed vs trained: {'identical' if check['same_predictions'] else 'DIFFERENT'} predictions, max "
+             f"|logit difference| {check['max_abs_logit_diff']:.2e} on the first batch")
+    _say("wrote " + " and ".join(map(str, report["written"])))
     return 0
 
 
@@ -504,7 +477,7 @@ example: visionmix export runs/dbb --deploy --onnx dbb.onnx --torchscript dbb.pt
 def _run_export(args: argparse.Namespace) -> int:
     import torch
 
-    from visionmix.export import ExportError, export_onnx, export_torchscript, randomize_weights
+    from visionmix.export import ExportError, deployed_for_export, export_onnx, export_torchscript, randomize_weights
 
     if not (args.onnx or args.torchscript):
         raise ValueError("export needs --onnx FILE and/or --torchscript FILE")
@@ -531,14 +504,9 @@ def _run_export(args: argparse.Namespace) -> int:
     checked = f"{args.batch_size}" if args.static_batch else f"{args.batch_size} and {args.batch_size + 1}"
     try:
         if args.deploy:
-            from visionmix.reparam import check_equivalence, reparameterize
-
-            deployed = reparameterize(model)
-            equivalence = check_equivalence(model, deployed, example)
+            model, equivalence = deployed_for_export(model, example)
             print(f"deployed vs trained: {equivalence}")
-            if not equivalence.ok:
-                raise ExportError(f"the re-parameterised model is not equivalent to the trained one: {equivalence}")
-            model, source = deployed, f"{source}, deployed"
+            source = f"{source}, deployed"
         for path, export, kind in ((args.onnx, export_onnx, "ONNX"), (args.torchscript, export_torchscript,
                                                                       "TorchScript")):
             if path:

@@ -27,6 +27,7 @@ from torch import nn
 from visionmix.files import staged
 from visionmix.layers.validation import check_positive
 from visionmix.module_state import eval_mode, on_device
+from visionmix.reparam import Equivalence, check_equivalence, reparameterize
 
 
 class ExportError(RuntimeError):
@@ -111,6 +112,16 @@ def _quiet_onnx_registry() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
+
+
+def deployed_for_export(model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, Equivalence]:
+    """``visionmix.reparameterize(model)`` and its equivalence with ``model`` on ``example``; :class:`ExportError` if
+    the two differ beyond :func:`visionmix.check_equivalence`'s tolerance (nothing is exported then)."""
+    deployed = reparameterize(model)
+    equivalence = check_equivalence(model, deployed, example)
+    if not equivalence.ok:
+        raise ExportError(f"the re-parameterised model is not equivalent to the trained one: {equivalence}")
+    return deployed, equivalence
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, opset: int = 18, atol: float = 1e-4,

@@ -97,3 +97,56 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
     fig.savefig(png, format="png")
     atomic_write(path, png.getvalue())
     return True
+
+
+EVAL_WEIGHTS = ("auto", "ema", "raw")
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = False, data_dir: str | None = None,
+                 max_samples: int | None = None, weights: str = "auto", batch_size: int = 500,
+                 device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Evaluate a run directory's model on ``split`` and write ``eval.json`` + ``confusion.png`` into it (with
+    ``deploy`` also ``eval-deploy.json`` + ``confusion-deploy.png`` of ``visionmix.reparameterize(model)``).
+
+    ``max_samples``: None = the run's own subset, 0 = all; ``weights``: "auto" = the EMA weights if the run kept
+    them. Returns ``{"forms": {form: record}, "classes", "deploy_check" (deploy only), "written": [paths]}``; the
+    deploy check compares the two forms' confusion matrices and their logits on the first batch.
+    """
+    from visionmix.data import build_dataset
+    from visionmix.engine.checkpoint import load_run
+    from visionmix.files import atomic_write_json
+    from visionmix.layers.validation import check_choice
+
+    check_choice("weights", weights, EVAL_WEIGHTS)
+    run_dir = Path(run_dir)
+    model, meta = load_run(run_dir, ema={"auto": None, "ema": True, "raw": False}[weights])
+    cfg, info = meta["config"], meta["data"]
+    size = info["image_size"]
+    run_limit = cfg["max_eval_samples" if split == "test" else "max_train_samples"]
+    limit = run_limit if max_samples is None else max_samples or None
+    dataset = build_dataset(cfg["data"], split, data_dir or cfg["data_dir"], limit,
+                            image_size=size[0] if size[0] == size[1] else None).with_stats(info["mean"], info["std"])
+    forms: dict[str, nn.Module] = {"trained": model.to(device)}
+    if deploy:
+        from visionmix.reparam import reparameterize
+
+        forms["deployed"] = reparameterize(model)
+    report: dict[str, Any] = {"forms": {}, "classes": list(info["classes"]), "written": []}
+    for form, net in forms.items():
+        metrics = evaluate(net, dataset, device, batch_size=batch_size)
+        suffix = "" if form == "trained" else "-deploy"
+        record = {"run": str(run_dir), "model": meta["model"], "form": form, "split": split,
+                  "params": sum(p.numel() for p in net.parameters()), **metrics}
+        atomic_write_json(run_dir / f"eval{suffix}.json", record)
+        report["written"].append(run_dir / f"eval{suffix}.json")
+        title = f"{meta['model']} ({form}) on {cfg['data']} {split}: top-1 {metrics['top1']:.2f}%"
+        if plot_confusion(metrics["confusion"], info["classes"], run_dir / f"confusion{suffix}.png", title=title):
+            report["written"].append(run_dir / f"confusion{suffix}.png")
+        report["forms"][form] = record
+    if deploy:
+        with torch.no_grad():
+            x, _ = next(iter(BatchLoader(dataset, 256, train=False, device=torch.device(device))))
+            diff = (forms["trained"](x) - forms["deployed"](x)).abs().max().item()
+        same = report["forms"]["trained"]["confusion"] == report["forms"]["deployed"]["confusion"]
+        report["deploy_check"] = {"same_predictions": same, "max_abs_logit_diff": diff}
+    return report
