@@ -38,7 +38,7 @@ from visionmix.bench.stats import (
     claim_verdict,
     paired_difference,
 )
-from visionmix.engine.checkpoint import atomic_write
+from visionmix.files import atomic_write, atomic_write_json
 from visionmix.layers.validation import check_choice, check_positive
 
 PLOTS = ("accuracy_vs_macs.png", "accuracy_vs_throughput.png", "training_curves.png", "differences.png")
@@ -553,9 +553,8 @@ def write_report(out_dir: str | Path, rows: Sequence[dict[str, Any]], outcomes: 
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = [{"model": o.model, "seed": o.seed, "error": o.error, "summary": o.summary} for o in outcomes]
     tested = claim_rows(rows, outcomes, claims)
-    atomic_write(out_dir / "results.json", json.dumps({"format": FORMAT, "meta": meta, "models": list(rows),
-                                                       "claims": tested, "runs": runs}, indent=2, allow_nan=False)
-                 + "\n")
+    atomic_write_json(out_dir / "results.json", {"format": FORMAT, "meta": meta, "models": list(rows),
+                                                 "claims": tested, "runs": runs}, indent=2)
     atomic_write(out_dir / "results.csv", to_csv(rows))
     markdown = markdown_table(rows, meta)
     if tested:
