@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +71,19 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | No
         return builder
 
     return add(fn) if fn is not None else add
+
+
+def register_variant(name: str, build: Callable[..., nn.Module], defaults: Mapping[str, Any], *, doc: str,
+                     cfg: dict[str, Any] | None = None, reference: Reference | None = None) -> None:
+    """Register ``name`` as ``build(**{**defaults, **kwargs})``: one configuration of a family, given as data (the
+    family's module is recorded, as for a decorated builder)."""
+    def builder(**kwargs: Any) -> nn.Module:
+        return build(**{**defaults, **kwargs})
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__module__ = build.__module__
+    builder.__doc__ = doc
+    register_model(builder, cfg=cfg, reference=reference)
 
 
 def _natural_key(name: str) -> list[Any]:

@@ -18,7 +18,7 @@ from torch import nn
 from visionmix.layers import DropPath, Mlp, PatchEmbed, TokenMixingMLP
 from visionmix.layers.validation import check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
-from visionmix.models._registry import Reference, register_model
+from visionmix.models._registry import Reference, register_model, register_variant
 
 __all__ = ["MixerBlock", "MlpMixer"]
 
@@ -107,19 +107,11 @@ _MIXERS = {
 }
 
 
-def _register_mixer(name: str, patch: int, dim: int, depth: int, params: float, params_no_head: float,
-                    gmacs: float) -> None:
-    def build(**kwargs: object) -> MlpMixer:
-        return MlpMixer(**{"patch_size": patch, "embed_dim": dim, "depth": depth, **kwargs})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"Mixer {name.split('_')[1].upper()}: patch {patch}, C={dim}, {depth} layers (2105.01601)."
-    register_model(build, cfg=_mixer_cfg(),
-                   reference=Reference(params=round(params), params_no_head=round(params_no_head), gmacs=gmacs))
-
-
-for _name, _spec in _MIXERS.items():
-    _register_mixer(_name, *_spec)
+for _name, (_patch, _dim, _depth, _params, _params_no_head, _gmacs) in _MIXERS.items():
+    register_variant(_name, MlpMixer, dict(patch_size=_patch, embed_dim=_dim, depth=_depth), cfg=_mixer_cfg(),
+                     doc=f"Mixer {_name.split('_')[1].upper()}: patch {_patch}, C={_dim}, {_depth} layers "
+                         "(2105.01601).",
+                     reference=Reference(params=round(_params), params_no_head=round(_params_no_head), gmacs=_gmacs))
 
 
 # Nano: 28x28 grey input, patch 4 -> 7x7 = 49 tokens, sized to the zoo's shared nano budget (~1M parameters,

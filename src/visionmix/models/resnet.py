@@ -42,7 +42,7 @@ from visionmix.layers.overparam import DOConv2d
 from visionmix.layers.poly_scale import PSConv2d
 from visionmix.layers.validation import check_choice, check_input, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
-from visionmix.models._registry import Reference, register_model
+from visionmix.models._registry import Reference, register_model, register_variant
 
 __all__ = ["ATTN_LAYERS", "CONV_LAYERS", "BasicBlock", "Bottleneck", "ResNet"]
 
@@ -343,16 +343,6 @@ def condconv_resnet18(**kwargs) -> ResNet:
     return _resnet(dict(_R18, conv_layer="condconv"), kwargs)
 
 
-def _register_nano(name: str, overrides: dict, reference: Reference) -> None:
-    def build(**kwargs) -> ResNet:
-        return _resnet({**_NANO, **overrides}, kwargs)
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = (f"ResNet for 28-32 px input (3x3 stem, no max-pool, BasicBlocks 2-2-2, widths 28-56-112)"
-                     f"{' with ' + str(overrides) if overrides else ''}.")
-    register_model(build, cfg=_NANO_CFG, reference=reference)
-
-
 # The pluggable parts on one 28 px trunk, so they compare at equal deployed cost. Figures measured at 1x1x28x28 with
 # 10 classes, eval mode (MACs of the train-time form; deploy_params after visionmix.reparameterize).
 # CondConv uses 2 experts here so that the model stays under 1.5M parameters (4 experts: 2.1M).
@@ -372,4 +362,6 @@ _NANO_PRESETS: dict[str, tuple[dict, Reference]] = {
                           Reference(params=534_942, gmacs=0.061818, deploy_params=533_962)),
 }
 for _name, (_overrides, _reference) in _NANO_PRESETS.items():
-    _register_nano(_name, _overrides, _reference)
+    register_variant(_name, ResNet, {**_NANO, **_overrides}, cfg=_NANO_CFG, reference=_reference,
+                     doc=f"ResNet for 28-32 px input (3x3 stem, no max-pool, BasicBlocks 2-2-2, widths 28-56-112)"
+                         f"{' with ' + str(_overrides) if _overrides else ''}.")

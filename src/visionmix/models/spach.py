@@ -27,7 +27,7 @@ from torch import nn
 from visionmix.layers import Attention, ConvPosEnc, DropPath, Mlp, PatchEmbed, TokenMixingMLP
 from visionmix.layers.validation import check_choice, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
-from visionmix.models._registry import Reference, register_model
+from visionmix.models._registry import Reference, register_variant
 
 __all__ = ["Conv4PatchEmbed", "MixingBlock", "NCHWApply", "Spach"]
 
@@ -220,13 +220,9 @@ def _spach_cfg(fixed: bool, **overrides: object) -> dict:
 
 def _register_spach(name: str, arch: list[list[tuple[str, int]]], ref: Reference, cfg: dict | None = None,
                     **defaults: object) -> None:
-    def build(**kwargs: object) -> Spach:
-        return Spach(**{"net_arch": arch, **defaults, **kwargs})
-
-    build.__name__ = build.__qualname__ = name
-    build.__doc__ = f"SPACH {name}: net_arch={arch}, {defaults} (2108.13002)."
-    fixed = any(kind == "mlp" for stage in arch for kind, _ in stage)
-    register_model(build, cfg=_spach_cfg(fixed, **(cfg or {})), reference=ref)
+    fixed = any(kind == "mlp" for stage in arch for kind, _ in stage)  # a token MLP fixes the input size
+    register_variant(name, Spach, {"net_arch": arch, **defaults}, cfg=_spach_cfg(fixed, **(cfg or {})), reference=ref,
+                     doc=f"SPACH {name}: net_arch={arch}, {defaults} (2108.13002).")
 
 
 # Single-stage, patch 16: (size, type) -> (C, heads, R, depth, params, GMACs, top-1)
