@@ -373,10 +373,14 @@ def _add_compare_parser(subparsers: Any) -> None:
                         f"{', '.join(f'{k}={v}' for k, v in p.recipe.items())})" for name, p in PRESETS.items())
     p = add_command(subparsers, "compare", "train, evaluate and benchmark several models under one recipe", f"""\
 SPACH-style fair comparison (arXiv 2108.13002): every model is trained with the same recipe and seeds, evaluated,
-and its deployed form benchmarked; OUT gets results.csv/.json/.md, accuracy-vs-MACs, accuracy-vs-throughput and
-training-curve plots (PNG) and one run directory per model and seed under OUT/runs. Running the same command again
-skips finished runs and resumes interrupted ones; a model that fails gets a row with its error and the others go on.
-Options given explicitly override the preset's.
+and its deployed form benchmarked; OUT gets results.csv/.json/.md, accuracy-vs-MACs, accuracy-vs-throughput,
+training-curve and paired-difference plots (PNG) and one run directory per model and seed under OUT/runs.
+Each model gets its top-1 minus --baseline's, seed by seed (runs of one seed share data order and augmentation),
+with a 95% paired t interval over the seeds and a verdict: better / worse / no difference shown (one seed cannot
+decide). When two models of one of the papers' claims are compared (--preset claims has them all), a claims table
+(results.md, claims.csv) rates each claim holds / does not hold / not shown at this scale ("on par" = within +-1
+point). Running the same command again skips finished runs and resumes interrupted ones; a model that fails gets a
+row with its error and the others go on. Options given explicitly override the preset's.
 
 presets:
 {presets}
@@ -388,7 +392,10 @@ example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist 
                    help="output directory: new, empty, or a comparison visionmix wrote (re-use it to resume)")
     p.add_argument("--force", action="store_true",
                    help="write into a non-empty DIR that is not a visionmix comparison, replacing files there named "
-                        "like its report (results.*, the plots); nothing else is touched")
+                        "like its report (results.*, claims.csv, the plots); nothing else is touched")
+    p.add_argument("--baseline", metavar="MODEL",
+                   help="model the others are compared with seed by seed (default: the preset's baseline if it is "
+                        "compared, else the first of --models)")
     p.add_argument("--data", choices=DATASETS, help="dataset (default: fashion-mnist, or the preset's)")
     p.add_argument("--data-dir", help="dataset directory (see 'visionmix train --help')")
     p.add_argument("--seeds", type=_count, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
@@ -426,15 +433,19 @@ def _run_compare(args: argparse.Namespace) -> int:
     if note:
         print(f"note: {note}", flush=True)
     seeds = preset.seeds if args.seeds is None else args.seeds
+    baseline = args.baseline or (preset.baseline if preset.baseline in models else None)
     rows = compare(models, args.out, data=data, seeds=seeds, recipe=recipe,
                    bench_batch_size=args.bench_batch_size, bench_repeats=args.bench_repeats,
                    progress=not args.no_progress, note=note, command=args.command_line, force=args.force,
+                   baseline=baseline,
                    log=lambda line: print(line, flush=True))
     out = Path(args.out)
     print()
     print((out / "results.md").read_text())
     print(f"table: {out / 'results.md'} (also results.csv, results.json)")
     print("plots: " + ", ".join(str(out / name) for name in PLOTS))
+    if (out / "claims.csv").is_file():
+        print(f"claims: {out / 'claims.csv'} (and the claims section of results.md)")
     failed = [r["model"] for r in rows if r["status"] != "ok"]
     if failed:
         print(f"{PROG}: {len(failed)} of {len(rows)} models did not finish cleanly: {', '.join(failed)}",

@@ -184,6 +184,13 @@ def test_compare_cli_on_the_same_directory_skips_and_reports(compared, capsys):
     assert f"Produced by `visionmix compare --models {','.join(MODELS)}" in (out / "results.md").read_text()
     assert main(["compare", "--out", str(out)]) == 2
     assert "--models" in capsys.readouterr().err
+    assert main([*argv, "--baseline", "resnet_nano"]) == 1  # the same runs, compared with another baseline
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["baseline"] == "resnet_nano"
+    assert [m["verdict"] for m in results["models"]][:2] == ["1 seed: cannot decide", "baseline"]
+    assert "Δ top-1 vs resnet_nano" in capsys.readouterr().out
+    assert main([*argv, "--baseline", "nope"]) == 2
+    assert "baseline must be one of" in capsys.readouterr().err
 
 
 def test_an_interrupt_stops_the_whole_comparison_with_a_resume_hint(tmp_path, monkeypatch):
