@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from visionmix.checks import check_positive
 from visionmix.files import staged
-from visionmix.layers.validation import check_positive
 from visionmix.module_state import eval_mode, on_device
 from visionmix.reparam import Equivalence, check_equivalence, reparameterize
 

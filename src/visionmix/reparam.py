@@ -17,11 +17,11 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from visionmix.checks import check_choice
 from visionmix.layers.basic import ConvBN
 from visionmix.layers.diverse_branch import DiverseBranchBlock
 from visionmix.layers.fusion import square_conv_geometry
 from visionmix.layers.overparam import DOConv2d
-from visionmix.layers.validation import check_choice
 from visionmix.module_state import eval_mode
 
 __all__ = ["Equivalence", "Reparameterizable", "check_equivalence", "convert_convs", "randomize_batchnorm",

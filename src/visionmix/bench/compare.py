@@ -38,8 +38,8 @@ from visionmix.bench.stats import (
     claim_verdict,
     paired_difference,
 )
+from visionmix.checks import check_choice, check_positive
 from visionmix.files import atomic_write, atomic_write_json
-from visionmix.layers.validation import check_choice, check_positive
 
 PLOTS = ("accuracy_vs_macs.png", "accuracy_vs_throughput.png", "training_curves.png", "differences.png")
 FORMAT = "visionmix-compare/1"  # results.json says this: the directory is a comparison, resumed when re-run

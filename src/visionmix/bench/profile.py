@@ -34,8 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from visionmix.checks import check_choice, check_positive
 from visionmix.files import write_new
-from visionmix.layers.validation import check_choice, check_positive
 from visionmix.module_state import eval_mode, on_device
 
 FORMS = ("train", "deploy")

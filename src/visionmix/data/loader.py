@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import torch
 
+from visionmix.checks import check_choice
 from visionmix.data.datasets import ImageDataset
 from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
-from visionmix.layers.validation import check_choice
 
 
 def stable_seed(*parts: int | str) -> int:

@@ -112,10 +112,10 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
     them. Returns ``{"forms": {form: record}, "classes", "deploy_check" (deploy only), "written": [paths]}``; the
     deploy check compares the two forms' confusion matrices and their logits on the first batch.
     """
+    from visionmix.checks import check_choice
     from visionmix.data import build_dataset
     from visionmix.engine.checkpoint import load_run
     from visionmix.files import atomic_write_json
-    from visionmix.layers.validation import check_choice
 
     check_choice("weights", weights, EVAL_WEIGHTS)
     run_dir = Path(run_dir)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from visionmix.checks import check_choice, check_positive
 from visionmix.data import AUGMENTATIONS, DATASETS, BatchLoader, ImageDataset, build_dataset, stable_seed
 from visionmix.engine import checkpoint as ckpt
 from visionmix.engine.distributed import (
@@ -51,7 +52,6 @@ from visionmix.engine.distributed import (
 )
 from visionmix.engine.evaluate import evaluate
 from visionmix.files import atomic_write, atomic_write_json
-from visionmix.layers.validation import check_choice, check_positive
 
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SET_BY_ENGINE = ("num_classes", "in_chans", "img_size")

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionmix.checks import check_divisible, check_input, check_positive
 from visionmix.layers.basic import ConvBN
-from visionmix.layers.validation import check_divisible, check_input, check_positive
 
 
 def _reduced_width(name: str, channels: int, ratio: float, minimum: int = 1) -> int:

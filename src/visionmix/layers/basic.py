@@ -8,8 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from visionmix.layers.fusion import conv2d_from_kernel, fuse_conv_bn
-from visionmix.layers.validation import (
+from visionmix.checks import (
     check_choice,
     check_conv_channels,
     check_divisible,
@@ -17,6 +16,7 @@ from visionmix.layers.validation import (
     check_positive,
     to_pair,
 )
+from visionmix.layers.fusion import conv2d_from_kernel, fuse_conv_bn
 
 
 class Mlp(nn.Module):

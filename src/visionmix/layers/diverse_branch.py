@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionmix.checks import check_conv_channels, check_divisible, check_positive
 from visionmix.layers.basic import ConvBN
 from visionmix.layers.fusion import (
     add_branches,
@@ -20,7 +21,6 @@ from visionmix.layers.fusion import (
     pad_kernel,
     square_conv_geometry,
 )
-from visionmix.layers.validation import check_conv_channels, check_divisible, check_positive
 
 
 class BNAndPad(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionmix.layers.validation import check_conv_channels, check_divisible, check_input, check_positive, to_pair
+from visionmix.checks import check_conv_channels, check_divisible, check_input, check_positive, to_pair
 
 IntPair = int | tuple[int, int]
 

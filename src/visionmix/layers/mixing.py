@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionmix.checks import check_choice, check_divisible, check_input, check_positive
 from visionmix.layers.basic import ConvMlp, DropPath, Mlp
-from visionmix.layers.validation import check_choice, check_divisible, check_input, check_positive
 
 
 def _shift_into(dst: torch.Tensor, src: torch.Tensor, dim: int, step: int) -> None:

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionmix.checks import check_choice, check_conv_channels, check_positive, same_padding
 from visionmix.layers.fusion import conv2d_from_kernel, square_conv_geometry
-from visionmix.layers.validation import check_choice, check_conv_channels, check_positive, same_padding
 
 GROUPINGS = ("visionmix", "official")
 

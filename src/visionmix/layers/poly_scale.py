@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionmix.layers.validation import check_conv_channels, check_input, check_positive, to_pair
+from visionmix.checks import check_conv_channels, check_input, check_positive, to_pair
 
 
 def _swap_halves(t: torch.Tensor, groups: int, dim: int) -> torch.Tensor:

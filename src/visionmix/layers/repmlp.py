@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from visionmix.checks import check_conv_channels, check_divisible, check_input, check_positive
 from visionmix.layers.basic import ConvBN
 from visionmix.layers.fusion import add_branches, conv_to_fc, fuse_bn_linear, fuse_conv_bn, pad_kernel
-from visionmix.layers.validation import check_conv_channels, check_divisible, check_input, check_positive
 
 
 def grouped_fc(x: torch.Tensor, fc: nn.Conv2d) -> torch.Tensor:

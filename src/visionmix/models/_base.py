@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from visionmix.checks import check_choice
 from visionmix.layers.mixing import ConvPosEnc
-from visionmix.layers.validation import check_choice
 
 GLOBAL_POOLS = ("avg", "max", "")  # "" = no pooling: the head acts on every position
 OUTPUT_FMTS = ("NCHW", "NHWC")

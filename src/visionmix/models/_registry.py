@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionmix.layers.validation import to_pair
+from visionmix.checks import to_pair
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

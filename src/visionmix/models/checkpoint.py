@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from visionmix.checks import check_choice
 from visionmix.layers.overparam import GROUPINGS, DOConv2d
-from visionmix.layers.validation import check_choice
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"

@@ -15,8 +15,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from visionmix.checks import check_positive
 from visionmix.layers import DropPath, Mlp, PatchEmbed, TokenMixingMLP
-from visionmix.layers.validation import check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_model, register_variant
 

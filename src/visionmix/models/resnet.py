@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionmix.checks import check_choice, check_input, check_positive
 from visionmix.layers.attention import ULSAM, SelectiveKernel, SEModule
 from visionmix.layers.basic import ConvBN, DropPath
 from visionmix.layers.diverse_branch import DiverseBranchBlock
 from visionmix.layers.dynamic_conv import CondConv2d, WeightNetConv2d
 from visionmix.layers.overparam import DOConv2d
 from visionmix.layers.poly_scale import PSConv2d
-from visionmix.layers.validation import check_choice, check_input, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_model, register_variant
 

@@ -22,8 +22,8 @@ from functools import partial
 import torch
 from torch import nn
 
+from visionmix.checks import check_divisible, check_input, check_positive
 from visionmix.layers import DropPath, Mlp, PatchEmbed, SplitAttention, spatial_shift
-from visionmix.layers.validation import check_divisible, check_input, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_model
 

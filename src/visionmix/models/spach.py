@@ -24,8 +24,8 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
+from visionmix.checks import check_choice, check_positive
 from visionmix.layers import Attention, ConvPosEnc, DropPath, Mlp, PatchEmbed, TokenMixingMLP
-from visionmix.layers.validation import check_choice, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_variant
 

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from visionmix.checks import check_input, check_positive
 from visionmix.layers.basic import DropPath, Mlp
 from visionmix.layers.mixing import Attention, ConvPosEnc, LocalMHRA
-from visionmix.layers.validation import check_input, check_positive
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_model
 

@@ -1,4 +1,5 @@
-"""Argument and input checks shared by every layer: one clear ``ValueError``/``TypeError``, never an assert."""
+"""Argument and input checks shared by the whole package (layers, models, engine, bench): one clear ``ValueError``/
+``TypeError`` naming the argument and what was expected, never an assert."""
 
 from __future__ import annotations
 
