@@ -54,6 +54,20 @@ def test_intermediates_224(name):
         _check_intermediates(model, _input(model, batch=1))
 
 
+@pytest.mark.parametrize("name", [n for n in list_models() if not n.startswith("tiny_test")])
+def test_every_registered_model_has_feature_levels_that_match_its_intermediates(name):
+    """Shapes only, on the meta device (no memory, no arithmetic), so the whole registry is cheap."""
+    with torch.device("meta"):
+        model = create_model(name).eval()
+        x = torch.empty(1, *model.pretrained_cfg["input_size"])
+        intermediates = model.forward_intermediates(x, intermediates_only=True)
+        features = create_model(name, features_only=True).eval()(x)
+    assert [tuple(t.shape[1:]) for t in intermediates] == [
+        (info["num_chs"], x.shape[2] // info["reduction"], x.shape[3] // info["reduction"])
+        for info in model.feature_info]
+    assert [t.shape for t in features] == [intermediates[i].shape for i in model.default_out_indices()]
+
+
 def test_feature_levels_per_family():
     """Stage ends for pyramids (ResNets with timm's stem level first), every block for single-stage models."""
     assert create_model("resnet18").feature_info.reduction() == [2, 4, 8, 16, 32]
