@@ -124,6 +124,34 @@ def deployed_for_export(model: nn.Module, example: torch.Tensor) -> tuple[nn.Mod
     return deployed, equivalence
 
 
+def write_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, opset: int = 18,
+               dynamic_batch: bool = True) -> None:
+    """The dynamo ONNX export of ``model`` (eval mode, CPU) traced on ``example`` into ``path``, weights inside the
+    one file, input ``"input"``, output ``"logits"``; :class:`ExportError` with the exporter's reason."""
+    if check_positive("opset", opset) < 17:
+        raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    try:
+        with _quiet_onnx_registry():
+            torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, external_data=False,
+                              input_names=["input"], output_names=["logits"], dynamic_shapes=dynamic_shapes,
+                              verbose=False)
+    except Exception as err:  # the exporter raises many types; the user needs the reason, not the type
+        hint = "; if the graph depends on the batch size, export a static batch" if dynamic_batch else ""
+        raise ExportError(f"ONNX export failed: {_reason(err)}{hint}") from err
+
+
+def onnx_runner(path: str | Path, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An onnxruntime (CPU) session of the ONNX file at ``path`` as a tensor -> tensor callable; ``threads`` intra-op
+    threads (default: torch's, so both runtimes use the same cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, opset: int = 18, atol: float = 1e-4,
                 dynamic_batch: bool = True, force: bool = False) -> float:
     """Export ``model`` with the dynamo ONNX exporter (weights inside the one file), check it in onnxruntime and
@@ -133,23 +161,11 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, op
     (CondConv/WeightNet run one grouped conv with ``groups = batch``, and ONNX's ``group`` is a constant) only
     export for the example's batch size, and are then checked on that size alone.
     """
-    import onnxruntime as ort
-
-    if check_positive("opset", opset) < 17:
-        raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     with _exportable(model, example) as model, staged(path, force) as tmp:
-        try:
-            with _quiet_onnx_registry():
-                torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset,
-                                  external_data=False, input_names=["input"], output_names=["logits"],
-                                  dynamic_shapes=dynamic_shapes, verbose=False)
-        except Exception as err:  # the exporter raises many types; the user needs the reason, not the type
-            hint = "; if the graph depends on the batch size, export a static batch" if dynamic_batch else ""
-            raise ExportError(f"ONNX export failed: {_reason(err)}{hint}") from err
-        session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        return _check_parity(model, lambda x: session.run(None, {"input": x.numpy()})[0], example, atol,
-                             "the ONNX model (onnxruntime)", other_batch=dynamic_batch)
+        write_onnx(model, example, tmp, opset=opset, dynamic_batch=dynamic_batch)
+        run = onnx_runner(tmp)
+        return _check_parity(model, lambda x: run(x).numpy(), example, atol, "the ONNX model (onnxruntime)",
+                             other_batch=dynamic_batch)
 
 
 def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor, *, atol: float = 1e-4,

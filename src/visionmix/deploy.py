@@ -1,0 +1,170 @@
+"""Deploy for speed: re-parameterise, then run on the fastest inference backend that computes what eager PyTorch does.
+
+``deploy(model, example, backend="auto")`` folds every multi-branch block and conv+BN pair
+(:func:`visionmix.reparameterize`), builds each candidate backend, checks its output against the eager deployed
+model on ``example`` (and on a batch one larger: a graph that baked in the batch size is rejected) and, for
+``"auto"``, times the verified candidates alternately on ``example`` and keeps the fastest. Backends:
+
+- ``eager``: the deployed model in ``torch.inference_mode``;
+- ``channels_last``: the same with NHWC weights and inputs (oneDNN's preferred layout for convolutions);
+- ``jit``: ``torch.jit.trace`` + ``torch.jit.optimize_for_inference`` (freezing, conv/BN/add folding);
+- ``onnxruntime``: the dynamo ONNX export (:mod:`visionmix.export`) in an onnxruntime CPU session.
+
+A backend that cannot take a model (CondConv/WeightNet build one grouped conv whose group count is the batch size)
+is skipped with its reason when choosing automatically, and is a :class:`DeployError` when asked for by name.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from visionmix.checks import check_choice
+
+BACKENDS = ("eager", "channels_last", "jit", "onnxruntime")
+DEFAULT_RTOL = 1e-4  # max |backend - eager| relative to the output's scale (SPEC section 3's float32 bound)
+
+
+class DeployError(RuntimeError):
+    """A backend could not be built, failed to run or computes something else than the eager model."""
+
+
+@dataclass
+class Deployed:
+    """An inference callable: ``deployed(x)`` returns the logits of the chosen ``backend``.
+
+    ``max_rel_diff``: the backend's largest |difference| from the eager deployed model on the checks, relative to the
+    output's scale; ``seconds``: median seconds per call of each timed candidate (``auto``); ``skipped``: the
+    backends that were not usable and why; ``reason``: why this backend was chosen.
+    """
+
+    backend: str
+    run: Callable[[torch.Tensor], torch.Tensor]
+    max_rel_diff: float
+    reason: str
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)
+
+
+def _eager(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def _channels_last(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    import copy
+
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return nhwc(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+    return run
+
+
+def _jit(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    import warnings
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked below on a second batch size instead
+        traced = torch.jit.optimize_for_inference(torch.jit.trace(model, example, check_trace=False))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return traced(x)
+
+    return run
+
+
+def _onnxruntime(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    from visionmix.export import onnx_runner, write_onnx
+
+    with tempfile.TemporaryDirectory(prefix="visionmix-deploy-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        write_onnx(model, example, path)
+        return onnx_runner(path)  # the session holds the model; the file may go
+
+
+_BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
+    "eager": _eager, "channels_last": _channels_last, "jit": _jit, "onnxruntime": _onnxruntime}
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}"
+
+
+def _verified(name: str, model: nn.Module, checks: list[tuple[torch.Tensor, torch.Tensor]], example: torch.Tensor,
+              rtol: float) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """Build backend ``name`` and check it on every (input, eager output) pair; :class:`DeployError` if it fails."""
+    try:
+        run = _BUILDERS[name](model, example)
+        worst = 0.0
+        for x, expected in checks:
+            got = run(x)
+            if got.shape != expected.shape:
+                raise DeployError(f"returned shape {tuple(got.shape)} for input {tuple(x.shape)}, eager returns "
+                                  f"{tuple(expected.shape)} (batch size baked into the graph?)")
+            scale = max(expected.abs().max().item(), 1e-12)
+            worst = max(worst, (got.float() - expected.float()).abs().max().item() / scale)
+    except DeployError as err:
+        raise DeployError(f"{name}: {err}") from err
+    except Exception as err:  # each runtime raises its own types; what matters is that this backend does not work
+        raise DeployError(f"{name}: {_one_line(err)}") from err
+    if not worst <= rtol:
+        raise DeployError(f"{name}: differs from eager by {worst:.3g} of the output's scale, more than rtol={rtol:g}")
+    return run, worst
+
+
+def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rtol: float = DEFAULT_RTOL,
+           repeats: int = 5, candidates: tuple[str, ...] = BACKENDS) -> Deployed:
+    """``model`` re-parameterised and on ``backend`` (``"auto"``: the fastest verified of ``candidates`` on
+    ``example``), as a :class:`Deployed` callable. ``model`` itself is not changed; inference runs on the CPU in
+    float32. See the module docstring for the checks."""
+    from visionmix.bench.profile import time_alternately
+    from visionmix.module_state import on_device
+    from visionmix.reparam import reparameterize
+
+    check_choice("backend", backend, ("auto", *BACKENDS))
+    for name in candidates:
+        check_choice("candidates", name, BACKENDS)
+    if example.dim() == 0 or example.shape[0] < 1:
+        raise ValueError(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
+    deployed = reparameterize(on_device(model, "cpu")).eval()  # a copy: the caller's model is left as it was
+    example = example.cpu()
+    inputs = (example, torch.cat([example, example[:1]]))
+    with torch.inference_mode():
+        checks = [(x, deployed(x)) for x in inputs]
+    if backend != "auto":
+        run, worst = _verified(backend, deployed, checks, example, rtol)
+        return Deployed(backend, run, worst, reason="asked for by name")
+    verified, skipped = {}, {}
+    for name in candidates:
+        try:
+            verified[name] = _verified(name, deployed, checks, example, rtol)
+        except DeployError as err:
+            skipped[name] = str(err).split(": ", 1)[1]
+    if not verified:
+        raise DeployError("no backend computes what the eager model does: " + "; ".join(
+            f"{name}: {why}" for name, why in skipped.items()))
+    timings = time_alternately({name: (lambda run=run: run(example)) for name, (run, _) in verified.items()},
+                               warmup=2, repeats=max(2, repeats))
+    seconds = {name: t.median for name, t in timings.items()}
+    best = min(seconds, key=seconds.__getitem__)
+    eager = seconds.get("eager")
+    versus = f", {eager / seconds[best]:.2f}x eager" if eager else ""
+    reason = (f"fastest of {len(verified)} verified backend(s) on a batch of {example.shape[0]}: "
+              f"{seconds[best] * 1e3:.2f} ms per call{versus}")
+    return Deployed(best, verified[best][0], verified[best][1], reason, seconds, skipped)
