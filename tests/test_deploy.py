@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from visionmix import create_model
-from visionmix.deploy import BACKENDS, DeployError, deploy
+from visionmix.deployment import BACKENDS, DeployError, deploy
 from visionmix.export import randomize_weights
 from visionmix.layers import DiverseBranchBlock
 

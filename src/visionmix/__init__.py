@@ -19,6 +19,7 @@ _EXPORTS = {
     "reparameterize": "visionmix.reparam",
     "check_equivalence": "visionmix.reparam",
     "convert_convs": "visionmix.reparam",
+    "deploy": "visionmix.deployment",
 }
 
 __all__ = ["__version__", *_EXPORTS]
