@@ -1,0 +1,260 @@
+"""Classify image files with a trained model: decode, apply the model's evaluation transform, batch, top-k.
+
+A visionmix run directory brings its own transform (the run's image size and mean/std) and class names; a foreign
+checkpoint brings its model's ``pretrained_cfg`` (timm's resize to ``input_size / crop_pct``, centre crop,
+mean/std) and needs a class list. :func:`predict` streams: it reads paths lazily and holds at most one batch of
+images. The model may be any callable that maps a float (B, C, H, W) tensor to logits (B, num_classes), such as an
+``nn.Module`` or a deployed backend.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from visionmix.data.datasets import IMAGE_EXTENSIONS, decode_pixel_limit
+from visionmix.data.transforms import normalize
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+MODES = {1: "L", 3: "RGB"}  # the images Pillow decodes, by the model's input channels
+
+
+class UnreadableImage(OSError):
+    """An image file that cannot be decoded; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """A model's evaluation transform, from a decoded image to its float (C, H, W) input.
+
+    The image is converted to grey (1 channel) or RGB (3), resized, centre-cropped to ``size`` (H, W) and
+    normalised by ``mean``/``std`` exactly as training normalised its uint8 batches. ``crop_pct=None`` resizes
+    straight to ``size`` (how visionmix's datasets resize); a number is timm's evaluation resize: the shorter side
+    to ``floor(size / crop_pct)`` (both sides to their own for a non-square ``size``), then the centre crop.
+    ``interpolation`` names a Pillow resampling filter (``bilinear``, ``bicubic``, ...).
+    """
+
+    in_chans: int
+    size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float | None = None
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        if self.in_chans not in MODES:
+            raise ValueError(f"predict decodes grey (1 channel) or RGB (3 channels) images; this model takes "
+                             f"{self.in_chans} channels")
+        if self.interpolation.upper() not in Image.Resampling.__members__:
+            raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of "
+                             f"{', '.join(m.lower() for m in Image.Resampling.__members__)}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+
+    @classmethod
+    def from_run(cls, meta: dict[str, Any]) -> EvalTransform:
+        """The transform of a visionmix run: its image size and its training data's mean/std (bilinear)."""
+        data = meta["data"]
+        return cls(data["in_chans"], tuple(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))
+
+    @classmethod
+    def from_pretrained_cfg(cls, cfg: dict[str, Any]) -> EvalTransform:
+        """timm's evaluation transform of a model's ``pretrained_cfg``: resize, centre crop, mean/std."""
+        in_chans, height, width = cfg["input_size"]
+        return cls(in_chans, (height, width), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"],
+                   cfg["interpolation"])
+
+    def resized_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) an image of ``width`` x ``height`` pixels is resized to before the centre crop."""
+        h, w = self.size
+        if self.crop_pct is None:
+            return w, h
+        if h != w:
+            return math.floor(w / self.crop_pct), math.floor(h / self.crop_pct)
+        short = math.floor(h / self.crop_pct)
+        if width <= height:
+            return short, int(short * height / width)
+        return int(short * width / height), short
+
+    @property
+    def decode_size(self) -> tuple[int, int]:
+        """(width, height) an image needs at least: what a JPEG is decoded to (:func:`decode_image`)."""
+        return self.resized_size(self.size[1], self.size[0])
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """The model input for ``image``: float32 (C, H, W)."""
+        if image.mode != MODES[self.in_chans]:
+            image = image.convert(MODES[self.in_chans])
+        width, height = self.resized_size(*image.size)
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling[self.interpolation.upper()])
+        h, w = self.size
+        top, left = int(round((height - h) / 2)), int(round((width - w) / 2))
+        pixels = np.array(image, dtype=np.uint8).reshape(height, width, -1)[top:top + h, left:left + w]
+        uint8 = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        return normalize(uint8.unsqueeze(0), self.mean, self.std)[0]
+
+    def read(self, path: str | Path) -> torch.Tensor:
+        """Decode the image file ``path`` and transform it; :class:`UnreadableImage` if it cannot be decoded."""
+        return self(decode_image(path, MODES[self.in_chans], self.decode_size))
+
+
+def decode_image(path: str | Path, mode: str, size: tuple[int, int]) -> Image.Image:
+    """Decode ``path`` with Pillow into ``mode``; a JPEG at the smallest scale that still covers ``size`` (width,
+    height). A header claiming more pixels than :func:`~visionmix.data.datasets.decode_pixel_limit` allows for
+    that size (a decompression bomb) and any decoding failure are an :class:`UnreadableImage`."""
+    max_pixels = decode_pixel_limit(max(size))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            image = Image.open(path)
+        with image:
+            if image.width * image.height > max_pixels:
+                raise UnreadableImage(f"{path} is {image.width}x{image.height} pixels, more than the {max_pixels:,} "
+                                      f"decoded for a {size[0]}x{size[1]} input (a decompression bomb?)")
+            image.draft(mode, size)
+            return image.convert(mode)
+    except UnreadableImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"cannot decode {path} ({' '.join(str(exc).split())})") from exc
+
+
+def find_images(inputs: Sequence[str | Path]) -> Iterator[Path]:
+    """The image files named by ``inputs``, lazily: a file as given, a directory's files with an image suffix
+    (:data:`~visionmix.data.datasets.IMAGE_EXTENSIONS`) recursively in sorted order (symlinked sub-directories are
+    not followed). Every input must exist (``FileNotFoundError`` at once, before anything is read)."""
+    missing = [str(p) for p in inputs if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"no such file or directory: {', '.join(missing)}")
+    return (path for p in map(Path, inputs) for path in (_walk(p) if p.is_dir() else (p,)))
+
+
+def _walk(directory: Path) -> Iterator[Path]:
+    for entry in sorted(directory.iterdir()):
+        if entry.is_dir():
+            if not entry.is_symlink():
+                yield from _walk(entry)
+        elif entry.suffix.lower() in IMAGE_EXTENSIONS:
+            yield entry
+
+
+class Score(NamedTuple):
+    """One of an image's top-k classes."""
+
+    name: str
+    index: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The top-k classes of the image at ``path`` (most probable first), or the ``error`` that skipped it."""
+
+    path: Path
+    top: tuple[Score, ...] = ()
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """``{"path": ..., "top": [{"class": ..., "index": ..., "prob": ...}, ...]}``."""
+        return {"path": str(self.path), "top": [{"class": s.name, "index": s.index, "prob": s.prob}
+                                                for s in self.top]}
+
+
+def predict(model: Model, paths: Iterable[str | Path], *, transform: EvalTransform, classes: Sequence[str],
+            topk: int = 5, batch_size: int = 32) -> Iterator[Prediction]:
+    """Classify the images at ``paths`` in batches of ``batch_size``, in order; one :class:`Prediction` each.
+
+    ``model`` maps a float (B, C, H, W) batch to logits over ``classes``. ``paths`` is consumed lazily and at most
+    one batch of images is held. A file that cannot be decoded yields a Prediction with ``error`` set. The
+    arguments are checked at once (``ValueError``); a model whose logits do not match ``classes`` raises at its
+    first batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    if not 1 <= topk <= len(classes):
+        raise ValueError(f"topk must be between 1 and the model's {len(classes)} classes, got {topk}")
+    return _predict(model, paths, transform, tuple(classes), topk, batch_size)
+
+
+def _predict(model: Model, paths: Iterable[str | Path], transform: EvalTransform, classes: tuple[str, ...],
+             topk: int, batch_size: int) -> Iterator[Prediction]:
+    pending: list[tuple[Path, torch.Tensor | str]] = []
+    for path in map(Path, paths):
+        try:
+            pending.append((path, transform.read(path)))
+        except UnreadableImage as exc:
+            pending.append((path, str(exc)))
+        if len(pending) == batch_size:
+            yield from _classify(model, pending, classes, topk)
+            pending = []
+    yield from _classify(model, pending, classes, topk)
+
+
+def _classify(model: Model, pending: list[tuple[Path, torch.Tensor | str]], classes: tuple[str, ...],
+              topk: int) -> Iterator[Prediction]:
+    images = [x for _, x in pending if isinstance(x, torch.Tensor)]
+    tops: Iterator[tuple[list[float], list[int]]] = iter(())
+    if images:
+        with torch.inference_mode():
+            logits = model(torch.stack(images))
+        if logits.shape != (len(images), len(classes)):
+            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for {len(images)} images, "
+                             f"expected ({len(images)}, {len(classes)}) for its {len(classes)} classes")
+        probs, indices = logits.float().softmax(dim=1).topk(topk, dim=1)
+        tops = iter(zip(probs.tolist(), indices.tolist(), strict=True))
+    for path, x in pending:
+        if isinstance(x, str):
+            yield Prediction(path, error=x)
+        else:
+            p, i = next(tops)
+            yield Prediction(path, tuple(Score(classes[k], k, q) for q, k in zip(p, i, strict=True)))
+
+
+def read_classes(path: str | Path) -> tuple[str, ...]:
+    """Class names from a text file, one per line (blank lines ignored); ``ValueError`` if none or repeated."""
+    names = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
+    if not names:
+        raise ValueError(f"{path} names no classes (expected one name per line)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{path} names {', '.join(map(repr, repeated))} more than once")
+    return names
+
+
+def load_predictor(source: str | Path, *, model_name: str | None = None,
+                   classes_file: str | Path | None = None) -> tuple[nn.Module, EvalTransform, tuple[str, ...]]:
+    """``(model, transform, classes)`` for :func:`predict` from a run directory, or from a foreign checkpoint file
+    of the registered model ``model_name`` with the class names of ``classes_file`` (its head is built for them)."""
+    from visionmix.engine.checkpoint import load_run, run_meta
+
+    source = Path(source)
+    if not source.exists():
+        raise FileNotFoundError(f"no such run directory or checkpoint: {source}")
+    if model_name is None:
+        if not source.is_dir() or run_meta(source) is None:
+            raise ValueError(f"{source} is not a visionmix run directory; for a checkpoint file give --model NAME "
+                             f"(the registered model it holds weights for) and --classes FILE")
+        if classes_file is not None:
+            raise ValueError(f"--classes applies to a checkpoint file; the run {source} has its own class names")
+        model, meta = load_run(source)
+        return model, EvalTransform.from_run(meta), tuple(meta["data"]["classes"])
+    if source.is_dir():
+        raise ValueError(f"--model {model_name} takes a checkpoint file, and {source} is a directory (a run "
+                         f"directory needs no --model)")
+    if classes_file is None:
+        raise ValueError(f"{source} holds no class names: give --classes FILE with one name per line")
+    from visionmix.models import create_model
+
+    classes = read_classes(classes_file)
+    model = create_model(model_name, num_classes=len(classes), checkpoint_path=str(source)).eval()
+    return model, EvalTransform.from_pretrained_cfg(model.pretrained_cfg), classes
