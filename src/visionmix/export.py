@@ -143,11 +143,14 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, ops
 
 def onnx_runner(path: str | Path, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """An onnxruntime (CPU) session of the ONNX file at ``path`` as a tensor -> tensor callable; ``threads`` intra-op
-    threads (default: torch's, so both runtimes use the same cores)."""
+    threads (default: torch's, so both runtimes use the same cores), which sleep when idle (as torch's do under
+    ``OMP_WAIT_POLICY=PASSIVE``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
+    # idle worker threads sleep instead of spinning: a spinning pool steals the cores from whatever runs next
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
 

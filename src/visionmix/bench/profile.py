@@ -280,6 +280,69 @@ def bench_models(names: Sequence[str], *, deploy: bool = False, batch_size: int 
     return results
 
 
+@dataclass(frozen=True)
+class BackendResult:
+    """One model on one inference backend (:func:`visionmix.deploy`): images/s at ``batch_size``, its ratio to the
+    eager deployed model timed in the same rounds, and the backend's difference from eager; or why it was skipped."""
+
+    model: str
+    backend: str
+    batch_size: int
+    throughput: float | None
+    throughput_spread: float | None
+    vs_eager: float | None
+    max_rel_diff: float | None
+    skipped: str | None = None
+
+
+def bench_backends(names: Sequence[str], backends: Sequence[str], *, batch_size: int = 8, img_size: int | None = None,
+                   in_chans: int | None = None, warmup: int = 3, repeats: int = 10,
+                   model_kwargs: dict[str, Any] | None = None) -> list[BackendResult]:
+    """For each registered model (random weights, re-parameterised), build every backend in ``backends`` (eager is
+    always added as the yardstick) with :func:`visionmix.deploy`, then time them alternately in one process on one
+    random batch (:func:`time_alternately`). A backend the model cannot take gets a row saying why."""
+    from visionmix.deployment import DeployError, deploy
+    from visionmix.export import randomize_weights
+    from visionmix.models import create_model
+
+    results = []
+    for name in names:
+        model = create_model(name, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
+        example = torch.randn(batch_size, *model.pretrained_cfg["input_size"])
+        randomize_weights(model, example)  # BN statistics and a non-constant head, as a trained model has
+        built, skipped = {}, {}
+        for backend in dict.fromkeys(("eager", *backends)):
+            try:
+                built[backend] = deploy(model, example, backend)
+            except DeployError as err:
+                skipped[backend] = str(err)
+        timings = time_alternately({b: (lambda d=d, x=example: d(x)) for b, d in built.items()}, warmup=warmup,
+                                   repeats=repeats)
+        eager = timings["eager"].median if "eager" in timings else None
+        for backend in dict.fromkeys(("eager", *backends)):
+            if backend in skipped:
+                results.append(BackendResult(name, backend, batch_size, None, None, None, None, skipped[backend]))
+                continue
+            t = timings[backend]
+            results.append(BackendResult(name, backend, batch_size, batch_size / t.median, t.spread,
+                                         eager / t.median if eager else None, built[backend].max_rel_diff))
+    return results
+
+
+def format_backend_table(results: Sequence[BackendResult]) -> str:
+    """The backend comparison as aligned text: one row per (model, backend)."""
+    rows = [("model", "backend", "img/s", "spread", "vs eager", "max rel diff")]
+    for r in results:
+        if r.skipped is not None:
+            rows.append((r.model, r.backend, "-", "-", "-", f"skipped: {r.skipped}"))
+        else:
+            rows.append((r.model, r.backend, f"{r.throughput:.1f}", f"{100 * r.throughput_spread:.0f}%",
+                         f"{r.vs_eager:.2f}x", f"{r.max_rel_diff:.1e}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
+                                enumerate(zip(row[:5], widths, strict=True))) + "  " + row[5] for row in rows)
+
+
 def si_format(value: float | None) -> str:
     """``11689512 -> "11.69M"``, ``1.8e9 -> "1.80G"``; ``None -> "-"`` (a count a failed run does not have)."""
     if value is None:
