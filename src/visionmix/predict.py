@@ -10,7 +10,6 @@ images. The model may be any callable that maps a float (B, C, H, W) tensor to l
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,15 +20,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visionmix.data.datasets import IMAGE_EXTENSIONS, decode_pixel_limit
+from visionmix.data.datasets import IMAGE_EXTENSIONS, UnreadableImage, decode_image
 from visionmix.data.transforms import normalize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 MODES = {1: "L", 3: "RGB"}  # the images Pillow decodes, by the model's input channels
-
-
-class UnreadableImage(OSError):
-    """An image file that cannot be decoded; the message names it and says why."""
 
 
 @dataclass(frozen=True)
@@ -106,27 +101,6 @@ class EvalTransform:
     def read(self, path: str | Path) -> torch.Tensor:
         """Decode the image file ``path`` and transform it; :class:`UnreadableImage` if it cannot be decoded."""
         return self(decode_image(path, MODES[self.in_chans], self.decode_size))
-
-
-def decode_image(path: str | Path, mode: str, size: tuple[int, int]) -> Image.Image:
-    """Decode ``path`` with Pillow into ``mode``; a JPEG at the smallest scale that still covers ``size`` (width,
-    height). A header claiming more pixels than :func:`~visionmix.data.datasets.decode_pixel_limit` allows for
-    that size (a decompression bomb) and any decoding failure are an :class:`UnreadableImage`."""
-    max_pixels = decode_pixel_limit(max(size))
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-            image = Image.open(path)
-        with image:
-            if image.width * image.height > max_pixels:
-                raise UnreadableImage(f"{path} is {image.width}x{image.height} pixels, more than the {max_pixels:,} "
-                                      f"decoded for a {size[0]}x{size[1]} input (a decompression bomb?)")
-            image.draft(mode, size)
-            return image.convert(mode)
-    except UnreadableImage:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
-        raise UnreadableImage(f"cannot decode {path} ({' '.join(str(exc).split())})") from exc
 
 
 def find_images(inputs: Sequence[str | Path]) -> Iterator[Path]:

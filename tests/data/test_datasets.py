@@ -253,7 +253,7 @@ def two_class_tree(root: Path) -> None:
 
 
 @pytest.mark.parametrize("side, reason", [
-    (50_000, "cannot decode"), (12_000, "is 12000x12000 pixels, more than the 64,000,000 decoded for --image-size 32")])
+    (50_000, "cannot decode"), (12_000, "is 12000x12000 pixels, more than the 64,000,000 decoded for a 32x32 input")])
 def test_decompression_bombs_are_one_line_errors_naming_the_file(tmp_path: Path, side: int, reason: str) -> None:
     two_class_tree(tmp_path)
     bomb = png_header(tmp_path / "train" / "b" / "bomb.png", side, side)

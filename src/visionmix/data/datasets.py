@@ -17,10 +17,14 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "digits")
 SPLITS = ("train", "test")
@@ -286,7 +290,7 @@ def load_image_folder(data_dir: str | Path | None, split: str, image_size: int =
     """``data_dir/{train,test}/<class>/<image>`` (``val`` is accepted for ``test``), decoded with Pillow to RGB and
     resized to ``image_size`` x ``image_size``. Classes are the sorted sub-folders of ``train`` (else of the split).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if data_dir is None:
         raise DataError("imagefolder needs --data-dir DIR with DIR/train/<class>/*.png and DIR/test/<class>/*.png")
@@ -309,22 +313,12 @@ def load_image_folder(data_dir: str | Path | None, split: str, image_size: int =
     if not files:
         raise DataError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}/<class>/")
     check_fits_in_memory(len(files), 3, image_size, f"imagefolder {split}")
-    max_pixels = decode_pixel_limit(image_size)
     images, labels = [], []
     for path, index in files:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
-                im = Image.open(path)
-            with im:
-                if im.width * im.height > max_pixels:
-                    raise DataError(f"imagefolder: {path} is {im.width}x{im.height} pixels, more than the "
-                                    f"{max_pixels:,} decoded for --image-size {image_size} (a decompression bomb or a "
-                                    f"mistaken file); shrink or remove it")
-                im.draft("RGB", (image_size, image_size))  # JPEG decodes at the smallest scale that is large enough
-                rgb = im.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            raise DataError(f"imagefolder: cannot decode {path} ({' '.join(str(exc).split())})") from exc
+            rgb = decode_image(path, "RGB", (image_size, image_size))
+        except UnreadableImage as exc:
+            raise DataError(f"imagefolder: {exc}") from exc
         if rgb.size != (image_size, image_size):
             rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
         images.append(np.asarray(rgb, dtype=np.uint8))
@@ -374,6 +368,33 @@ def decode_pixel_limit(image_size: int) -> int:
     """Most pixels an image may have to be decoded for ``image_size``: 64 MP, or (32 x image_size)^2 if larger.
     A header claiming more is a decompression bomb or a file that does not belong in the dataset."""
     return max(MIN_DECODE_PIXELS, (32 * image_size) ** 2)
+
+
+class UnreadableImage(OSError):
+    """An image file that cannot be decoded; the message names it and says why."""
+
+
+def decode_image(path: str | Path, mode: str, size: tuple[int, int]) -> PILImage:
+    """Decode ``path`` with Pillow into ``mode``; a JPEG at the smallest scale that still covers ``size`` (width,
+    height). A header claiming more pixels than :func:`decode_pixel_limit` allows for
+    that size (a decompression bomb) and any decoding failure are an :class:`UnreadableImage`."""
+    from PIL import Image
+
+    max_pixels = decode_pixel_limit(max(size))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is checked below
+            image = Image.open(path)
+        with image:
+            if image.width * image.height > max_pixels:
+                raise UnreadableImage(f"{path} is {image.width}x{image.height} pixels, more than the {max_pixels:,} "
+                                      f"decoded for a {size[0]}x{size[1]} input (a decompression bomb?)")
+            image.draft(mode, size)
+            return image.convert(mode)
+    except UnreadableImage:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"cannot decode {path} ({' '.join(str(exc).split())})") from exc
 
 
 def available_memory() -> int:
