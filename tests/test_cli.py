@@ -36,7 +36,7 @@ def subcommands() -> dict[str, argparse.ArgumentParser]:
     return dict(action.choices)
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "models"])
+@pytest.mark.parametrize("command", ["train", "eval", "models", "bench", "predict"])
 def test_help_explains_every_option_with_its_default(capsys: pytest.CaptureFixture[str], command: str) -> None:
     rc, out, _ = run(capsys, command, "--help")
     assert rc == 0

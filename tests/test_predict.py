@@ -151,6 +151,15 @@ def test_predict_prints_the_classes_of_png_and_jpeg_files(capsys: pytest.Capture
     assert sum(p == q for p, q in zip(jpeg_top1, dataset_top1, strict=True)) >= 0.8 * NUM_IMAGES
 
 
+@pytest.mark.parametrize("backend", ["jit", "auto"])
+def test_every_backend_predicts_what_eager_predicts(capsys: pytest.CaptureFixture[str], run_dir: Path,
+                                                   image_dir: Path, dataset_top1: list[int], backend: str) -> None:
+    rc, out, err = run(capsys, str(run_dir), str(image_dir / "png"), "--topk", "1", "--backend", backend,
+                       "--batch-size", "8")  # the last batch is smaller than the one the backend was built on
+    assert rc == 0 and [int(line.split(": ")[1].split()[0]) for line in out.splitlines()] == dataset_top1
+    assert err == "" if backend != "auto" else err.startswith("visionmix: backend ") and "fastest of" in err
+
+
 def test_json_lines_are_sorted_probabilities_with_class_names(capsys: pytest.CaptureFixture[str], run_dir: Path,
                                                              image_dir: Path) -> None:
     rc, out, _ = run(capsys, str(run_dir), str(image_dir), "--json", "--topk", "3", "--batch-size", "7")

@@ -296,6 +296,8 @@ def _run_models(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------------ bench
 def _add_bench_parser(subparsers: Any) -> None:
+    from visionmix.deployment import BACKENDS
+
     p = add_command(subparsers, "bench", "measure models: params, MACs, latency, throughput, peak memory", """\
 Profile registered models with random weights at their default input size (or --img-size/--in-chans): parameters,
 MACs (FlopCounterMode multiply-adds of one image), latency at batch 1 and images/s at --batch-size (median and
@@ -311,6 +313,10 @@ example: visionmix bench resnet_nano dbb_resnet_nano --deploy --json bench.json"
     p.add_argument("--in-chans", type=int, help="input channels (default: the model's own)")
     p.add_argument("--num-classes", type=int, help="classifier size (default: the model's own)")
     p.add_argument("--deploy", action="store_true", help="also profile visionmix.reparameterize(model)")
+    p.add_argument("--backend", type=_backends, metavar="LIST",
+                   help="instead: images/s of the deployed model on each inference backend of visionmix.deploy "
+                        f"(comma-separated of {', '.join(BACKENDS)}, or all) next to eager, timed alternately in one "
+                        "process, each checked against eager (default: off)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="time torch.compile(model, backend=BACKEND) (inductor if no value; a cold compile takes "
                         "about a minute per model and input shape)")
@@ -341,22 +347,48 @@ def _expand_models(names: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(expanded))
 
 
+def _backends(text: str) -> tuple[str, ...]:
+    """``--backend``: a comma-separated list of visionmix.deploy's backends, or ``all``."""
+    from visionmix.deployment import BACKENDS
+
+    names = BACKENDS if text == "all" else tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in BACKENDS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected backends among {', '.join(BACKENDS)} (or all), got {text!r}")
+    return names
+
+
 def _run_bench(args: argparse.Namespace) -> int:
-    from visionmix.bench.profile import bench_models, format_table, matmul_gflops, save_results
+    from visionmix.bench.profile import (
+        bench_backends,
+        bench_models,
+        format_backend_table,
+        format_table,
+        matmul_gflops,
+        save_results,
+    )
     from visionmix.engine.distributed import resolve_device
 
     names = _expand_models(args.models)
     for path in (args.json, args.csv):
         check_new(path, args.force)
-    device = resolve_device(args.device)
-    reference = matmul_gflops(device=device) if args.vs_matmul else None
-    results = bench_models(names, deploy=args.deploy, batch_size=args.batch_size, img_size=args.img_size,
-                           in_chans=args.in_chans, device=device, compile_backend=args.compile, warmup=args.warmup,
-                           repeats=args.repeats, reference_gflops=reference,
-                           model_kwargs={"num_classes": args.num_classes})
-    print(format_table(results))
-    if reference is not None:
-        print(f"2048^3 fp32 matmul: {reference:.1f} GFLOP/s")
+    common = dict(batch_size=args.batch_size, img_size=args.img_size, in_chans=args.in_chans, warmup=args.warmup,
+                  repeats=args.repeats, model_kwargs={"num_classes": args.num_classes})
+    reference = None
+    if args.backend:
+        if args.deploy or args.compile or args.vs_matmul or args.device != "cpu":
+            raise ValueError("--backend times visionmix.deploy's CPU backends of the deployed model; it does not "
+                             "combine with --deploy, --compile, --vs-matmul or --device")
+        results: list[Any] = bench_backends(names, args.backend, **common)
+        print(format_backend_table(results))
+    else:
+        device = resolve_device(args.device)
+        reference = matmul_gflops(device=device) if args.vs_matmul else None
+        results = bench_models(names, deploy=args.deploy, device=device, compile_backend=args.compile,
+                               reference_gflops=reference, **common)
+        print(format_table(results))
+        if reference is not None:
+            print(f"2048^3 fp32 matmul: {reference:.1f} GFLOP/s")
     meta = {"matmul_gflops": reference, "command": args.command_line}
     for path in (args.json, args.csv):
         if path:
@@ -534,6 +566,8 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- predict
 def _add_predict_parser(subparsers: Any) -> None:
+    from visionmix.deployment import BACKENDS
+
     p = add_command(subparsers, "predict", "classify image files with a trained run or a checkpoint", """\
 Print the top-k classes, with probabilities, of each image file (a directory is searched recursively, in sorted
 order, and streamed: at most one batch of images is held). Images are decoded with Pillow (grey or RGB, as the
@@ -553,17 +587,27 @@ example: visionmix predict runs/mixer photos/ --topk 3 --json""")
                                                      "checkpoint file holds none)")
     p.add_argument("--topk", type=_count, default=5, help="classes printed per image, at most the model's")
     p.add_argument("--batch-size", type=_count, default=32, help="images per forward pass")
+    p.add_argument("--backend", default="eager", choices=("auto", *BACKENDS),
+                   help="inference backend of the re-parameterised model (visionmix.deploy; auto times them on one "
+                        "batch first and keeps the fastest that computes what eager does)")
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"path": ..., "top": '
                                                        '[{"class": ..., "index": ..., "prob": ...}, ...]}')
     p.set_defaults(run=_run_predict)
 
 
 def _run_predict(args: argparse.Namespace) -> int:
+    import torch
+
     from visionmix.data.datasets import IMAGE_EXTENSIONS
+    from visionmix.deployment import deploy
     from visionmix.predict import find_images, load_predictor, predict
 
     paths = find_images(args.images)
     model, transform, classes = load_predictor(args.checkpoint, model_name=args.model, classes_file=args.classes)
+    deployed = deploy(model, torch.zeros(args.batch_size, transform.in_chans, *transform.size), args.backend)
+    if args.backend == "auto":
+        print(f"{PROG}: backend {deployed.backend}: {deployed.reason}", file=sys.stderr, flush=True)
+    model = deployed
     done = skipped = 0
     for result in predict(model, paths, transform=transform, classes=classes, topk=args.topk,
                           batch_size=args.batch_size):

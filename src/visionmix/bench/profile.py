@@ -393,7 +393,7 @@ def to_csv(rows: Sequence[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def save_results(results: Sequence[BenchResult], path: str | Path, *, force: bool = False,
+def save_results(results: Sequence[BenchResult | BackendResult], path: str | Path, *, force: bool = False,
                  meta: dict[str, Any] | None = None) -> Path:
     """Write ``results`` as JSON (``{"meta", "results"}``) or CSV, chosen by the suffix of ``path``."""
     path = Path(path)
@@ -402,5 +402,6 @@ def save_results(results: Sequence[BenchResult], path: str | Path, *, force: boo
     if path.suffix == ".json":
         text = json.dumps({"meta": {**environment(), **(meta or {})}, "results": rows}, indent=2) + "\n"
     else:
-        text = to_csv([{**row, "input_size": "x".join(map(str, row["input_size"]))} for row in rows])
+        text = to_csv([{**row, "input_size": "x".join(map(str, row["input_size"]))} if "input_size" in row else row
+                       for row in rows])
     return write_new(path, text, force=force)
