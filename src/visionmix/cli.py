@@ -100,7 +100,7 @@ def _count(text: str) -> int:
 
 def _add_train_parser(subparsers: Any) -> None:
     from visionmix.data import AUGMENTATIONS, DATASETS, FASHION_MNIST_DIR
-    from visionmix.engine.train import BUDGET_FILL, MAX_LR
+    from visionmix.engine.train import BUDGET_FILL, MAX_LR, RECOMPUTE_BN, RECOMPUTE_BN_BELOW_STEPS, RECOMPUTE_BN_IMAGES
 
     p = add_command(subparsers, "train", "train a registered model on a dataset", """\
 Train any registered model with one recipe (AdamW, warmup + cosine LR, label smoothing, gradient clipping,
@@ -158,6 +158,10 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
                         "--model-arg conv_layer=dbb (default: none)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too (CPU always uses fp32)")
+    p.add_argument("--recompute-bn", default="auto", choices=RECOMPUTE_BN,
+                   help="at the end, recompute BatchNorm statistics from the final weights on "
+                        f"{RECOMPUTE_BN_IMAGES:,} training images (after a short run the running averages lag the "
+                        f"weights); auto = for runs of under {RECOMPUTE_BN_BELOW_STEPS} steps")
     p.add_argument("--save-every", type=int, default=0,
                    help="also checkpoint every N steps (0: at epoch ends and on SIGINT/SIGTERM only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
@@ -195,7 +199,8 @@ def _run_train(args: argparse.Namespace) -> int:
             ema_decay=args.ema, seed=args.seed, max_train_samples=args.max_train_samples,
             max_eval_samples=args.max_eval_samples, device=args.device, augment=args.augment,
             model_kwargs=dict(args.model_arg), min_lr_ratio=args.min_lr_ratio, save_every=args.save_every,
-            image_size=args.image_size, amp=not args.no_amp, time_budget_min=args.time_budget)
+            image_size=args.image_size, amp=not args.no_amp, time_budget_min=args.time_budget,
+            recompute_bn=args.recompute_bn)
         summary = train(cfg, args.out, progress=progress, force=args.force)
         run_dir = args.out
     _say(f"{summary['model']} on {summary['data']}: top-1 {summary['top1']:.2f}% top-5 {summary['top5']:.2f}% "

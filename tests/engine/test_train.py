@@ -3,6 +3,7 @@ overwrite protection, NaN handling, evaluation metrics against a direct computat
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import math
@@ -423,3 +424,46 @@ def test_plotting_the_confusion_matrix_leaves_matplotlib_alone(tmp_path: Path) -
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["True", "False"]
     assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_recompute_bn_statistics_is_the_average_over_the_batches_with_drop_path_off() -> None:
+    from visionmix.engine.evaluate import recompute_bn_statistics
+
+    torch.manual_seed(0)
+    model = tinynets.TinyNet(drop_path_rate=0.5).train()
+    model.norm.momentum = 0.3
+    batches = [torch.randn(16, 1, 28, 28) for _ in range(3)]
+    assert recompute_bn_statistics(model, batches) == 1
+    with torch.no_grad():
+        stems = [model.stem(x) for x in batches]  # what the norm sees (before it, nothing is random)
+    expected_mean = torch.stack([s.mean((0, 2, 3)) for s in stems]).mean(0)
+    expected_var = torch.stack([s.var((0, 2, 3), unbiased=True) for s in stems]).mean(0)
+    torch.testing.assert_close(model.norm.running_mean, expected_mean)
+    torch.testing.assert_close(model.norm.running_var, expected_var)
+    assert model.training and model.norm.momentum == 0.3 and int(model.norm.num_batches_tracked) == 3
+
+
+def test_a_short_run_ends_with_bn_statistics_of_its_final_weights(tmp_path: Path) -> None:
+    from visionmix.engine.evaluate import recompute_bn_statistics
+    from visionmix.engine.train import RECOMPUTE_BN_IMAGES
+
+    on = train(replace(CFG, recompute_bn="auto"), tmp_path / "on", progress=False)  # 12 steps < 1000: on
+    off = train(replace(CFG, recompute_bn="off"), tmp_path / "off", progress=False)
+    model_on, _ = load_run(tmp_path / "on")
+    model_off, _ = load_run(tmp_path / "off")
+    weights = {k: v for k, v in model_on.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(v, model_off.state_dict()[k]) for k, v in weights.items())  # same training
+    assert not torch.equal(model_on.norm.running_mean, model_off.norm.running_mean)
+    train_ds = build_dataset("digits", "train", max_samples=CFG.max_train_samples)
+    from visionmix.data import BatchLoader
+
+    assert len(train_ds) < RECOMPUTE_BN_IMAGES
+    direct = copy.deepcopy(model_off)
+    recompute_bn_statistics(direct, (x for x, _ in BatchLoader(train_ds, CFG.eval_batch_size, train=False)))
+    torch.testing.assert_close(model_on.norm.running_mean, direct.norm.running_mean)
+    torch.testing.assert_close(model_on.norm.running_var, direct.norm.running_var)
+    first = [{k: h[k] for k in ("eval_loss", "eval_top1", "train_loss")} for h in (on["history"][0], off["history"][0])]
+    assert first[0] == first[1]  # only the last epoch's evaluation sees the new statistics
+    assert on["history"][1]["eval_loss"] != off["history"][1]["eval_loss"]
+    with pytest.raises(ValueError, match="recompute_bn must be one of 'auto', 'on', 'off'; got 'yes'"):
+        train(replace(CFG, recompute_bn="yes"), tmp_path / "x", progress=False)

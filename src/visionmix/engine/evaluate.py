@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,29 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, device: torch.d
         totals = all_reduce_sum(torch.cat([confusion.double(), loss_sum[None], top5[None].double()]), ctx)
         confusion, loss_sum, top5 = totals[:-2].long(), totals[-2], totals[-1].long()
     return metrics_from_counts(confusion.view(num_classes, num_classes).cpu(), float(loss_sum), int(top5))
+
+
+@torch.no_grad()
+def recompute_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Replace every BatchNorm's running statistics by their average over ``batches`` passed through ``model`` as
+    it is now, so eval mode uses statistics of the final weights (after a short run the running averages still lag
+    them). Like ``torch.optim.swa_utils.update_bn`` (cumulative average: ``momentum=None``), but only the norms run
+    in train mode: dropout and drop-path stay off, so the statistics are those of the network evaluation runs.
+    Returns how many norms were recomputed; every module's mode and momentum are restored."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    with eval_mode(model):
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for x in batches:
+            model(x)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    return len(norms)
 
 
 def metrics_from_counts(confusion: torch.Tensor, loss_sum: float, top5_correct: int) -> dict[str, Any]:

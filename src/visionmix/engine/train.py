@@ -50,13 +50,16 @@ from visionmix.engine.distributed import (
     shutdown,
     wrap_model,
 )
-from visionmix.engine.evaluate import evaluate
+from visionmix.engine.evaluate import evaluate, recompute_bn_statistics
 from visionmix.files import atomic_write, atomic_write_json
 
 DEVICES = ("auto", "cpu", "cuda")
 DATA_SET_BY_ENGINE = ("num_classes", "in_chans", "img_size")
 BUDGET_FILL = 0.97  # a time-budgeted run is sized to this share of its budget: headroom for speed drift
 MAX_LR = 1.0  # AdamW moves every weight by about lr per step: above 1 no run learns anything
+RECOMPUTE_BN = ("auto", "on", "off")
+RECOMPUTE_BN_BELOW_STEPS = 1000  # "auto": shorter runs end with BN statistics recomputed from the final weights
+RECOMPUTE_BN_IMAGES = 10_000  # training images (un-augmented, fixed order) the recomputation passes through
 
 
 class TrainingError(RuntimeError):
@@ -100,6 +103,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; CPU always runs fp32
     eval_batch_size: int = 500
     time_budget_min: float | None = None  # train at most this long; ``epochs`` is then an upper bound
+    recompute_bn: str = "auto"  # BN statistics from the final weights at the end: on, off, auto (runs < 1k steps)
 
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad field."""
@@ -107,6 +111,7 @@ class TrainConfig:
             raise ValueError(f"model must be a registered model name, got {self.model!r}")
         check_choice("data", self.data, DATASETS)
         check_choice("augment", self.augment, AUGMENTATIONS)
+        check_choice("recompute_bn", self.recompute_bn, RECOMPUTE_BN)
         check_choice("device", self.device.split(":")[0], DEVICES)
         for name in ("batch_size", "eval_batch_size"):
             check_positive(name, getattr(self, name))
@@ -559,6 +564,8 @@ class _Trainer:
 
     def _end_epoch(self) -> None:
         cfg, run = self.cfg, self.running
+        if self.global_step >= self.total_steps and self._recomputes_bn():
+            self._recompute_bn()
         broadcast_buffers(self.raw_model, self.ctx)
         metrics = evaluate(self.ema.module if self.ema else self.raw_model, self.test_loader, ctx=self.ctx)
         if not math.isfinite(metrics["loss"]):  # the last step's update made the weights diverge
@@ -586,6 +593,24 @@ class _Trainer:
         stop = all_reduce_sum(torch.tensor([float(bool(self.stop_flag))], device=self.ctx.device), self.ctx)
         if not finished and float(stop) > 0:
             self._interrupt(saved=True)
+
+    def _recomputes_bn(self) -> bool:
+        mode = self.cfg.recompute_bn
+        return mode == "on" or (mode == "auto" and self.total_steps < RECOMPUTE_BN_BELOW_STEPS)
+
+    def _recompute_bn(self) -> None:
+        """The run's last step is done: BN statistics of the model (and of its EMA) from the final weights, computed
+        on rank 0 over RECOMPUTE_BN_IMAGES un-augmented training images (then broadcast with the other buffers)."""
+        if self.ctx.is_main:
+            loader = BatchLoader(self.train_ds, self.cfg.eval_batch_size, train=False, device=self.ctx.device)
+            batches = math.ceil(min(len(self.train_ds), RECOMPUTE_BN_IMAGES) / self.cfg.eval_batch_size)
+            models = [self.raw_model, *([self.ema.module] if self.ema else [])]
+            counts = [recompute_bn_statistics(m, (x for x, _ in islice(loader, batches))) for m in models]
+            if counts[0]:
+                self._log(f"recomputed the statistics of {counts[0]} BatchNorm layers from the final weights on "
+                          f"{min(len(self.train_ds), batches * self.cfg.eval_batch_size)} training images")
+        if self.ema is not None:
+            broadcast_buffers(self.ema.module, self.ctx)
 
     def _interrupt(self, saved: bool = False) -> None:
         if not saved:
