@@ -287,3 +287,19 @@ def test_a_deploy_method_returning_something_else_is_a_type_error():
 
     with pytest.raises(TypeError, match=r"Odd.fuse\(\) returned a str"):
         visionmix.reparameterize(Odd())
+
+
+def test_a_method_of_that_name_that_needs_arguments_is_not_a_deploy_method():
+    class Vae(nn.Module):  # a VAE's reparameterisation trick is not structural re-parameterisation
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = SwitchToDeploy()
+
+        def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+            return mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(x)
+
+    deployed = visionmix.reparameterize(Vae())  # crashed: reparameterize() missing 2 required arguments
+    assert hasattr(deployed.block, "fused") and not hasattr(deployed.block, "kxk")

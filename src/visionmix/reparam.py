@@ -74,12 +74,21 @@ def _deploy(module: nn.Module) -> nn.Module:
 
 
 def _deploy_method(module: nn.Module) -> Callable[[], nn.Module | None] | None:
-    """The module's first bound method among :data:`DEPLOY_METHODS` (a child module named ``fuse`` is not one)."""
+    """The module's first bound method among :data:`DEPLOY_METHODS` that takes no arguments (a child module named
+    ``fuse`` is not one, nor is a VAE's ``reparameterize(mu, logvar)``)."""
     for name in DEPLOY_METHODS:
         method = getattr(module, name, None)
-        if inspect.ismethod(method):
+        if inspect.ismethod(method) and _takes_no_arguments(method):
             return method
     return None
+
+
+def _takes_no_arguments(method: Callable[..., Any]) -> bool:
+    try:
+        inspect.signature(method).bind()
+    except TypeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
