@@ -9,7 +9,9 @@ Exact resume: the batch order of epoch ``e`` and the augmentation of step ``k`` 
 ``(seed, e, k)`` (see :mod:`visionmix.data.loader`), and a checkpoint holds weights, optimizer, scheduler, EMA,
 every rank's RNG state and the epoch's running sums, so a run resumed from a checkpoint taken at any step,
 including mid-epoch, continues bit for bit as if it had never stopped (same seed, deterministic CPU kernels).
-Checkpoints are written at epoch ends, every ``save_every`` steps and on SIGINT/SIGTERM.
+Checkpoints are written before the first step (step 0: the directory is the run's from the start), at epoch ends,
+every ``save_every`` steps and on SIGINT/SIGTERM; the previous one is kept beside the latest. A run of under
+``RECOMPUTE_BN_BELOW_STEPS`` steps ends by recomputing its BatchNorm statistics from the final weights.
 
 Time budget (``time_budget_min``): the warmup does not depend on the run's length, so the trainer times it and then
 fixes the step count that fills ``BUDGET_FILL`` of the budget at that speed (at most ``epochs``); the cosine decay
