@@ -26,7 +26,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "digits")
+DATASETS = ("fashion-mnist", "cifar10", "cifar100", "imagefolder", "webdataset", "digits")
 SPLITS = ("train", "test")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -121,6 +121,9 @@ def build_dataset(name: str, split: str = "train", data_dir: str | Path | None =
         ds = load_cifar(name, data_dir, split)
     elif name == "imagefolder":
         ds = load_image_folder(data_dir, split, image_size or 32)
+    elif name == "webdataset":
+        raise DataError("webdataset shards are streamed, not loaded into memory: read them with "
+                        "visionmix.data.streaming.WebDatasetSource (visionmix train --data webdataset does)")
     else:
         ds = load_digits(split, image_size or 28)
     ds = ds.subset(max_samples)

@@ -53,6 +53,10 @@ class BatchLoader:
         hflip = dataset.hflip and augment != "none"
         self.augment = CropFlip(padding, hflip) if train and (padding or hflip) else None
 
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
     def __len__(self) -> int:
         """Steps per epoch."""
         if self.train:
