@@ -39,7 +39,7 @@ from torch import nn
 
 from visionmix.data import AUGMENTATIONS, BatchLoader, build_dataset
 from visionmix.engine import TrainConfig, read_meta
-from visionmix.engine.train import param_groups
+from visionmix.engine.optim import param_groups
 from visionmix.models import create_model, list_models
 
 TRAIN_IMAGES = 60_000

@@ -46,7 +46,7 @@ def test_help_explains_every_option_with_its_default(capsys: pytest.CaptureFixtu
             continue
         assert action.option_strings[-1] in text
         assert action.help, f"{action.option_strings} has no help"
-        if action.default not in (None, False) and action.default != []:
+        if action.default not in (None, False, argparse.SUPPRESS) and action.default != []:
             assert f"(default: {action.default})" in text, action.option_strings
     if command == "train":
         assert "(default: 128)" in text and "(default: fashion-mnist)" in text and "(default: the model's own)" in text

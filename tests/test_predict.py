@@ -18,9 +18,8 @@ from safetensors.torch import save_file
 
 from visionmix.cli import main
 from visionmix.data import ImageDataset, build_dataset, normalize
-from visionmix.engine import train
+from visionmix.engine import TrainConfig, train
 from visionmix.engine.checkpoint import load_run, state_dict_tensors
-from visionmix.engine.train import TrainConfig
 from visionmix.models import create_model
 from visionmix.predict import EvalTransform, Prediction, find_images, predict
 

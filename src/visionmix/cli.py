@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import sys
+import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -55,64 +56,20 @@ def _say(message: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ train
-def _model_arg(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key.isidentifier():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
-def _positive(text: str, unit: str) -> float:
-    """A finite number > 0, or an ``ArgumentTypeError`` saying what was expected."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (0 < value < math.inf):
-        raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}")
-    return value
-
-
-def _epochs(text: str) -> int | float:
-    """``--epochs``: a positive number; a whole one stays an int (``3``, not ``3.0``, in configs and messages)."""
-    value = _positive(text, "epochs")
-    return int(value) if value.is_integer() else value
-
-
-def _minutes(text: str) -> float:
-    """``--time-budget``: a positive number of minutes."""
-    return _positive(text, "minutes")
-
-
-def _count(text: str) -> int:
-    """A positive whole number (seeds, batch sizes, repeats)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}")
-    return value
-
-
 def _add_train_parser(subparsers: Any) -> None:
-    from visionmix.data import AUGMENTATIONS, DATASETS, FASHION_MNIST_DIR
-    from visionmix.engine.train import BUDGET_FILL, MAX_LR, RECOMPUTE_BN, RECOMPUTE_BN_BELOW_STEPS, RECOMPUTE_BN_IMAGES
+    from visionmix.engine.config import add_config_options
 
     p = add_command(subparsers, "train", "train a registered model on a dataset", """\
 Train any registered model with one recipe (AdamW, warmup + cosine LR, label smoothing, gradient clipping,
 drop-path, optional EMA) and write a run directory: checkpoint.json + weights (safetensors) + training state,
-metrics.jsonl (one line per epoch), summary.json. A run stopped by Ctrl-C/SIGTERM (it saves first) or killed
-continues exactly with --resume RUN_DIR. Multi-process: torchrun --nproc_per_node=N -m visionmix train ...
+metrics.jsonl (one line per epoch), summary.json. --recipe deit is DeiT's ImageNet recipe (random-resized crop,
+RandAugment, random erasing, mixup/cutmix, lr 5e-4 x batch/512); imagefolder and webdataset data are streamed
+from disk by --workers processes. --init fine-tunes from a checkpoint (--freeze backbone: a linear probe,
+--layer-decay: layer-wise LR decay). A run stopped by Ctrl-C/SIGTERM (it saves first) or killed continues with
+--resume RUN_DIR. Multi-process: torchrun --nproc_per_node=N -m visionmix train ...; multi-node: torchrun
+--nnodes=M --node_rank=I --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT --nproc_per_node=N -m visionmix train ...
 
 example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --out runs/mixer""")
-    p.add_argument("--model", help="registered model name (see 'visionmix models'); required unless --resume")
-    p.add_argument("--data", default="fashion-mnist", choices=DATASETS, help="dataset")
-    p.add_argument("--data-dir", help=f"dataset directory (default: {FASHION_MNIST_DIR} for fashion-mnist; "
-                                      "cifar10/cifar100/imagefolder need it; digits is built in)")
     p.add_argument("--out", metavar="RUN_DIR", help="new run directory (must not exist or be empty, unless --force)")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings (only "
                                                        "--device and --no-progress may be given beside it)")
@@ -122,85 +79,39 @@ example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --ou
     p.add_argument("--force", action="store_true",
                    help="replace the visionmix run already in --out (only its own files are removed), or write into "
                         "a non-empty directory that holds no run (nothing there is deleted or overwritten)")
-    p.add_argument("--epochs", type=_epochs, default=3,
-                   help="training epochs; a fraction ends the run part-way into the last epoch, the cosine "
-                        "schedule spanning exactly that many steps (e.g. 4.5)")
-    p.add_argument("--time-budget", type=_minutes, metavar="MINUTES",
-                   help="train for at most this long (evaluation and checkpoint writes excluded; --epochs is then an "
-                        "upper bound): the warmup is timed and the run fixed at the steps that fill "
-                        f"{100 * BUDGET_FILL:g}%% of the budget at that speed, ending early if the machine slows "
-                        "down (default: off)")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="global batch size (split evenly across torchrun processes)")
-    p.add_argument("--lr", type=float, default=2e-3, help=f"peak learning rate of AdamW, in (0, {MAX_LR:g}]")
-    p.add_argument("--weight-decay", type=float, default=0.05,
-                   help="AdamW weight decay (not applied to biases, norms and no_weight_decay() parameters)")
-    p.add_argument("--warmup-epochs", type=float, default=0.5, help="linear warmup length, in epochs")
-    p.add_argument("--min-lr-ratio", type=float, default=0.01, help="final LR of the cosine decay, relative to --lr")
-    p.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the cross-entropy")
-    p.add_argument("--clip-grad", type=float, default=5.0, help="clip the global gradient norm to this; 0 = off")
-    p.add_argument("--drop-path", type=float, help="stochastic depth rate (default: the model's own)")
-    p.add_argument("--ema", type=float, nargs="?", const=0.999, metavar="DECAY",
-                   help="keep and evaluate an exponential moving average of the weights (DECAY 0.999 if no value; "
-                        "default: off)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, batch order and augmentation")
-    p.add_argument("--max-train-samples", type=int, help="use a fixed random subset of this many training images "
-                                                         "(default: all)")
-    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this many test images "
-                                                        "(default: all)")
-    p.add_argument("--image-size", type=int, help="resize images to this square size (default: the dataset's "
-                                                  "own; imagefolder 32, digits 28)")
-    p.add_argument("--augment", default="crop-flip", choices=AUGMENTATIONS,
-                   help="training augmentation: random crop (zero padding 2 px at 28 px, 4 at 32) + horizontal "
-                        "flip where it keeps the label, the flip only, or none")
-    p.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
-                   help="extra model keyword argument, VALUE read as JSON if it parses (repeatable), e.g. "
-                        "--model-arg conv_layer=dbb (default: none)")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
-    p.add_argument("--no-amp", action="store_true", help="train in fp32 on CUDA too (CPU always uses fp32)")
-    p.add_argument("--recompute-bn", default="auto", choices=RECOMPUTE_BN,
-                   help="at the end, recompute BatchNorm statistics from the final weights on "
-                        f"{RECOMPUTE_BN_IMAGES:,} training images (after a short run the running averages lag the "
-                        f"weights); auto = for runs of under {RECOMPUTE_BN_BELOW_STEPS} steps")
-    p.add_argument("--save-every", type=int, default=0,
-                   help="also checkpoint every N steps (0: at epoch ends and on SIGINT/SIGTERM only)")
+    add_config_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-epoch lines")
-    p.set_defaults(run=_run_train, defaults={a.dest: a.default for a in p._actions})
+    p.set_defaults(run=_run_train)
 
 
 # what may be given beside --resume: everything else is the saved run's and would be ignored
-_RESUME_OPTIONS = ("resume", "from_previous", "out", "device", "no_progress")
+_RESUME_OPTIONS = ("device",)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from visionmix.engine import TrainConfig, resume_run, train
+    from visionmix.engine.config import config_values, option_flag
 
     progress = not args.no_progress
+    values = config_values(args)
     if args.from_previous and not args.resume:
         raise ValueError("--from-previous needs --resume RUN_DIR")
     if args.resume:
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             raise ValueError(f"--resume {args.resume} and --out {args.out} name different directories")
-        ignored = [f"--{dest.replace('_', '-')}" for dest, default in args.defaults.items()
-                   if dest not in _RESUME_OPTIONS and getattr(args, dest, default) != default]
+        flags = {f.name: option_flag(f) for f in fields(TrainConfig)}
+        ignored = [flags[name] for name in values if name not in _RESUME_OPTIONS] + (["--force"] if args.force else [])
         if ignored:
             raise ValueError(f"--resume continues {args.resume} with its saved settings, so {', '.join(ignored)} "
                              f"would be ignored; drop {'it' if len(ignored) == 1 else 'them'} (or train a new run "
                              f"with --out)")
-        summary = resume_run(args.resume, device=args.device, progress=progress, from_previous=args.from_previous)
+        summary = resume_run(args.resume, device=values.get("device"), progress=progress,
+                             from_previous=args.from_previous)
         run_dir = args.resume
     else:
-        if not args.model or not args.out:
+        if "model" not in values or not args.out:
             raise ValueError("train needs --model and --out (or --resume RUN_DIR)")
-        cfg = TrainConfig(
-            model=args.model, data=args.data, data_dir=args.data_dir, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-            label_smoothing=args.label_smoothing, clip_grad=args.clip_grad or None, drop_path_rate=args.drop_path,
-            ema_decay=args.ema, seed=args.seed, max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples, device=args.device, augment=args.augment,
-            model_kwargs=dict(args.model_arg), min_lr_ratio=args.min_lr_ratio, save_every=args.save_every,
-            image_size=args.image_size, amp=not args.no_amp, time_budget_min=args.time_budget,
-            recompute_bn=args.recompute_bn)
+        cfg = TrainConfig.for_recipe(values.pop("recipe", "small"), **values)
         summary = train(cfg, args.out, progress=progress, force=args.force)
         run_dir = args.out
     _say(f"{summary['model']} on {summary['data']}: top-1 {summary['top1']:.2f}% top-5 {summary['top5']:.2f}% "
@@ -404,7 +315,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- compare
 def _add_compare_parser(subparsers: Any) -> None:
     from visionmix.bench.compare import PRESETS
-    from visionmix.data import DATASETS
+    from visionmix.engine.config import add_config_options, count_arg
 
     presets = "\n".join(f"  {name}: {p.description} ({', '.join(p.models)}; {p.seeds} seed(s), "
                         f"{', '.join(f'{k}={v}' for k, v in p.recipe.items())})" for name, p in PRESETS.items())
@@ -433,40 +344,35 @@ example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist 
     p.add_argument("--baseline", metavar="MODEL",
                    help="model the others are compared with seed by seed (default: the preset's baseline if it is "
                         "compared, else the first of --models)")
-    p.add_argument("--data", choices=DATASETS, help="dataset (default: fashion-mnist, or the preset's)")
-    p.add_argument("--data-dir", help="dataset directory (see 'visionmix train --help')")
-    p.add_argument("--seeds", type=_count, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
-    p.add_argument("--epochs", type=_epochs,
-                   help="training epochs, may be fractional (default: the engine's, or the preset's)")
-    p.add_argument("--batch-size", type=int, help="training batch size (default: the engine's)")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the engine's)")
-    p.add_argument("--max-train-samples", type=int, help="fixed random subset of the training images")
-    p.add_argument("--max-eval-samples", type=int, help="fixed random subset of the test images")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="training device (default: auto)")
-    p.add_argument("--bench-batch-size", type=_count, default=64, help="batch size of the throughput measurement")
-    p.add_argument("--bench-repeats", type=_count, default=10, help="timed samples per speed measurement (>= 2)")
+    p.add_argument("--seeds", type=count_arg, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
+    add_config_options(p, skip=("model", "seed"))
+    p.add_argument("--bench-batch-size", type=count_arg, default=64, help="batch size of the throughput measurement")
+    p.add_argument("--bench-repeats", type=count_arg, default=10, help="timed samples per speed measurement (>= 2)")
     p.add_argument("--no-progress", action="store_true", help="no per-epoch lines from the trainer")
     p.set_defaults(run=_run_compare)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
     from visionmix.bench.compare import PLOTS, PRESETS, Preset, compare, resolve_preset
+    from visionmix.engine.config import config_values
 
     note = ""
-    if args.preset and args.data:  # the data were chosen explicitly: no fallback to digits
+    given = config_values(args)
+    if args.preset and "data" in given:  # the data were chosen explicitly: no fallback to digits
         preset = PRESETS[args.preset]
     elif args.preset:
-        preset, note = resolve_preset(args.preset, args.data_dir)
+        preset, note = resolve_preset(args.preset, given.get("data_dir"))
     else:
         if not args.models:
             raise ValueError("compare needs --models a,b,c or --preset NAME")
         preset = Preset(models=(), data="fashion-mnist", seeds=1)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(preset.models)
-    data = args.data or preset.data
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-                 "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples,
-                 "device": args.device, "data_dir": args.data_dir if data != "digits" else None}
-    recipe = {**preset.recipe, **{k: v for k, v in overrides.items() if v is not None}}
+    data = given.get("data", preset.data)
+    overrides = dict(given)
+    overrides.pop("data", None)
+    if data == "digits":
+        overrides.pop("data_dir", None)
+    recipe = {**preset.recipe, **overrides}
     if note:
         print(f"note: {note}", flush=True)
     seeds = preset.seeds if args.seeds is None else args.seeds
@@ -492,6 +398,7 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------------------------- export
 def _add_export_parser(subparsers: Any) -> None:
+    from visionmix.engine.config import positive_number
     p = add_command(subparsers, "export", "export a trained run to ONNX / TorchScript, checked against PyTorch", """\
 Export the model of a run directory (or, with --random-init, a registered model with random weights) to ONNX
 (dynamo exporter, dynamic batch, weights in the one file) and/or TorchScript (trace). Each file is reloaded in its
@@ -516,7 +423,7 @@ example: visionmix export runs/dbb --deploy --onnx dbb.onnx --torchscript dbb.pt
                    help="fix the batch size at --batch-size (needed by CondConv/WeightNet: one grouped conv with "
                         "groups = batch)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
-    p.add_argument("--atol", type=lambda t: _positive(t, "absolute difference"), default=1e-4,
+    p.add_argument("--atol", type=lambda t: positive_number(t, "absolute difference"), default=1e-4,
                    help="largest allowed |exported - PyTorch| (a positive number)")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(run=_run_export)
@@ -572,6 +479,7 @@ def _run_export(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------- predict
 def _add_predict_parser(subparsers: Any) -> None:
     from visionmix.deployment import BACKENDS
+    from visionmix.engine.config import count_arg
 
     p = add_command(subparsers, "predict", "classify image files with a trained run or a checkpoint", """\
 Print the top-k classes, with probabilities, of each image file (a directory is searched recursively, in sorted
@@ -590,8 +498,8 @@ example: visionmix predict runs/mixer photos/ --topk 3 --json""")
     p.add_argument("--model", metavar="NAME", help="the registered model whose weights the checkpoint file holds")
     p.add_argument("--classes", metavar="FILE", help="with --model: the class names, one per line (required: a "
                                                      "checkpoint file holds none)")
-    p.add_argument("--topk", type=_count, default=5, help="classes printed per image, at most the model's")
-    p.add_argument("--batch-size", type=_count, default=32, help="images per forward pass")
+    p.add_argument("--topk", type=count_arg, default=5, help="classes printed per image, at most the model's")
+    p.add_argument("--batch-size", type=count_arg, default=32, help="images per forward pass")
     p.add_argument("--backend", default="eager", choices=("auto", *BACKENDS),
                    help="inference backend of the re-parameterised model (visionmix.deploy; auto times them on one "
                         "batch first and keeps the fastest that computes what eager does)")
@@ -632,10 +540,77 @@ def _run_predict(args: argparse.Namespace) -> int:
     return 1 if skipped else 0
 
 
+# ------------------------------------------------------------------------------------------------------- data
+def _add_data_parser(subparsers: Any) -> None:
+    from visionmix.data.pack import DEFAULT_SHARD_SIZE, FORMATS, IMAGE_FORMATS
+    from visionmix.engine.config import count_arg
+
+    p = add_command(subparsers, "data", "prepare datasets for streaming (pack)")
+    p.set_defaults(run=_run_data, data_action=None)
+    actions = p.add_subparsers(title="actions", metavar="ACTION")
+    pack = add_command(actions, "pack", "pack an ImageFolder tree into tar shards, or Fashion-MNIST into files", """\
+Pack SRC (an ImageFolder tree: SRC/train/<class>/* and SRC/val/<class>/* or SRC/test/<class>/*) into WebDataset tar
+shards OUT_DIR/{train,val}-NNNNNN.tar plus OUT_DIR/info.json (classes, counts, channels, image size), which
+WebDatasetSource reads. With --from fashion-mnist, write the installed Fashion-MNIST as greyscale PNG/JPEG files
+(OUT_DIR/{train,val}/<index>_<class>/*) or shards. OUT_DIR must be new or empty; --force replaces only pack's own
+files.
+
+examples: visionmix data pack photos/ shards/ --shard-size 1000
+          visionmix data pack --from fashion-mnist fm/ --image-size 32 --image-format jpeg""")
+    pack.add_argument("paths", nargs="+", metavar="SRC OUT_DIR", help="the ImageFolder tree and the output "
+                                                                      "directory (only OUT_DIR with --from)")
+    pack.add_argument("--from", dest="source", choices=("fashion-mnist",),
+                      help="pack a built-in dataset instead of SRC")
+    pack.add_argument("--format", default=None, choices=FORMATS,
+                      help="output layout (default: shards from SRC, imagefolder with --from)")
+    pack.add_argument("--shard-size", type=count_arg, default=DEFAULT_SHARD_SIZE, help="samples per tar shard")
+    pack.add_argument("--image-size", type=count_arg, default=28, help="with --from: square image size")
+    pack.add_argument("--image-format", default="png", choices=IMAGE_FORMATS, help="with --from: file format")
+    pack.add_argument("--max-samples", type=count_arg,
+                      help="with --from: a fixed subset of this many images per split (default: all)")
+    pack.add_argument("--data-dir", help="with --from: the dataset's directory (default: its usual place)")
+    pack.add_argument("--force", action="store_true", help="replace pack's own files in OUT_DIR (others are kept)")
+    pack.set_defaults(data_action="pack")
+
+
+def _run_data(args: argparse.Namespace) -> int:
+    from visionmix.data.pack import pack_fashion_mnist, pack_shards
+
+    if args.data_action != "pack":
+        raise ValueError("data needs an action: visionmix data pack ... (see 'visionmix data --help')")
+    if args.source is not None:
+        if len(args.paths) != 1:
+            raise ValueError(f"--from {args.source} takes one path, OUT_DIR; got {' '.join(args.paths)}")
+        out = Path(args.paths[0])
+        info = pack_fashion_mnist(out, image_size=args.image_size, image_format=args.image_format,
+                                  layout=args.format or "imagefolder", shard_size=args.shard_size,
+                                  data_dir=args.data_dir, max_samples=args.max_samples, force=args.force)
+    else:
+        if len(args.paths) != 2:
+            raise ValueError(f"data pack takes SRC OUT_DIR (or --from DATASET OUT_DIR); got {' '.join(args.paths)}")
+        if (args.format or "shards") != "shards":
+            raise ValueError("--format imagefolder needs --from DATASET (SRC is already an ImageFolder tree)")
+        given = [f"--{a.replace('_', '-')}" for a in ("max_samples", "data_dir") if getattr(args, a) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --from DATASET")
+        src, out = (Path(p) for p in args.paths)
+        if not src.is_dir():
+            raise ValueError(f"SRC {src} is not a directory")
+        splits = ["train"] + (["val"] if (src / "val").is_dir() or (src / "test").is_dir() else [])
+        info = out / "info.json"
+        for split in splits:
+            info = pack_shards(src, out, shard_size=args.shard_size, split=split, force=args.force)
+    written = json.loads(Path(info).read_text())
+    counts = {k: v["count"] for k, v in written["splits"].items()} if "splits" in written else written["counts"]
+    summary = ", ".join(f"{split} {count:,}" for split, count in counts.items())
+    _say(f"packed {summary} images into {Path(info).parent} (see {info})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------- main
 COMMANDS: tuple[Callable[[Any], None], ...] = (_add_train_parser, _add_eval_parser, _add_models_parser,
                                                _add_bench_parser, _add_compare_parser, _add_export_parser,
-                                               _add_predict_parser)
+                                               _add_predict_parser, _add_data_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -652,6 +627,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _one_line_warnings(previous: Callable[..., None]) -> Callable[..., None]:
+    """``warnings.showwarning`` for the command line: visionmix's own warnings (an unreadable image skipped) as one
+    line ``visionmix: warning: ...``; others as before."""
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        from visionmix.data.streaming import BadImageWarning
+
+        if issubclass(category, BadImageWarning):
+            print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+        else:
+            previous(message, category, *args, **kwargs)
+
+    return show
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -671,7 +661,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from visionmix.engine import TrainingError, TrainingInterrupted
 
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            return args.run(args)
     except TrainingInterrupted as exc:
         print(f"{PROG}: {_one_line(exc)}", file=sys.stderr)
         return 128 + exc.signum

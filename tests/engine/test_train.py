@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 from visionmix.data import build_dataset
 from visionmix.engine import TrainConfig, TrainingError, evaluate, load_run, read_meta, resume_run, train
 from visionmix.engine import checkpoint as ckpt
-from visionmix.engine.train import BUDGET_FILL, ModelEma, param_groups, warmup_cosine
+from visionmix.engine.config import BUDGET_FILL
+from visionmix.engine.optim import ModelEma, param_groups, warmup_cosine
 
 CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=2, batch_size=32, max_train_samples=192,
                   max_eval_samples=100, lr=1e-2, device="cpu")
@@ -444,8 +445,8 @@ def test_recompute_bn_statistics_is_the_average_over_the_batches_with_drop_path_
 
 
 def test_a_short_run_ends_with_bn_statistics_of_its_final_weights(tmp_path: Path) -> None:
+    from visionmix.engine.config import RECOMPUTE_BN_IMAGES
     from visionmix.engine.evaluate import recompute_bn_statistics
-    from visionmix.engine.train import RECOMPUTE_BN_IMAGES
 
     on = train(replace(CFG, recompute_bn="auto"), tmp_path / "on", progress=False)  # 12 steps < 1000: on
     off = train(replace(CFG, recompute_bn="off"), tmp_path / "off", progress=False)

@@ -220,7 +220,7 @@ def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 # TrainConfig fields that are not part of the recipe shown in the report (they do not change what is learnt)
-_NOT_RECIPE = ("model", "data", "seed", "data_dir", "device", "save_every", "eval_batch_size")
+_NOT_RECIPE = ("model", "data", "seed", "data_dir", "device", "save_every", "eval_batch_size", "workers")
 _BENCH_KEYS = ("params", "macs", "throughput", "throughput_spread", "latency_ms", "peak_mem_mb")
 
 
@@ -347,7 +347,8 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     unknown = sorted(set(recipe) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise ValueError(f"recipe has unknown TrainConfig fields {unknown}")
-    base = TrainConfig(model=models[0], data=data, **recipe)
+    recipe_name = recipe.pop("recipe", "small")
+    base = TrainConfig.for_recipe(recipe_name, model=models[0], data=data, **recipe)
     base.validate()  # a bad recipe fails once, here, not once per model
     shown = {k: v for k, v in asdict(base).items() if k not in _NOT_RECIPE}
     meta = {"data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note, "command": command,
@@ -362,7 +363,7 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     for index, model in enumerate(models):
         model_outcomes = []
         for seed in range(seeds):
-            cfg = TrainConfig(model=model, data=data, seed=seed, **recipe)
+            cfg = TrainConfig.for_recipe(recipe_name, model=model, data=data, seed=seed, **recipe)
             step = f"[{index * seeds + seed + 1}/{total}] {model} seed {seed}"
             outcome = _run_one(cfg, runs_dir / model / f"seed{seed}", progress)
             log(f"{step}: {_outcome_line(outcome)}")

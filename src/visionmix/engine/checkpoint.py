@@ -242,3 +242,22 @@ def load_run(run_dir: str | Path, *, ema: bool | None = None,
     except CheckpointError as exc:
         raise CheckpointError(f"{exc}; {previous_hint(run_dir)}") from exc
     return model.eval(), meta
+
+
+def init_from(model: nn.Module, source: str | Path) -> list[str]:
+    """Load the weights of ``source`` into ``model`` to fine-tune it (``--init``): a visionmix run directory (the
+    weights it evaluated: its EMA when it kept one) or an official ``.pth``/``.safetensors`` file; see
+    :func:`visionmix.models.checkpoint.load_for_finetuning`. Returns the checkpoint keys not loaded."""
+    from visionmix.models.checkpoint import load_for_finetuning, read_state_dict, set_doconv_grouping
+
+    source = Path(source)
+    meta = run_meta(source) if source.is_dir() else None
+    if source.is_dir() and meta is None:
+        raise ValueError(f"--init {source} is a directory but not a visionmix run (no {CHECKPOINT_FILE})")
+    if meta is not None:
+        state = read_weights(source / meta["files"]["ema" if "ema" in meta["files"] else "weights"])
+        set_doconv_grouping(model, "visionmix", source)
+    else:
+        state = read_state_dict(source)
+        set_doconv_grouping(model, None, source)
+    return load_for_finetuning(model, state, source)

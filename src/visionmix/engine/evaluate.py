@@ -31,7 +31,7 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, device: torch.d
         if device is None:
             device = next(model.parameters()).device
         data = BatchLoader(data, batch_size, train=False, rank=rank, world_size=world, device=device)
-    num_classes = data.dataset.num_classes
+    num_classes = data.num_classes
     k = min(5, num_classes)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=data.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)

@@ -75,7 +75,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, *,
     keys and shapes, so a grouped DO-Conv would load strictly either way and compute other outputs. Left None, it
     is required (``ValueError``) only when the model has a DO-Conv whose grouping matters.
     """
-    _set_doconv_grouping(model, doconv_grouping, path)
+    set_doconv_grouping(model, doconv_grouping, path)
     state = read_state_dict(path)
     filter_fn = getattr(type(model), "checkpoint_filter_fn", None)
     if filter_fn is not None:
@@ -103,7 +103,9 @@ def state_dict_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, tor
     return problems
 
 
-def _set_doconv_grouping(model: nn.Module, grouping: str | None, path: str | Path) -> None:
+def set_doconv_grouping(model: nn.Module, grouping: str | None, path: str | Path) -> None:
+    """Set the composition (``"official"``/``"visionmix"``) of every DO-Conv of ``model`` before loading ``path``;
+    ``None`` is an error naming the grouped DO-Convs whose outputs would depend on it."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, DOConv2d)}
     if grouping is None:
         ambiguous = [name or type(model).__name__ for name, m in layers.items() if m.grouping_matters]
@@ -120,3 +122,24 @@ def _set_doconv_grouping(model: nn.Module, grouping: str | None, path: str | Pat
 def _describe(kind: str, items: list[str]) -> str:
     more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
     return f"{len(items)} {kind}: {', '.join(items[:_SHOW])}{more}"
+
+
+def load_for_finetuning(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> list[str]:
+    """Load ``state`` (a flat state dict read from ``source``) into ``model`` to fine-tune it: every key strictly,
+    except the classifier's (``model.get_classifier()``), which keeps its fresh initialisation when its shapes differ
+    (another class count) or it is absent from ``state``. Applies ``checkpoint_filter_fn``; returns the checkpoint
+    keys not loaded (the dropped classifier's), for the log."""
+    filter_fn = getattr(type(model), "checkpoint_filter_fn", None)
+    state = dict(filter_fn(dict(state), model) if filter_fn is not None else state)
+    own = model.state_dict()
+    head_name = getattr(model, "head_name", None)
+    head_keys = {k for k in own if head_name and k.startswith(f"{head_name}.")}
+    head_fits = bool(head_keys) and all(k in state and state[k].shape == own[k].shape for k in head_keys)
+    dropped = [] if head_fits else sorted(k for k in state if k.startswith(f"{head_name}.") or k in head_keys)
+    kept = {k: v for k, v in state.items() if k not in dropped}
+    problems = state_dict_problems({k: v for k, v in own.items() if head_fits or k not in head_keys}, kept)
+    if problems:
+        raise ValueError(f"--init {source} does not fit {type(model).__name__} (beyond its classifier): "
+                         + "; ".join(problems))
+    model.load_state_dict(kept, strict=False)
+    return dropped

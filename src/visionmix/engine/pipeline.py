@@ -1,0 +1,214 @@
+"""The data side of a run: datasets, loaders, the recipe's augmentation and its loss, chosen by ``TrainConfig``.
+
+Two kinds of data, one interface (``len(loader)`` steps per epoch, ``loader.epoch(e, start_step)`` batches):
+
+- in memory (fashion-mnist, cifar10/100, digits; :class:`~visionmix.data.BatchLoader`): uint8 tensors batched by
+  index, bit-exact on resume;
+- streamed (imagefolder, webdataset; :class:`~visionmix.data.streaming.StreamingLoader`): decoded in worker
+  processes, memory flat in the dataset's size.
+
+Recipes: ``small`` augments whole batches with the random crop + flip of :class:`~visionmix.data.CropFlip` and
+trains with label-smoothed cross-entropy; ``deit`` crops each sample with RandomResizedCrop in the workers, then
+augments each batch on the training device (flip, RandAugment, random erasing, mixup/cutmix:
+:class:`~visionmix.data.recipe.DeitBatchTransform`) and trains with soft-target cross-entropy; it evaluates at the
+model's ``crop_pct`` (resize + centre crop). In-memory data under ``deit`` goes through the streaming loader too
+(its images are the source), so every recipe runs on every dataset.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from visionmix.data import BatchLoader, CropFlip, build_dataset, normalize, stable_seed
+from visionmix.engine.config import BAD_IMAGE_SHARE, TrainConfig
+from visionmix.engine.distributed import DistContext
+
+STREAMED = ("imagefolder", "webdataset")
+STREAM_STATS_IMAGES = 2000  # training images a streamed set's mean/std are estimated from
+
+
+class Loader(Protocol):
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a run records of its data (the ``data`` entry of ``checkpoint.json``; ``predict`` and ``eval`` read
+    it): name, classes, channels, training size, normalisation and split sizes."""
+
+    name: str
+    classes: tuple[str, ...]
+    channels: int
+    image_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train_samples: int
+    eval_samples: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def as_meta(self) -> dict[str, Any]:
+        return {"name": self.name, "num_classes": self.num_classes, "classes": list(self.classes),
+                "in_chans": self.channels, "image_size": list(self.image_size), "mean": list(self.mean),
+                "std": list(self.std), "train_samples": self.train_samples, "eval_samples": self.eval_samples}
+
+
+class _Augmented:
+    """A loader of uint8 batches followed by a per-batch transform ``(images, labels, seed) -> (x, target)``, the
+    seed a fixed function of ``(seed, epoch, step, rank)``: the same batch gets the same augmentation on resume."""
+
+    def __init__(self, loader: Any, transform: Any, seed: int, rank: int, num_classes: int) -> None:
+        self.loader, self.transform, self.seed, self.rank = loader, transform, seed, rank
+        self.num_classes, self.device = num_classes, loader.device
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step, (images, labels) in enumerate(self.loader.epoch(epoch, start_step), start_step):
+            yield self.transform(images, labels, stable_seed(self.seed, epoch, step, self.rank))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.epoch(0)
+
+
+class _Normalize:
+    """uint8 batch -> normalised float32, labels unchanged (evaluation)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = mean, std
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(images, self.mean, self.std), labels
+
+
+class _SmallRecipe:
+    """The small recipe on streamed batches: :class:`CropFlip` drawn from the batch's seed, then normalisation."""
+
+    def __init__(self, augment: CropFlip | None, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.augment, self.mean, self.std = augment, mean, std
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.augment is not None:
+            offsets, flips = self.augment.sample(len(images), torch.Generator().manual_seed(seed))
+            images = self.augment(images, offsets, flips)
+        return normalize(images, self.mean, self.std), labels
+
+
+@dataclass
+class Pipeline:
+    """A run's data: ``train`` yields ``(x, target)`` (class indices, or soft targets under mixup), ``test`` and
+    ``bn`` (un-augmented training images, for :func:`~visionmix.engine.evaluate.recompute_bn_statistics`) yield
+    ``(x, labels)``; ``criterion(logits, target)`` is the training loss."""
+
+    info: DataInfo
+    train: Loader
+    test: Any
+    bn: Any
+    criterion: nn.Module
+
+
+def model_input(cfg: TrainConfig) -> dict[str, Any]:
+    """The model's ``pretrained_cfg`` (input size, crop_pct, interpolation) before any data is read."""
+    from visionmix.models import model_entry
+
+    return dict(model_entry(cfg.model).cfg)
+
+
+def build_pipeline(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
+    """The loaders and loss of ``cfg`` on ``ctx``'s rank and device."""
+    if cfg.data in STREAMED:
+        return _streamed(cfg, ctx)
+    train_ds = build_dataset(cfg.data, "train", cfg.data_dir, cfg.max_train_samples, image_size=cfg.image_size)
+    test_ds = build_dataset(cfg.data, "test", cfg.data_dir, cfg.max_eval_samples, image_size=cfg.image_size)
+    test_ds = test_ds.with_stats(train_ds.mean, train_ds.std)
+    info = DataInfo(train_ds.name, train_ds.classes, train_ds.channels, train_ds.image_size, train_ds.mean,
+                    train_ds.std, len(train_ds), len(test_ds))
+    test = BatchLoader(test_ds, cfg.eval_batch_size, train=False, rank=ctx.rank, world_size=ctx.world_size,
+                       device=ctx.device)
+    bn = BatchLoader(train_ds, cfg.eval_batch_size, train=False, device=ctx.device)
+    if cfg.recipe == "small":
+        train = BatchLoader(train_ds, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
+                            rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+        return Pipeline(info, train, test, bn, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+    from visionmix.data.streaming import MemorySource
+
+    return _deit(cfg, ctx, MemorySource(train_ds), info, test, bn)
+
+
+def _streamed(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
+    from visionmix.data.streaming import StreamingLoader, estimate_stats, open_source, resize_to
+
+    train_src = open_source(cfg.data, cfg.data_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed)
+    test_src = open_source(cfg.data, cfg.data_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)
+    pretrained = model_input(cfg)
+    size = cfg.image_size or int(pretrained["input_size"][-1])
+    mean, std = estimate_stats(train_src, size, max_images=STREAM_STATS_IMAGES)
+    info = DataInfo(cfg.data, tuple(train_src.class_names), train_src.channels, (size, size), tuple(mean), tuple(std),
+                    len(train_src), len(test_src))
+    common = {"rank": ctx.rank, "world_size": ctx.world_size, "workers": cfg.workers, "device": ctx.device}
+    eval_transform = _eval_transform(cfg, size, pretrained) if cfg.recipe == "deit" else resize_to(size)
+    test_loader = StreamingLoader(test_src, cfg.eval_batch_size, train=False, transform=eval_transform,
+                                  max_bad_images=_bad_limit(cfg, len(test_src)), **common)
+    test = _Augmented(test_loader, _Normalize(info.mean, info.std), cfg.seed, ctx.rank, info.num_classes)
+    bn_loader = StreamingLoader(train_src, cfg.eval_batch_size, train=False, transform=eval_transform,
+                                workers=cfg.workers, device=ctx.device,
+                                max_bad_images=_bad_limit(cfg, len(train_src)))
+    bn = _Augmented(bn_loader, _Normalize(info.mean, info.std), cfg.seed, 0, info.num_classes)
+    if cfg.recipe == "deit":
+        return _deit(cfg, ctx, train_src, info, test, bn)
+    padding = max(1, size // 8) if cfg.augment == "crop-flip" else 0
+    hflip = cfg.augment != "none"
+    augment = CropFlip(padding, hflip) if padding or hflip else None
+    train_loader = StreamingLoader(train_src, cfg.batch_size, train=True, transform=resize_to(size), seed=cfg.seed,
+                                   max_bad_images=_bad_limit(cfg, len(train_src)), **common)
+    train = _Augmented(train_loader, _SmallRecipe(augment, info.mean, info.std), cfg.seed, ctx.rank,
+                       info.num_classes)
+    return Pipeline(info, train, test, bn, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+
+
+def _deit(cfg: TrainConfig, ctx: DistContext, train_src: Any, info: DataInfo, test: Any, bn: Any) -> Pipeline:
+    from visionmix.data.recipe import (
+        DeitAugment,
+        DeitBatchTransform,
+        RandomResizedCropTransform,
+        SoftTargetCrossEntropy,
+    )
+    from visionmix.data.streaming import StreamingLoader
+
+    size = info.image_size[0]
+    crop = RandomResizedCropTransform(size, scale=(cfg.crop_scale_min, 1.0),
+                                      interpolation=model_input(cfg)["interpolation"])
+    loader = StreamingLoader(train_src, cfg.batch_size, train=True, transform=crop, seed=cfg.seed, rank=ctx.rank,
+                             world_size=ctx.world_size, workers=cfg.workers, device=ctx.device,
+                             max_bad_images=_bad_limit(cfg, len(train_src)))
+    augment = DeitAugment(randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m, randaug_mstd=cfg.randaug_mstd,
+                          reprob=cfg.reprob, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+                          switch_prob=cfg.mix_switch_prob, label_smoothing=cfg.label_smoothing)
+    transform = DeitBatchTransform(info.num_classes, info.mean, info.std, augment,
+                                   allow_hflip=getattr(train_src, "hflip", True))
+    train = _Augmented(loader, transform, cfg.seed, ctx.rank, info.num_classes)
+    return Pipeline(info, train, test, bn, SoftTargetCrossEntropy())
+
+
+def _eval_transform(cfg: TrainConfig, size: int, pretrained: dict[str, Any]) -> Any:
+    from visionmix.data.recipe import ResizeCenterCropTransform
+
+    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else float(pretrained["crop_pct"])
+    return ResizeCenterCropTransform(size, crop_pct=crop_pct, interpolation=pretrained["interpolation"])
+
+
+def _bad_limit(cfg: TrainConfig, samples: int) -> int:
+    """``--max-bad-images``, by default BAD_IMAGE_SHARE of the split (at least 1)."""
+    return cfg.max_bad_images if cfg.max_bad_images is not None else max(1, math.ceil(BAD_IMAGE_SHARE * samples))
+
