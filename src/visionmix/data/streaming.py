@@ -597,7 +597,8 @@ class StreamingLoader:
         self._loader = DataLoader(
             dataset, batch_size=None, sampler=self._sampler, num_workers=workers, collate_fn=_identity,
             pin_memory=self.device.type == "cuda", prefetch_factor=prefetch if workers else None,
-            persistent_workers=workers > 0)
+            persistent_workers=workers > 0,
+            generator=torch.Generator().manual_seed(seed))  # its own: the global RNG (drop-path) stays untouched
 
     def _folder_steps(self) -> int:
         if self.train:

@@ -1,14 +1,19 @@
 """One trainer for every registered model (SPACH's point: one recipe for all architectures, 2108.13002 sec. 3).
 
-AdamW (1711.05101) without weight decay on 1-d parameters (norms, biases) and on ``model.no_weight_decay()``;
-per-step linear warmup then cosine decay (1608.03983) to ``min_lr_ratio * lr``; label smoothing (1512.00567);
-gradient-norm clipping; the model's drop-path (1603.09382); optional EMA of the weights. fp32 on CPU (bf16
-autocast on CUDA when ``amp``).
+The loop and its run: the recipe is :mod:`~visionmix.engine.config`, the data and loss
+:mod:`~visionmix.engine.pipeline`, parameter groups, schedule and EMA :mod:`~visionmix.engine.optim`, the run
+directory :mod:`~visionmix.engine.rundir` and :mod:`~visionmix.engine.checkpoint`. AdamW (1711.05101) with
+per-step linear warmup then cosine decay (1608.03983), gradient-norm clipping, the model's drop-path (1603.09382),
+optional EMA; ``accum_steps`` micro-batches per optimizer step; fp32 on CPU, bf16 autocast or fp16 with a gradient
+scaler on CUDA (``amp``), optionally channels-last, ``torch.compile`` and SyncBatchNorm (CUDA under torchrun).
+``init`` fine-tunes from a checkpoint (every key but a resized classifier), ``freeze="backbone"`` trains the
+classifier alone with the backbone's BN statistics frozen, ``layer_decay`` scales each layer's LR.
 
 Exact resume: the batch order of epoch ``e`` and the augmentation of step ``k`` are fixed functions of
-``(seed, e, k)`` (see :mod:`visionmix.data.loader`), and a checkpoint holds weights, optimizer, scheduler, EMA,
-every rank's RNG state and the epoch's running sums, so a run resumed from a checkpoint taken at any step,
-including mid-epoch, continues bit for bit as if it had never stopped (same seed, deterministic CPU kernels).
+``(seed, e, k)`` (in-memory: :mod:`visionmix.data.loader`; streamed: :mod:`visionmix.data.streaming`, whose
+DataLoader draws nothing from the global RNG), and a checkpoint holds weights, optimizer, scheduler, gradient
+scaler, EMA, every rank's RNG state and the epoch's running sums, so a run resumed from a checkpoint taken at any
+step, including mid-epoch, continues bit for bit as if it had never stopped (same seed, deterministic CPU kernels).
 Checkpoints are written before the first step (step 0: the directory is the run's from the start), at epoch ends,
 every ``save_every`` steps and on SIGINT/SIGTERM; the previous one is kept beside the latest. A run of under
 ``RECOMPUTE_BN_BELOW_STEPS`` steps ends by recomputing its BatchNorm statistics from the final weights.
@@ -163,6 +168,9 @@ class _Trainer:
         if cfg.freeze == "backbone":
             freeze_backbone(self.raw_model)
         if cfg.sync_bn and ctx.enabled:
+            if device.type != "cuda":
+                raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); on CPU each "
+                                 "process keeps its own BatchNorm statistics")
             self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
         self.raw_model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.params = sum(p.numel() for p in self.raw_model.parameters())
