@@ -13,7 +13,6 @@ from kornia.geometry.transform import resize
 
 from visionmix.data.recipe import (
     RAND_OPS,
-    RECIPES,
     DeitAugment,
     DeitBatchTransform,
     RandomResizedCropTransform,
@@ -40,10 +39,6 @@ def batch(b: int = 6, c: int = 3, s: int = 16) -> tuple[torch.Tensor, torch.Tens
 def reference_resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     out = resize(img[None].float(), size, interpolation="bicubic", antialias=True)[0]
     return out.round().clamp(0, 255).to(torch.uint8)
-
-
-def test_recipes() -> None:
-    assert RECIPES == ("small", "deit")
 
 
 def test_rrc_shape_determinism_and_reference() -> None:

@@ -32,8 +32,6 @@ from torch import nn
 from visionmix.checks import check_choice
 from visionmix.data.loader import stable_seed
 
-# The training recipes the engine can ask for: the crop-flip recipe of small images, and DeiT's.
-RECIPES = ("small", "deit")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # timm's RandAugment operations (auto_augment._RAND_TRANSFORMS), in its order.
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
