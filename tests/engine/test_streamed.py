@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import tinynets  # noqa: F401  (registers tiny_test_net for evaluate_run)
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -16,6 +17,7 @@ from test_resume import start, wait_for_checkpoint
 
 from visionmix.data import load_digits
 from visionmix.data.pack import pack_shards
+from visionmix.engine.evaluate import evaluate_run
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +70,5 @@ def test_a_webdataset_run_trains_from_packed_shards(digit_tree: Path, tmp_path: 
     assert summary["data_info"]["train_samples"] == 320 and summary["data_info"]["eval_samples"] == 100
     assert summary["history"][-1]["global_step"] == 2 * 20  # 8 shards of 40 over 2 readers: every sample seen
     assert summary["top1"] > 10  # above chance on 10 digits after 2 epochs
+    report = evaluate_run(tmp_path / "run")  # `visionmix eval` streams the val shards the same way
+    assert report["forms"]["trained"]["top1"] == summary["top1"]

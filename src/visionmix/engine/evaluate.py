@@ -138,6 +138,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
     from visionmix.checks import check_choice
     from visionmix.data import build_dataset
     from visionmix.engine.checkpoint import load_run
+    from visionmix.engine.pipeline import STREAMED
     from visionmix.files import atomic_write_json
 
     check_choice("weights", weights, EVAL_WEIGHTS)
@@ -147,8 +148,12 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
     size = info["image_size"]
     run_limit = cfg["max_eval_samples" if split == "test" else "max_train_samples"]
     limit = run_limit if max_samples is None else max_samples or None
-    dataset = build_dataset(cfg["data"], split, data_dir or cfg["data_dir"], limit,
-                            image_size=size[0] if size[0] == size[1] else None).with_stats(info["mean"], info["std"])
+    if cfg["data"] in STREAMED:
+        dataset = _streamed_split(meta, split, data_dir, batch_size, device)
+    else:
+        dataset = build_dataset(cfg["data"], split, data_dir or cfg["data_dir"], limit,
+                                image_size=size[0] if size[0] == size[1] else None).with_stats(info["mean"],
+                                                                                               info["std"])
     forms: dict[str, nn.Module] = {"trained": model.to(device)}
     if deploy:
         from visionmix.reparam import reparameterize
@@ -168,8 +173,23 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
         report["forms"][form] = record
     if deploy:
         with torch.no_grad():
-            x, _ = next(iter(BatchLoader(dataset, 256, train=False, device=torch.device(device))))
+            batches = dataset if cfg["data"] in STREAMED else BatchLoader(dataset, 256, train=False,
+                                                                          device=torch.device(device))
+            x, _ = next(iter(batches))
             diff = (forms["trained"](x) - forms["deployed"](x)).abs().max().item()
         same = report["forms"]["trained"]["confusion"] == report["forms"]["deployed"]["confusion"]
         report["deploy_check"] = {"same_predictions": same, "max_abs_logit_diff": diff}
     return report
+
+
+def _streamed_split(meta: dict[str, Any], split: str, data_dir: str | None, batch_size: int,
+                    device: str | torch.device) -> Any:
+    """A streamed run's ``split`` (test = the val tree or shards) through its recipe's evaluation transform."""
+    from visionmix.data.streaming import open_source
+    from visionmix.engine.config import TrainConfig
+    from visionmix.engine.pipeline import DataInfo, streamed_eval_loader
+
+    cfg = TrainConfig.from_dict(meta["config"])
+    source = open_source(cfg.data, data_dir or cfg.data_dir, "val" if split == "test" else "train",
+                         val_fraction=cfg.val_fraction, seed=cfg.seed)
+    return streamed_eval_loader(cfg, source, DataInfo.from_meta(meta["data"]), device=device, batch_size=batch_size)

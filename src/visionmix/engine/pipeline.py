@@ -57,6 +57,12 @@ class DataInfo:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> DataInfo:
+        """The inverse of :meth:`as_meta`."""
+        return cls(meta["name"], tuple(meta["classes"]), meta["in_chans"], tuple(meta["image_size"]),
+                   tuple(meta["mean"]), tuple(meta["std"]), meta["train_samples"], meta["eval_samples"])
+
     def as_meta(self) -> dict[str, Any]:
         return {"name": self.name, "num_classes": self.num_classes, "classes": list(self.classes),
                 "in_chans": self.channels, "image_size": list(self.image_size), "mean": list(self.mean),
@@ -157,14 +163,8 @@ def _streamed(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
     info = DataInfo(cfg.data, tuple(train_src.class_names), train_src.channels, (size, size), tuple(mean), tuple(std),
                     len(train_src), len(test_src))
     common = {"rank": ctx.rank, "world_size": ctx.world_size, "workers": cfg.workers, "device": ctx.device}
-    eval_transform = _eval_transform(cfg, size, pretrained) if cfg.recipe == "deit" else resize_to(size)
-    test_loader = StreamingLoader(test_src, cfg.eval_batch_size, train=False, transform=eval_transform,
-                                  max_bad_images=_bad_limit(cfg, len(test_src)), **common)
-    test = _Augmented(test_loader, _Normalize(info.mean, info.std), cfg.seed, ctx.rank, info.num_classes)
-    bn_loader = StreamingLoader(train_src, cfg.eval_batch_size, train=False, transform=eval_transform,
-                                workers=cfg.workers, device=ctx.device,
-                                max_bad_images=_bad_limit(cfg, len(train_src)))
-    bn = _Augmented(bn_loader, _Normalize(info.mean, info.std), cfg.seed, 0, info.num_classes)
+    test = streamed_eval_loader(cfg, test_src, info, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
+    bn = streamed_eval_loader(cfg, train_src, info, device=ctx.device)
     if cfg.recipe == "deit":
         return _deit(cfg, ctx, train_src, info, test, bn)
     padding = max(1, size // 8) if cfg.augment == "crop-flip" else 0
@@ -175,6 +175,20 @@ def _streamed(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
     train = _Augmented(train_loader, _SmallRecipe(augment, info.mean, info.std), cfg.seed, ctx.rank,
                        info.num_classes)
     return Pipeline(info, train, test, bn, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
+
+
+def streamed_eval_loader(cfg: TrainConfig, source: Any, info: DataInfo, *, rank: int = 0, world_size: int = 1,
+                         device: torch.device | str = "cpu", batch_size: int | None = None) -> Any:
+    """Normalised, un-augmented batches of a streamed ``source`` through the recipe's evaluation transform (deit:
+    resize + centre crop at ``crop_pct``; small: a resize to the training size), rank ``rank``'s shard."""
+    from visionmix.data.streaming import StreamingLoader, resize_to
+
+    size = info.image_size[0]
+    transform = _eval_transform(cfg, size, model_input(cfg)) if cfg.recipe == "deit" else resize_to(size)
+    loader = StreamingLoader(source, batch_size or cfg.eval_batch_size, train=False, transform=transform,
+                             rank=rank, world_size=world_size, workers=cfg.workers, device=device,
+                             max_bad_images=_bad_limit(cfg, len(source)))
+    return _Augmented(loader, _Normalize(info.mean, info.std), cfg.seed, rank, info.num_classes)
 
 
 def _deit(cfg: TrainConfig, ctx: DistContext, train_src: Any, info: DataInfo, test: Any, bn: Any) -> Pipeline:
