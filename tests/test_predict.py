@@ -264,3 +264,16 @@ def test_corrupt_files_are_skipped_with_exit_status_1_and_a_checkpoint_file_need
     assert result.returncode == 2 and result.stdout == "" and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"visionmix: error: {weights} is not a visionmix run directory; for a "
                                     f"checkpoint file give --model NAME")
+
+
+def test_a_deit_run_predicts_through_its_evaluation_crop() -> None:
+    """A --recipe deit run evaluated by resize + centre crop at crop_pct: predict applies the same transform."""
+    data = {"in_chans": 3, "image_size": [224, 224], "mean": [0.5] * 3, "std": [0.25] * 3}
+    meta = {"model": "uniformer_small", "data": data, "config": {"recipe": "deit", "crop_pct": None}}
+    transform = EvalTransform.from_run(meta)
+    assert (transform.crop_pct, transform.interpolation) == (0.875, "bicubic")  # uniformer_small's pretrained_cfg
+    assert transform.resized_size(448, 300) == (382, 256)  # shorter side to floor(224 / 0.875), then the crop
+    meta["config"]["crop_pct"] = 0.9
+    assert EvalTransform.from_run(meta).crop_pct == 0.9
+    meta["config"]["recipe"] = "small"
+    assert EvalTransform.from_run(meta).crop_pct is None  # the small recipe resizes straight to the size

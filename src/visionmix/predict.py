@@ -57,9 +57,18 @@ class EvalTransform:
 
     @classmethod
     def from_run(cls, meta: dict[str, Any]) -> EvalTransform:
-        """The transform of a visionmix run: its image size and its training data's mean/std (bilinear)."""
-        data = meta["data"]
-        return cls(data["in_chans"], tuple(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))
+        """The transform of a visionmix run: its image size and its training data's mean/std; resized straight to
+        the size (bilinear), or for a ``--recipe deit`` run as it evaluated: resize + centre crop at its crop_pct
+        (default the model's ``pretrained_cfg``'s) with the model's interpolation."""
+        from visionmix.models import model_entry
+
+        data, config = meta["data"], meta["config"]
+        shape = (data["in_chans"], tuple(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))
+        if config.get("recipe", "small") != "deit":
+            return cls(*shape)
+        pretrained = model_entry(meta["model"]).cfg
+        crop_pct = config.get("crop_pct") or float(pretrained["crop_pct"])
+        return cls(*shape, crop_pct, pretrained["interpolation"])
 
     @classmethod
     def from_pretrained_cfg(cls, cfg: dict[str, Any]) -> EvalTransform:
