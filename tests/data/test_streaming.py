@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from visionmix.data.datasets import DataError
+from visionmix.data.loader import stable_seed
 from visionmix.data.pack import pack_shards
 from visionmix.data.streaming import (
     BadImageWarning,
@@ -238,3 +239,28 @@ def test_estimate_stats_is_deterministic_and_matches_the_pixels(tmp_path: Path) 
     pixels = torch.cat([resize_to(8)(source.load(i)).flatten() for i in range(len(source))]).double() / 255
     assert mean[0] == pytest.approx(pixels.mean().item(), abs=1e-6)
     assert std[0] == pytest.approx(pixels.std().item(), rel=0.05)
+
+
+def test_repeated_augmentation_draws_each_image_several_times_with_its_own_augmentation(tmp_path: Path) -> None:
+    """repeats=3 (DeiT's repeated augmentation): an epoch of N draws holds N/3 images, each 3 times in a row of the
+    global order (so on consecutive ranks), each copy differently augmented; resume stays exact."""
+    make_tree(tmp_path, per_class=12)  # 24 training images
+    source = ImageFolderSource(tmp_path, "train")
+    loader = StreamingLoader(source, 6, train=True, transform=Tagged(), seed=1, workers=0, repeats=3)
+    batches = collect(loader)
+    assert len(batches) == 4
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(stable_seed(1, 0)))
+    expected = order.repeat_interleave(3)[:24]
+    images = torch.cat([x for x, _ in batches])
+    labels = torch.cat([y for _, y in batches])
+    assert labels.tolist() == [source.label(int(i)) for i in expected]
+    for first in range(0, 24, 3):  # the three copies of one image: same label, other augmentation tags
+        tags = {(int(images[j, 0, 0, 0]), int(images[j, 0, 0, 1])) for j in range(first, first + 3)}
+        assert len(tags) == 3
+    tail = collect(loader, 0, 2)
+    for (a, b), (c, d) in zip(batches[2:], tail, strict=True):
+        assert torch.equal(a, c) and torch.equal(b, d)
+    with pytest.raises(ValueError, match="indexable source"):
+        pack_shards(tmp_path, tmp_path / "shards", shard_size=4)
+        StreamingLoader(WebDatasetSource(tmp_path / "shards", "train"), 4, train=True, transform=Tagged(),
+                        workers=0, repeats=3)

@@ -148,7 +148,8 @@ def test_every_config_field_is_a_command_line_option() -> None:
 def test_config_rejects_bad_new_fields() -> None:
     for change, match in (({"amp": "fp8"}, "amp"), ({"freeze": "all"}, "freeze"), ({"layer_decay": 1.5}, "layer"),
                           ({"recipe": "imagenet"}, "recipe"), ({"workers": -1}, "workers"),
-                          ({"val_fraction": 0.2}, "imagefolder"), ({"reprob": 2.0}, "reprob")):
+                          ({"val_fraction": 0.2}, "imagefolder"), ({"reprob": 2.0}, "reprob"),
+                          ({"repeated_aug": 3}, "recipe='deit'"), ({"repeated_aug": 0}, "repeated_aug")):
         with pytest.raises((ValueError, TypeError), match=match):
             replace(BASE, **change).validate()
     assert TrainConfig.from_dict({"model": "m", "amp": False}).amp == "off"

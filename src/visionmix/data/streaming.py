@@ -453,39 +453,46 @@ def _transformed(transform: Transform, image: torch.Tensor, seed: int, epoch: in
 
 
 class _FolderBatches:
-    """Map-style: item ``(epoch, indices)`` -> one decoded batch (run in a DataLoader worker)."""
+    """Map-style: item ``(epoch, keys)`` -> one decoded batch (run in a DataLoader worker). A key is
+    ``index * repeats + copy``: image ``index``, its ``copy``-th draw of the epoch (repeated augmentation), and the
+    seed of that draw's augmentation."""
 
-    def __init__(self, source: ImageFolderSource, transform: Transform, seed: int) -> None:
-        self.source, self.transform, self.seed = source, transform, seed
+    def __init__(self, source: ImageFolderSource, transform: Transform, seed: int, repeats: int = 1) -> None:
+        self.source, self.transform, self.seed, self.repeats = source, transform, seed, repeats
         self.size = _decode_size(transform)
 
     def __getitem__(self, item: tuple[int, list[int]]) -> Batch:
-        epoch, indices = item
+        epoch, keys = item
         images, labels, bad = [], [], []
-        for i in indices:
+        for key in keys:
+            i = key // self.repeats
             try:
                 image = self.source.load(i, self.size)
             except UnreadableImage as exc:
                 bad.append((str(self.source.path(i)), str(exc)))
                 continue
-            images.append(_transformed(self.transform, image, self.seed, epoch, i))
+            images.append(_transformed(self.transform, image, self.seed, epoch, key))
             labels.append(self.source.label(i))
         return _collate(images, labels, bad)
 
 
 class _FolderSteps:
-    """The batch sampler: ``(epoch, indices)`` of steps ``start_step..`` of ``epoch`` for one rank."""
+    """The batch sampler: ``(epoch, keys)`` of steps ``start_step..`` of ``epoch`` for one rank (keys: see
+    :class:`_FolderBatches`). With ``repeats`` R > 1 (repeated augmentation, DeiT's RASampler, Hoffer et al.
+    1901.09335) an epoch is the first N entries of a permutation with every image repeated R times in a row: N / R
+    images, each R times with its own augmentation, the copies in one global batch on consecutive ranks."""
 
     def __init__(self, n: int, batch_size: int, train: bool, seed: int, rank: int, world_size: int,
-                 steps: int) -> None:
+                 steps: int, repeats: int = 1) -> None:
         self.n, self.batch_size, self.train, self.seed = n, batch_size, train, seed
-        self.rank, self.world_size, self.steps = rank, world_size, steps
+        self.rank, self.world_size, self.steps, self.repeats = rank, world_size, steps, repeats
         self.epoch, self.start_step = 0, 0
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
-        b, r, w = self.batch_size, self.rank, self.world_size
+        b, r, w, k = self.batch_size, self.rank, self.world_size, self.repeats
         if self.train:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stable_seed(self.seed, self.epoch)))
+            order = (order.repeat_interleave(k) * k + torch.arange(self.n * k) % k)[: self.n]
         else:
             order = torch.arange(r, self.n, w)
         for step in range(self.start_step, self.steps):
@@ -562,14 +569,17 @@ class StreamingLoader:
     ``batch_size`` is the global batch when training (rank ``r`` takes rows ``r::world_size`` of it; the last
     partial global batch is dropped) and the per-process batch when evaluating, as in ``BatchLoader``. A batch is
     shorter by the unreadable images it met (see the module docstring for those, sharding and resume).
+    ``repeats`` > 1: repeated augmentation when training (see :class:`_FolderSteps`; indexable sources only).
     """
 
     def __init__(self, source: ImageFolderSource | WebDatasetSource, batch_size: int, *, train: bool,
                  transform: Transform, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 2,
-                 device: torch.device | str = "cpu", prefetch: int = 2, max_bad_images: int | None = None) -> None:
+                 device: torch.device | str = "cpu", prefetch: int = 2, max_bad_images: int | None = None,
+                 repeats: int = 1) -> None:
         check_positive("batch_size", batch_size)
         check_positive("world_size", world_size)
         check_positive("prefetch", prefetch)
+        check_positive("repeats", repeats)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         if workers < 0:
@@ -588,12 +598,16 @@ class StreamingLoader:
         self._local = batch_size // world_size if train else batch_size
         self._sampler: _FolderSteps | None = None
         self._state = torch.zeros(2, dtype=torch.int64).share_memory_()
+        repeats = repeats if train else 1
         if isinstance(source, WebDatasetSource):
+            if repeats > 1:
+                raise ValueError("repeated augmentation (repeats > 1) needs an indexable source (imagefolder or "
+                                 "in-memory data), not webdataset shards")
             dataset: Any = self._shard_dataset(source, transform)
         else:
             self._sampler = _FolderSteps(len(source), batch_size, train, seed, rank,
-                                         world_size, self._folder_steps())
-            dataset = _FolderBatches(source, transform, seed)
+                                         world_size, self._folder_steps(), repeats)
+            dataset = _FolderBatches(source, transform, seed, repeats)
         self._loader = DataLoader(
             dataset, batch_size=None, sampler=self._sampler, num_workers=workers, collate_fn=_identity,
             pin_memory=self.device.type == "cuda", prefetch_factor=prefetch if workers else None,

@@ -142,6 +142,9 @@ class TrainConfig:
     mixup: float = option(0.8, "deit: mixup alpha (0 = off)")
     cutmix: float = option(1.0, "deit: cutmix alpha (0 = off)")
     mix_switch_prob: float = option(0.5, "deit: probability of cutmix instead of mixup when both are on")
+    repeated_aug: int = option(1, "deit: repeated augmentation (DeiT's RASampler): an epoch takes 1/R of the "
+                                  "images, each R times with its own augmentation (DeiT: 3; 1 = off; not on "
+                                  "webdataset shards)", metavar="R")
     workers: int = option(2, "streamed data (imagefolder, webdataset): decoding worker processes (0 = in the "
                              "training process)")
     max_bad_images: int | None = option(None, "streamed data: stop after this many unreadable images in a split "
@@ -181,7 +184,7 @@ class TrainConfig:
                               ("recompute_bn", RECOMPUTE_BN), ("amp", AMP_MODES), ("freeze", FREEZE_MODES)):
             check_choice(name, getattr(self, name), choices)
         check_choice("device", self.device.split(":")[0], DEVICES)
-        for name in ("batch_size", "eval_batch_size", "accum_steps"):
+        for name in ("batch_size", "eval_batch_size", "accum_steps", "repeated_aug"):
             check_positive(name, getattr(self, name))
         if self.batch_size % self.accum_steps:
             raise ValueError(f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}")
@@ -216,6 +219,9 @@ class TrainConfig:
         if self.time_budget_min is not None and self.warmup_epochs == 0:
             raise ValueError("time_budget_min needs warmup_epochs > 0: the run's speed is measured during warmup "
                              "to fix its length")
+        if self.repeated_aug > 1 and (self.recipe != "deit" or self.data == "webdataset"):
+            raise ValueError(f"repeated_aug={self.repeated_aug} needs recipe='deit' on indexable data (not "
+                             f"webdataset shards); got recipe={self.recipe!r}, data={self.data!r}")
         if self.val_fraction is not None and self.data != "imagefolder":
             raise ValueError(f"val_fraction applies to data='imagefolder' only, not {self.data!r}")
         clash = sorted(set(self.model_kwargs) & {*DATA_SET_BY_ENGINE, "drop_path_rate"})

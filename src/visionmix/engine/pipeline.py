@@ -205,7 +205,7 @@ def _deit(cfg: TrainConfig, ctx: DistContext, train_src: Any, info: DataInfo, te
                                       interpolation=model_input(cfg)["interpolation"])
     loader = StreamingLoader(train_src, cfg.batch_size, train=True, transform=crop, seed=cfg.seed, rank=ctx.rank,
                              world_size=ctx.world_size, workers=cfg.workers, device=ctx.device,
-                             max_bad_images=_bad_limit(cfg, len(train_src)))
+                             max_bad_images=_bad_limit(cfg, len(train_src)), repeats=cfg.repeated_aug)
     augment = DeitAugment(randaug_n=cfg.randaug_n, randaug_m=cfg.randaug_m, randaug_mstd=cfg.randaug_mstd,
                           reprob=cfg.reprob, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
                           switch_prob=cfg.mix_switch_prob, label_smoothing=cfg.label_smoothing)
