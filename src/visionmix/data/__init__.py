@@ -9,7 +9,6 @@ from visionmix.data.datasets import (
     load_cifar,
     load_digits,
     load_fashion_mnist,
-    load_image_folder,
     read_cifar_batch,
     read_idx,
 )
@@ -18,6 +17,6 @@ from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
 
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "FASHION_MNIST_DIR", "BatchLoader", "CropFlip", "DataError", "ImageDataset",
-    "build_dataset", "load_cifar", "load_digits", "load_fashion_mnist", "load_image_folder", "normalize",
+    "build_dataset", "load_cifar", "load_digits", "load_fashion_mnist", "normalize",
     "read_cifar_batch", "read_idx", "stable_seed",
 ]

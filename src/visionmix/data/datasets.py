@@ -1,8 +1,9 @@
 """Image classification datasets held in memory as uint8 tensors (N, C, H, W) with int64 labels.
 
-Readers: Fashion-MNIST IDX files (raw or ``.gz``), CIFAR-10/100 python batches (through a restricted unpickler),
-ImageFolder trees (Pillow) and scikit-learn's bundled 8x8 digits (upsampled to 28x28 so every nano model takes
-them). Every reader checks what it reads and raises :class:`DataError` with a one-line message naming the file.
+Readers: Fashion-MNIST IDX files (raw or ``.gz``), CIFAR-10/100 python batches (through a restricted unpickler)
+and scikit-learn's bundled 8x8 digits (upsampled to 28x28 so every nano model takes them); ImageFolder trees and
+WebDataset shards are streamed (:mod:`visionmix.data.streaming`), their images decoded by :func:`decode_image`.
+Every reader checks what it reads and raises :class:`DataError` with a one-line message naming the file.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def build_dataset(name: str, split: str = "train", data_dir: str | Path | None =
     """Load split ``split`` of dataset ``name`` (one of :data:`DATASETS`) into memory.
 
     ``data_dir`` defaults to Debian's Fashion-MNIST directory for ``fashion-mnist``; the other file-based datasets
-    need it. ``image_size`` resizes (bilinear) to a square size; by default images keep their size, except
-    ImageFolder (32) and digits (8 -> 28).
+    need it. ``image_size`` resizes (bilinear) to a square size; by default images keep their size, except digits
+    (8 -> 28). ``imagefolder`` and ``webdataset`` are streamed, not loaded: a :class:`DataError` says so.
     """
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
@@ -119,11 +120,9 @@ def build_dataset(name: str, split: str = "train", data_dir: str | Path | None =
         ds = load_fashion_mnist(data_dir or FASHION_MNIST_DIR, split)
     elif name in ("cifar10", "cifar100"):
         ds = load_cifar(name, data_dir, split)
-    elif name == "imagefolder":
-        ds = load_image_folder(data_dir, split, image_size or 32)
-    elif name == "webdataset":
-        raise DataError("webdataset shards are streamed, not loaded into memory: read them with "
-                        "visionmix.data.streaming.WebDatasetSource (visionmix train --data webdataset does)")
+    elif name in ("imagefolder", "webdataset"):
+        raise DataError(f"{name} data are streamed from disk, not loaded into memory: read them with "
+                        f"visionmix.data.streaming.open_source (visionmix train --data {name} does)")
     else:
         ds = load_digits(split, image_size or 28)
     ds = ds.subset(max_samples)
@@ -286,50 +285,6 @@ def load_cifar(name: str, data_dir: str | Path | None, split: str) -> ImageDatas
     else:
         stats = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     return ImageDataset(name, split, images, labels, classes, *stats, hflip=True, crop_padding=4)
-
-
-# ------------------------------------------------------------------------------------------------- ImageFolder
-def load_image_folder(data_dir: str | Path | None, split: str, image_size: int = 32) -> ImageDataset:
-    """``data_dir/{train,test}/<class>/<image>`` (``val`` is accepted for ``test``), decoded with Pillow to RGB and
-    resized to ``image_size`` x ``image_size``. Classes are the sorted sub-folders of ``train`` (else of the split).
-    """
-    from PIL import Image
-
-    if data_dir is None:
-        raise DataError("imagefolder needs --data-dir DIR with DIR/train/<class>/*.png and DIR/test/<class>/*.png")
-    root = Path(data_dir)
-    names = ("train",) if split == "train" else ("test", "val")
-    split_dir = next((root / n for n in names if (root / n).is_dir()), None)
-    if split_dir is None:
-        raise DataError(f"imagefolder: {root} has no {' or '.join(names)} folder (expected "
-                        f"{root}/{names[0]}/<class>/<image>)")
-    class_root = root / "train" if (root / "train").is_dir() else split_dir
-    classes = tuple(sorted(p.name for p in class_root.iterdir() if p.is_dir()))
-    if len(classes) < 2:
-        found = f"only one, {classes[0]!r}" if classes else "none"
-        raise DataError(f"imagefolder: {class_root} needs a sub-folder per class, at least two; it has {found}")
-    unknown = sorted({p.name for p in split_dir.iterdir() if p.is_dir()} - set(classes))
-    if unknown:
-        raise DataError(f"imagefolder: {split_dir} has classes missing from {class_root}: {', '.join(unknown)}")
-    files = [(path, index) for index, cls in enumerate(classes) if (split_dir / cls).is_dir()
-             for path in sorted((split_dir / cls).iterdir()) if path.suffix.lower() in IMAGE_EXTENSIONS]
-    if not files:
-        raise DataError(f"imagefolder: no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}/<class>/")
-    check_fits_in_memory(len(files), 3, image_size, f"imagefolder {split}")
-    images, labels = [], []
-    for path, index in files:
-        try:
-            rgb = decode_image(path, "RGB", (image_size, image_size))
-        except UnreadableImage as exc:
-            raise DataError(f"imagefolder: {exc}") from exc
-        if rgb.size != (image_size, image_size):
-            rgb = rgb.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        images.append(np.asarray(rgb, dtype=np.uint8))
-        labels.append(index)
-    tensor = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
-    mean, std = channel_stats(tensor)
-    return ImageDataset("imagefolder", split, tensor, torch.tensor(labels, dtype=torch.int64), classes, mean, std,
-                        hflip=True, crop_padding=max(1, image_size // 8))
 
 
 # ------------------------------------------------------------------------------------------------------ digits
