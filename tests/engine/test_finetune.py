@@ -143,13 +143,16 @@ def test_every_config_field_is_a_command_line_option() -> None:
     assert cfg.peak_lr == pytest.approx(1e-3 * 1024 / 512)
     assert option_flag(next(f for f in fields(TrainConfig) if f.name == "time_budget_min")) == "--time-budget"
     assert config_values(parser.parse_args(["--model", "m"])) == {"model": "m"}  # nothing else given
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--clip-grad", "-1"])
 
 
 def test_config_rejects_bad_new_fields() -> None:
     for change, match in (({"amp": "fp8"}, "amp"), ({"freeze": "all"}, "freeze"), ({"layer_decay": 1.5}, "layer"),
                           ({"recipe": "imagenet"}, "recipe"), ({"workers": -1}, "workers"),
                           ({"val_fraction": 0.2}, "imagefolder"), ({"reprob": 2.0}, "reprob"),
-                          ({"repeated_aug": 3}, "recipe='deit'"), ({"repeated_aug": 0}, "repeated_aug")):
+                          ({"repeated_aug": 3}, "recipe='deit'"), ({"repeated_aug": 0}, "repeated_aug"),
+                          ({"data": "imagefolder"}, "max_train_samples and max_eval_samples apply to in-memory")):
         with pytest.raises((ValueError, TypeError), match=match):
             replace(BASE, **change).validate()
     assert TrainConfig.from_dict({"model": "m", "amp": False}).amp == "off"

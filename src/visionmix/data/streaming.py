@@ -57,7 +57,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,21 +86,6 @@ Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 class BadImageWarning(UserWarning):
     """An unreadable image was skipped; the message names the file."""
-
-
-class StreamSource(Protocol):
-    """What :class:`StreamingLoader` and the trainer read of a source."""
-
-    name: str
-    split: str
-    classes: tuple[str, ...]
-    class_names: tuple[str, ...]
-    channels: int
-    hflip: bool
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-
-    def __len__(self) -> int: ...
 
 
 def _split_name(split: str) -> str:
@@ -572,7 +557,7 @@ class StreamingLoader:
     ``repeats`` > 1: repeated augmentation when training (see :class:`_FolderSteps`; indexable sources only).
     """
 
-    def __init__(self, source: ImageFolderSource | WebDatasetSource, batch_size: int, *, train: bool,
+    def __init__(self, source: ImageFolderSource | MemorySource | WebDatasetSource, batch_size: int, *, train: bool,
                  transform: Transform, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 2,
                  device: torch.device | str = "cpu", prefetch: int = 2, max_bad_images: int | None = None,
                  repeats: int = 1) -> None:

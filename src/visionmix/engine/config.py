@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, Field, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
 from visionmix.checks import check_choice, check_positive
@@ -27,6 +27,7 @@ BUDGET_FILL = 0.97  # a time-budgeted run is sized to this share of its budget: 
 MAX_LR = 1.0  # AdamW moves every weight by about lr per step: above 1 no run learns anything
 DATA_SET_BY_ENGINE = ("num_classes", "in_chans", "img_size")
 BAD_IMAGE_SHARE = 0.001  # --max-bad-images default: 0.1% of a split
+STREAMED = ("imagefolder", "webdataset")  # datasets read from disk while training (the others are held in memory)
 
 
 # ----------------------------------------------------------------------------------- argument parsers
@@ -64,8 +65,13 @@ def count_arg(text: str) -> int:
 
 
 def _off_if_zero(text: str) -> float | None:
-    """A number >= 0, 0 meaning off (``None``)."""
-    value = float(text)
+    """``--clip-grad``: a number >= 0, 0 meaning off (``None``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 (0 = off), got {text!r}")
     return value or None
 
 
@@ -127,8 +133,9 @@ class TrainConfig:
                                                 "(in-memory data; default: all)", type=count_arg)
     val_fraction: float | None = option(None, "imagefolder with one tree: hold out this stratified fraction as the "
                                               "validation split (the same files every time)")
-    image_size: int | None = option(None, "train at this square size (default: the dataset's own; imagefolder "
-                                          "32, digits 28; deit: the model's pretrained_cfg size)", type=count_arg)
+    image_size: int | None = option(None, "train at this square size (default: in-memory data keep their own, "
+                                          "digits 28; streamed data take the model's pretrained_cfg size)",
+                                    type=count_arg)
     augment: str = option("crop-flip", "small recipe's augmentation: random crop (zero padding 2 px at 28 px, 4 at "
                                        "32) + horizontal flip where it keeps the label, the flip only, or none",
                           choices=AUGMENTATIONS)
@@ -222,15 +229,17 @@ class TrainConfig:
         if self.repeated_aug > 1 and (self.recipe != "deit" or self.data == "webdataset"):
             raise ValueError(f"repeated_aug={self.repeated_aug} needs recipe='deit' on indexable data (not "
                              f"webdataset shards); got recipe={self.recipe!r}, data={self.data!r}")
+        subsets = [name for name in ("max_train_samples", "max_eval_samples") if getattr(self, name) is not None]
+        if subsets and self.data in STREAMED:
+            raise ValueError(f"{' and '.join(subsets)} {'apply' if len(subsets) > 1 else 'applies'} to in-memory "
+                             f"data; {self.data} is streamed from disk "
+                             f"(pack a subset with 'visionmix data pack --max-samples N' instead)")
         if self.val_fraction is not None and self.data != "imagefolder":
             raise ValueError(f"val_fraction applies to data='imagefolder' only, not {self.data!r}")
         clash = sorted(set(self.model_kwargs) & {*DATA_SET_BY_ENGINE, "drop_path_rate"})
         if clash:
             raise ValueError(f"model_kwargs may not set {', '.join(clash)}: classes, channels and size follow the "
                              f"data (use image_size), drop-path has its own option")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:

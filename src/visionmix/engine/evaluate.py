@@ -138,7 +138,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
     from visionmix.checks import check_choice
     from visionmix.data import build_dataset
     from visionmix.engine.checkpoint import load_run
-    from visionmix.engine.pipeline import STREAMED
+    from visionmix.engine.config import STREAMED
     from visionmix.files import atomic_write_json
 
     check_choice("weights", weights, EVAL_WEIGHTS)

@@ -26,10 +26,9 @@ import torch
 from torch import nn
 
 from visionmix.data import BatchLoader, CropFlip, build_dataset, normalize, stable_seed
-from visionmix.engine.config import BAD_IMAGE_SHARE, TrainConfig
+from visionmix.engine.config import BAD_IMAGE_SHARE, STREAMED, TrainConfig
 from visionmix.engine.distributed import DistContext
 
-STREAMED = ("imagefolder", "webdataset")
 STREAM_STATS_IMAGES = 2000  # training images a streamed set's mean/std are estimated from
 
 
