@@ -4,6 +4,7 @@ cannot take a model falls back (auto) or says why (by name)."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,59 @@ def test_bad_arguments():
         deploy(model, _x(), "tensorrt")
     with pytest.raises(ValueError, match="example must be a batch"):
         deploy(model, torch.randn(0, 1, 28, 28))
+
+
+# ------------------------------------------------------------------------------------------------------- int8
+def _vnni() -> bool:
+    """MLAS's u8s8 int8 kernel is exact with VNNI; without it (vpmaddubsw) pairs of products can saturate int16."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_vnni" in flags or " avx_vnni" in flags
+
+
+def _dynamic_int8_linear(x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
+    """Jacob et al. 2018 eq. 1 as onnxruntime's dynamic quantisation applies it, in float64: the input per tensor
+    as asymmetric uint8 (ONNX DynamicQuantizeLinear: scale = range(x ∪ 0) / 255, round half to even), the weight
+    per output channel as symmetric int8 (scale = max|w| / 127), an exact integer product, then the scales."""
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    sx = (hi - lo) / 255
+    zx = torch.tensor(-lo / sx).round().clamp(0, 255)
+    qx = (torch.round(x / sx) + zx).clamp(0, 255).double()
+    w = linear.weight.detach().double()
+    sw = w.abs().amax(1) / 127
+    qw = torch.round(w / sw[:, None]).clamp(-127, 127)
+    return ((qx - zx) @ qw.T) * sx * sw + linear.bias.detach().double()
+
+
+@pytest.mark.skipif(not _vnni(), reason="onnxruntime's int8 kernel saturates int16 pairs on CPUs without VNNI")
+@pytest.mark.parametrize("shape", [(6, 32), (4, 5, 32)])  # a Gemm and a batched MatMul in the exported graph
+def test_int8_linear_is_dynamic_quantisation_exactly(shape):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 16)
+    x = torch.randn(*shape)
+    deployed = deploy(torch.nn.Sequential(linear), x, quantize="int8")
+    expected = _dynamic_int8_linear(x, linear)
+    assert deployed.backend == "onnxruntime" and deployed.quantize == "int8"
+    assert (deployed(x).double() - expected).abs().max().item() < 1e-6 * expected.abs().max().item()
+    assert (linear(x).double() - expected).abs().max().item() > 1e-3  # really quantised: float32 is elsewhere
+
+
+def test_int8_mixer_stays_close_to_float_and_reports_its_difference():
+    model = _model("mixer_nano").eval()
+    deployed = deploy(model, _x(), quantize="int8")
+    other = _x(5)
+    with torch.no_grad():
+        expected = model(other)
+    rel = (deployed(other) - expected).abs().max().item() / expected.abs().max().item()
+    assert 1e-4 < deployed.max_rel_diff < 0.1 and 1e-4 < rel < 0.1  # lossy (past the float check), but close
+    assert deployed.reason.startswith("int8 Linear weights run on onnxruntime only")
+
+
+def test_int8_bad_arguments():
+    model = _model("mixer_nano")
+    with pytest.raises(ValueError, match="quantize must be one of 'int8'; got 'int4'"):
+        deploy(model, _x(), quantize="int4")
+    with pytest.raises(ValueError, match="quantize='int8' runs on the onnxruntime backend .* got backend='jit'"):
+        deploy(model, _x(), "jit", quantize="int8")

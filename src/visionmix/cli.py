@@ -122,14 +122,18 @@ def _run_train(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------------- eval
 def _add_eval_parser(subparsers: Any) -> None:
+    from visionmix.deployment import QUANTIZE
     from visionmix.engine.evaluate import EVAL_WEIGHTS
 
     p = add_command(subparsers, "eval", "evaluate a trained run", """\
 Evaluate a run directory's model: top-1/top-5, loss, per-class accuracy and the confusion matrix, written to
 RUN_DIR/eval.json and RUN_DIR/confusion.png (PNG when matplotlib is installed). --deploy also evaluates the
-re-parameterised model (visionmix.reparameterize) to show that it scores identically.""")
+re-parameterised model (visionmix.reparameterize) to show that it scores identically; --quantize int8 its int8
+form on onnxruntime (eval-int8.json) with its top-1 change: quantisation is lossy, this measures how much.""")
     p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="run directory written by 'visionmix train'")
     p.add_argument("--deploy", action="store_true", help="also evaluate the re-parameterised (deployed) model")
+    p.add_argument("--quantize", choices=QUANTIZE, help="also evaluate the deployed model with int8 Linear weights "
+                                                        "on onnxruntime (visionmix.deploy(..., quantize='int8'))")
     p.add_argument("--data-dir", help="dataset directory (default: the one the run was trained with)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="which split to evaluate")
     p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this many images, 0 = all "
@@ -145,18 +149,18 @@ def _run_eval(args: argparse.Namespace) -> int:
     from visionmix.engine.distributed import resolve_device
     from visionmix.engine.evaluate import evaluate_run
 
-    report = evaluate_run(args.checkpoint, split=args.split, deploy=args.deploy, data_dir=args.data_dir,
-                          max_samples=args.max_eval_samples, weights=args.weights, batch_size=args.batch_size,
-                          device=resolve_device(args.device))
+    report = evaluate_run(args.checkpoint, split=args.split, deploy=args.deploy, quantize=args.quantize,
+                          data_dir=args.data_dir, max_samples=args.max_eval_samples, weights=args.weights,
+                          batch_size=args.batch_size, device=resolve_device(args.device))
     for form, record in report["forms"].items():
         _say(f"{form:>8}: top-1 {record['top1']:.2f}%  top-5 {record['top5']:.2f}%  loss {record['loss']:.4f}  "
              f"({record['num_samples']} images, {record['params']:,} params)")
     per_class = zip(report["classes"], report["forms"]["trained"]["per_class"], strict=True)
     _say("per class: " + ", ".join(f"{c} {a:.1f}%" for c, a in per_class if a is not None))
-    if args.deploy:
-        check = report["deploy_check"]
-        _say(f"deployed vs trained: {'identical' if check['same_predictions'] else 'DIFFERENT'} predictions, max "
-             f"|logit difference| {check['max_abs_logit_diff']:.2e} on the first batch")
+    for form, check in report["checks"].items():
+        _say(f"{form} vs trained: {'identical' if check['same_predictions'] else 'different'} predictions, top-1 "
+             f"{check['top1_change']:+.2f} points, max |logit difference| {check['max_abs_logit_diff']:.2e} on the "
+             f"first batch")
     _say("wrote " + " and ".join(map(str, report["written"])))
     return 0
 
@@ -212,7 +216,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------------ bench
 def _add_bench_parser(subparsers: Any) -> None:
-    from visionmix.deployment import BACKENDS
+    from visionmix.deployment import BACKENDS, QUANTIZE
 
     p = add_command(subparsers, "bench", "measure models: params, MACs, latency, throughput, peak memory", """\
 Profile registered models with random weights at their default input size (or --img-size/--in-chans): parameters,
@@ -233,6 +237,8 @@ example: visionmix bench resnet_nano dbb_resnet_nano --deploy --json bench.json"
                    help="instead: images/s of the deployed model on each inference backend of visionmix.deploy "
                         f"(comma-separated of {', '.join(BACKENDS)}, or all) next to eager, timed alternately in one "
                         "process, each checked against eager (default: off)")
+    p.add_argument("--quantize", choices=QUANTIZE, help="with --backend: also time the int8 onnxruntime form "
+                                                        "(dynamic int8 Linear weights; its difference is reported)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="time torch.compile(model, backend=BACKEND) (inductor if no value; a cold compile takes "
                         "about a minute per model and input shape)")
@@ -291,11 +297,14 @@ def _run_bench(args: argparse.Namespace) -> int:
     common = dict(batch_size=args.batch_size, img_size=args.img_size, in_chans=args.in_chans, warmup=args.warmup,
                   repeats=args.repeats, model_kwargs={"num_classes": args.num_classes})
     reference = None
+    if args.quantize and not args.backend:
+        raise ValueError("--quantize times the int8 form beside --backend's; pass --backend too (e.g. --backend "
+                         "onnxruntime)")
     if args.backend:
         if args.deploy or args.compile or args.vs_matmul or args.device != "cpu":
             raise ValueError("--backend times visionmix.deploy's CPU backends of the deployed model; it does not "
                              "combine with --deploy, --compile, --vs-matmul or --device")
-        results: list[Any] = bench_backends(names, args.backend, **common)
+        results: list[Any] = bench_backends(names, args.backend, quantize=args.quantize, **common)
         print(format_backend_table(results))
     else:
         device = resolve_device(args.device)
@@ -478,7 +487,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------- predict
 def _add_predict_parser(subparsers: Any) -> None:
-    from visionmix.deployment import BACKENDS
+    from visionmix.deployment import BACKENDS, QUANTIZE
     from visionmix.engine.config import count_arg
 
     p = add_command(subparsers, "predict", "classify image files with a trained run or a checkpoint", """\
@@ -500,9 +509,12 @@ example: visionmix predict runs/mixer photos/ --topk 3 --json""")
                                                      "checkpoint file holds none)")
     p.add_argument("--topk", type=count_arg, default=5, help="classes printed per image, at most the model's")
     p.add_argument("--batch-size", type=count_arg, default=32, help="images per forward pass")
-    p.add_argument("--backend", default="eager", choices=("auto", *BACKENDS),
+    p.add_argument("--backend", choices=("auto", *BACKENDS),
                    help="inference backend of the re-parameterised model (visionmix.deploy; auto times them on one "
-                        "batch first and keeps the fastest that computes what eager does)")
+                        "batch first and keeps the fastest that computes what eager does; default eager, "
+                        "onnxruntime with --quantize)")
+    p.add_argument("--quantize", choices=QUANTIZE, help="int8 Linear weights on onnxruntime (lossy: measure its top-1 "
+                                                        "with 'visionmix eval --quantize int8' first)")
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"path": ..., "top": '
                                                        '[{"class": ..., "index": ..., "prob": ...}, ...]}')
     p.set_defaults(run=_run_predict)
@@ -517,8 +529,10 @@ def _run_predict(args: argparse.Namespace) -> int:
 
     paths = find_images(args.images)
     model, transform, classes = load_predictor(args.checkpoint, model_name=args.model, classes_file=args.classes)
-    deployed = deploy(model, torch.zeros(args.batch_size, transform.in_chans, *transform.size), args.backend)
-    if args.backend == "auto":
+    backend = args.backend or ("onnxruntime" if args.quantize else "eager")
+    deployed = deploy(model, torch.zeros(args.batch_size, transform.in_chans, *transform.size), backend,
+                      quantize=args.quantize)
+    if backend == "auto" and not args.quantize:
         print(f"{PROG}: backend {deployed.backend}: {deployed.reason}", file=sys.stderr, flush=True)
     model = deployed
     done = skipped = 0

@@ -12,12 +12,20 @@ model on ``example`` (and on a batch one larger: a graph that baked in the batch
 
 A backend that cannot take a model (CondConv/WeightNet build one grouped conv whose group count is the batch size)
 is skipped with its reason when choosing automatically, and is a :class:`DeployError` when asked for by name.
+
+``quantize="int8"`` (opt-in, lossy) runs on onnxruntime with the weights of every MatMul/Gemm (the Linear layers:
+the token- and channel-MLPs of Mixer/S2-MLP/SPACH-MLP, attention projections, heads) quantised to int8 and the
+activations quantised per call (``onnxruntime.quantization.quantize_dynamic``; Jacob et al., CVPR 2018, eq. 1:
+``r = S (q - Z)``). Its difference from the float model is reported, not bounded: measure what it costs in
+accuracy with ``visionmix eval --quantize int8`` on real data.
 """
 
 from __future__ import annotations
 
+import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +35,7 @@ from torch import nn
 from visionmix.checks import check_choice
 
 BACKENDS = ("eager", "channels_last", "jit", "onnxruntime")
+QUANTIZE = ("int8",)  # dynamic int8 Linear weights, onnxruntime only
 DEFAULT_RTOL = 1e-4  # max |backend - eager| relative to the output's scale (SPEC section 3's float32 bound)
 
 
@@ -40,7 +49,8 @@ class Deployed:
 
     ``max_rel_diff``: the backend's largest |difference| from the eager deployed model on the checks, relative to the
     output's scale; ``seconds``: median seconds per call of each timed candidate (``auto``); ``skipped``: the
-    backends that were not usable and why; ``reason``: why this backend was chosen.
+    backends that were not usable and why; ``reason``: why this backend was chosen; ``quantize``: ``"int8"`` or
+    ``None`` (float32).
     """
 
     backend: str
@@ -49,6 +59,7 @@ class Deployed:
     reason: str
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    quantize: str | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
@@ -89,12 +100,38 @@ def _jit(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], to
 
 
 def _onnxruntime(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    return _onnx_session(model, example, quantize=False)
+
+
+def _onnx_session(model: nn.Module, example: torch.Tensor, *, quantize: bool) -> Callable[[torch.Tensor],
+                                                                                           torch.Tensor]:
     from visionmix.export import onnx_runner, write_onnx
 
     with tempfile.TemporaryDirectory(prefix="visionmix-deploy-") as tmp:
         path = Path(tmp) / "model.onnx"
         write_onnx(model, example, path)
+        if quantize:
+            from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+            # shape inference first (ORT's recommended pre-processing), then int8 weights per output channel
+            quant_pre_process(str(path), str(path.with_suffix(".pre.onnx")), skip_symbolic_shape=True)
+            with _root_logger_untouched():
+                quantize_dynamic(path.with_suffix(".pre.onnx"), path.with_suffix(".int8.onnx"), per_channel=True,
+                                 op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
+            path = path.with_suffix(".int8.onnx")
         return onnx_runner(path)  # the session holds the model; the file may go
+
+
+@contextmanager
+def _root_logger_untouched() -> Iterator[None]:
+    """onnxruntime's quantiser logs through ``logging.info``, which configures the root logger when it has no handler
+    (every later log line of the program would then print); a handler that drops records keeps it as it was."""
+    root, null = logging.getLogger(), logging.NullHandler()
+    root.addHandler(null)
+    try:
+        yield
+    finally:
+        root.removeHandler(null)
 
 
 _BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
@@ -107,10 +144,11 @@ def _one_line(err: BaseException) -> str:
 
 
 def _verified(name: str, model: nn.Module, checks: list[tuple[torch.Tensor, torch.Tensor]], example: torch.Tensor,
-              rtol: float) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
-    """Build backend ``name`` and check it on every (input, eager output) pair; :class:`DeployError` if it fails."""
+              rtol: float, *, quantize: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+    """Build backend ``name`` (int8 with ``quantize``) and check it on every (input, eager output) pair: the same
+    shapes, and within ``rtol`` of the output's scale; :class:`DeployError` if it fails."""
     try:
-        run = _BUILDERS[name](model, example)
+        run = _onnx_session(model, example, quantize=True) if quantize else _BUILDERS[name](model, example)
         worst = 0.0
         for x, expected in checks:
             got = run(x)
@@ -129,10 +167,11 @@ def _verified(name: str, model: nn.Module, checks: list[tuple[torch.Tensor, torc
 
 
 def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rtol: float = DEFAULT_RTOL,
-           repeats: int = 5, candidates: tuple[str, ...] = BACKENDS) -> Deployed:
+           repeats: int = 5, candidates: tuple[str, ...] = BACKENDS, quantize: str | None = None) -> Deployed:
     """``model`` re-parameterised and on ``backend`` (``"auto"``: the fastest verified of ``candidates`` on
     ``example``), as a :class:`Deployed` callable. ``model`` itself is not changed; inference runs on the CPU in
-    float32. See the module docstring for the checks."""
+    float32, or with ``quantize="int8"`` on onnxruntime with int8 Linear weights (``backend`` "auto" or
+    "onnxruntime"; ``rtol`` does not apply). See the module docstring for the checks."""
     from visionmix.bench.profile import time_alternately
     from visionmix.module_state import on_device
     from visionmix.reparam import reparameterize
@@ -140,6 +179,11 @@ def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rt
     check_choice("backend", backend, ("auto", *BACKENDS))
     for name in candidates:
         check_choice("candidates", name, BACKENDS)
+    if quantize is not None:
+        check_choice("quantize", quantize, QUANTIZE)
+        if backend not in ("auto", "onnxruntime"):
+            raise ValueError(f"quantize={quantize!r} runs on the onnxruntime backend (or auto), got "
+                             f"backend={backend!r}")
     if example.dim() == 0 or example.shape[0] < 1:
         raise ValueError(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
     deployed = reparameterize(on_device(model, "cpu")).eval()  # a copy: the caller's model is left as it was
@@ -147,6 +191,11 @@ def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rt
     inputs = (example, torch.cat([example, example[:1]]))
     with torch.inference_mode():
         checks = [(x, deployed(x)) for x in inputs]
+    if quantize is not None:
+        run, worst = _verified("onnxruntime", deployed, checks, example, float("inf"), quantize=True)
+        return Deployed("onnxruntime", run, worst, quantize=quantize,
+                        reason=f"{quantize} Linear weights run on onnxruntime only; they differ from float32 by "
+                               f"{worst:.2g} of the output's scale on the example")
     if backend != "auto":
         run, worst = _verified(backend, deployed, checks, example, rtol)
         return Deployed(backend, run, worst, reason="asked for by name")

@@ -297,35 +297,39 @@ class BackendResult:
 
 def bench_backends(names: Sequence[str], backends: Sequence[str], *, batch_size: int = 8, img_size: int | None = None,
                    in_chans: int | None = None, warmup: int = 3, repeats: int = 10,
-                   model_kwargs: dict[str, Any] | None = None) -> list[BackendResult]:
+                   model_kwargs: dict[str, Any] | None = None, quantize: str | None = None) -> list[BackendResult]:
     """For each registered model (random weights, re-parameterised), build every backend in ``backends`` (eager is
-    always added as the yardstick) with :func:`visionmix.deploy`, then time them alternately in one process on one
-    random batch (:func:`time_alternately`). A backend the model cannot take gets a row saying why."""
+    always added as the yardstick; ``quantize="int8"`` adds ``onnxruntime-int8``) with :func:`visionmix.deploy`,
+    then time them alternately in one process on one random batch (:func:`time_alternately`). A backend the model
+    cannot take gets a row saying why."""
     from visionmix.deployment import DeployError, deploy
     from visionmix.export import randomize_weights
     from visionmix.models import create_model
 
+    rows = {b: (b, None) for b in dict.fromkeys(("eager", *backends))}
+    if quantize is not None:
+        rows[f"onnxruntime-{quantize}"] = ("onnxruntime", quantize)
     results = []
     for name in names:
         model = create_model(name, img_size=img_size, in_chans=in_chans, **(model_kwargs or {}))
         example = torch.randn(batch_size, *model.pretrained_cfg["input_size"])
         randomize_weights(model, example)  # BN statistics and a non-constant head, as a trained model has
         built, skipped = {}, {}
-        for backend in dict.fromkeys(("eager", *backends)):
+        for label, (backend, quantized) in rows.items():
             try:
-                built[backend] = deploy(model, example, backend)
+                built[label] = deploy(model, example, backend, quantize=quantized)
             except DeployError as err:
-                skipped[backend] = str(err)
+                skipped[label] = str(err)
         timings = time_alternately({b: (lambda d=d, x=example: d(x)) for b, d in built.items()}, warmup=warmup,
                                    repeats=repeats)
         eager = timings["eager"].median if "eager" in timings else None
-        for backend in dict.fromkeys(("eager", *backends)):
-            if backend in skipped:
-                results.append(BackendResult(name, backend, batch_size, None, None, None, None, skipped[backend]))
+        for label in rows:
+            if label in skipped:
+                results.append(BackendResult(name, label, batch_size, None, None, None, None, skipped[label]))
                 continue
-            t = timings[backend]
-            results.append(BackendResult(name, backend, batch_size, batch_size / t.median, t.spread,
-                                         eager / t.median if eager else None, built[backend].max_rel_diff))
+            t = timings[label]
+            results.append(BackendResult(name, label, batch_size, batch_size / t.median, t.spread,
+                                         eager / t.median if eager else None, built[label].max_rel_diff))
     return results
 
 

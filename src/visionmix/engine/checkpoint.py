@@ -45,7 +45,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FORMAT = "visionmix-run/1"
 RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE, "eval.json", "eval-deploy.json",
-             "confusion.png", "confusion-deploy.png")
+             "eval-int8.json", "confusion.png", "confusion-deploy.png", "confusion-int8.png")  # eval's forms
 _TAGGED = r"(?:weights|ema)-\d{8}\.safetensors|state-\d{8}\.pt"
 _TAGGED_RE = re.compile(_TAGGED)
 _OWN_NAME_RE = re.compile("|".join([*map(re.escape, RUN_FILES), _TAGGED]))

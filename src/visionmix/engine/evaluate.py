@@ -123,25 +123,44 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
 
 
 EVAL_WEIGHTS = ("auto", "ema", "raw")
+FORM_SUFFIX = {"trained": "", "deployed": "-deploy", "int8": "-int8"}  # eval{suffix}.json, confusion{suffix}.png
 
 
-def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = False, data_dir: str | None = None,
-                 max_samples: int | None = None, weights: str = "auto", batch_size: int = 500,
-                 device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Evaluate a run directory's model on ``split`` and write ``eval.json`` + ``confusion.png`` into it (with
-    ``deploy`` also ``eval-deploy.json`` + ``confusion-deploy.png`` of ``visionmix.reparameterize(model)``).
+class _OnCpu(nn.Module):
+    """A :class:`visionmix.Deployed` CPU backend as a module for :func:`evaluate`: logits on the input's device."""
+
+    def __init__(self, run: Any) -> None:
+        super().__init__()
+        self.run = run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x.cpu()).to(x.device)
+
+
+def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = False, quantize: str | None = None,
+                 data_dir: str | None = None, max_samples: int | None = None, weights: str = "auto",
+                 batch_size: int = 500, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Evaluate a run directory's model on ``split`` and write ``eval.json`` + ``confusion.png`` into it; ``deploy``
+    also evaluates ``visionmix.reparameterize(model)`` (``eval-deploy.json``, ``confusion-deploy.png``) and
+    ``quantize="int8"`` its int8 onnxruntime form (``visionmix.deploy(..., quantize="int8")``; ``*-int8.*``).
 
     ``max_samples``: None = the run's own subset, 0 = all; ``weights``: "auto" = the EMA weights if the run kept
-    them. Returns ``{"forms": {form: record}, "classes", "deploy_check" (deploy only), "written": [paths]}``; the
-    deploy check compares the two forms' confusion matrices and their logits on the first batch.
+    them. Returns ``{"forms": {form: record}, "classes", "checks": {form: check}, "written": [paths]}``: each form
+    but the trained one is checked against it: ``same_predictions`` (equal confusion matrices), ``top1_change``
+    (percentage points) and ``max_abs_logit_diff`` on the first batch.
     """
     from visionmix.checks import check_choice
     from visionmix.data import build_dataset
+    from visionmix.deployment import QUANTIZE
+    from visionmix.deployment import deploy as deploy_backend
     from visionmix.engine.checkpoint import load_run
     from visionmix.engine.config import STREAMED
     from visionmix.files import atomic_write_json
+    from visionmix.reparam import reparameterize
 
     check_choice("weights", weights, EVAL_WEIGHTS)
+    if quantize is not None:
+        check_choice("quantize", quantize, QUANTIZE)
     run_dir = Path(run_dir)
     model, meta = load_run(run_dir, ema={"auto": None, "ema": True, "raw": False}[weights])
     cfg, info = meta["config"], meta["data"]
@@ -155,30 +174,40 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
                                 image_size=size[0] if size[0] == size[1] else None).with_stats(info["mean"],
                                                                                                info["std"])
     forms: dict[str, nn.Module] = {"trained": model.to(device)}
-    if deploy:
-        from visionmix.reparam import reparameterize
-
-        forms["deployed"] = reparameterize(model)
-    report: dict[str, Any] = {"forms": {}, "classes": list(info["classes"]), "written": []}
+    params = {"trained": sum(p.numel() for p in model.parameters())}
+    if deploy or quantize is not None:  # forms checked against the trained one on the first batch
+        batches = dataset if cfg["data"] in STREAMED else BatchLoader(dataset, 256, train=False,
+                                                                      device=torch.device(device))
+        first, _ = next(iter(batches))
+        deployed = reparameterize(model)
+        params["deployed"] = params["int8"] = sum(p.numel() for p in deployed.parameters())
+        if deploy:
+            forms["deployed"] = deployed
+        if quantize is not None:
+            forms[quantize] = _OnCpu(deploy_backend(deployed, first[:8].cpu(), quantize=quantize))
+    report: dict[str, Any] = {"forms": {}, "classes": list(info["classes"]), "checks": {}, "written": []}
     for form, net in forms.items():
         metrics = evaluate(net, dataset, device, batch_size=batch_size)
-        suffix = "" if form == "trained" else "-deploy"
-        record = {"run": str(run_dir), "model": meta["model"], "form": form, "split": split,
-                  "params": sum(p.numel() for p in net.parameters()), **metrics}
+        suffix = FORM_SUFFIX[form]
+        record = {"run": str(run_dir), "model": meta["model"], "form": form, "split": split, "params": params[form],
+                  **metrics}
         atomic_write_json(run_dir / f"eval{suffix}.json", record)
         report["written"].append(run_dir / f"eval{suffix}.json")
         title = f"{meta['model']} ({form}) on {cfg['data']} {split}: top-1 {metrics['top1']:.2f}%"
         if plot_confusion(metrics["confusion"], info["classes"], run_dir / f"confusion{suffix}.png", title=title):
             report["written"].append(run_dir / f"confusion{suffix}.png")
         report["forms"][form] = record
-    if deploy:
-        with torch.no_grad():
-            batches = dataset if cfg["data"] in STREAMED else BatchLoader(dataset, 256, train=False,
-                                                                          device=torch.device(device))
-            x, _ = next(iter(batches))
-            diff = (forms["trained"](x) - forms["deployed"](x)).abs().max().item()
-        same = report["forms"]["trained"]["confusion"] == report["forms"]["deployed"]["confusion"]
-        report["deploy_check"] = {"same_predictions": same, "max_abs_logit_diff": diff}
+    if len(forms) > 1:
+        trained = report["forms"]["trained"]
+        with torch.no_grad(), eval_mode(model):
+            reference = model(first)
+            for form in list(forms)[1:]:
+                with eval_mode(forms[form]):
+                    diff = (forms[form](first) - reference).abs().max().item()
+                record = report["forms"][form]
+                report["checks"][form] = {"same_predictions": record["confusion"] == trained["confusion"],
+                                          "top1_change": record["top1"] - trained["top1"],
+                                          "max_abs_logit_diff": diff}
     return report
 
 
