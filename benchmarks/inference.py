@@ -2,7 +2,8 @@
 
 Targets (issue 18), batch 8 at 224 px unless --batch-size: deploy(auto) >= 1.3x eager for resnet50, uniformer_small
 and spach_ms_s_patch4_224_conv, >= 1.1x for mixer_b16_224, and never slower than eager for any registered model at a
-small batch (--zoo PATTERN, batch 2). The eager side is the model as built (eval mode, torch.inference_mode), at
+small batch (--zoo PATTERN, batch 2); --int8 adds the opt-in int8 form (``quantize="int8"``, not held to the float
+check). The eager side is the model as built (eval mode, torch.inference_mode), at
 parity with timm's and the official code (SPEC section 5); both sides have the same random weights (BN statistics
 calibrated by ``randomize_weights``) and are timed alternately in one process; medians over the rounds, spread =
 inter-quartile range / median.
@@ -28,19 +29,24 @@ from visionmix.export import randomize_weights
 TARGETS = {"resnet50": 1.3, "uniformer_small": 1.3, "spach_ms_s_patch4_224_conv": 1.3, "mixer_b16_224": 1.1}
 
 
-def bench_one(name: str, batch_size: int, rounds: int, warmup: int) -> dict[str, object]:
+def bench_one(name: str, batch_size: int, rounds: int, warmup: int, int8: bool = False) -> dict[str, object]:
     torch.manual_seed(0)
     model = create_model(name)
     x = torch.randn(batch_size, *model.pretrained_cfg["input_size"])
     randomize_weights(model, x)
     deployed = deploy(model, x, "auto", repeats=max(2, rounds // 2))
+    calls = {"eager": lambda: model(x), "deployed": lambda: deployed(x)}
+    if int8:
+        quantized = deploy(model, x, quantize="int8")
+        calls["int8"] = lambda: quantized(x)
     with torch.inference_mode():
-        timings = time_alternately({"eager": lambda: model(x), "deployed": lambda: deployed(x)}, warmup=warmup,
-                                   repeats=rounds, min_sample_s=0.0)
-    return {"model": name, "backend": deployed.backend, "ratio": timings["eager"].median / timings["deployed"].median,
-            "eager_img_s": batch_size / timings["eager"].median, "img_s": batch_size / timings["deployed"].median,
-            "spread": max(timings["eager"].spread, timings["deployed"].spread), "diff": deployed.max_rel_diff,
-            "candidates": {k: batch_size / v for k, v in deployed.seconds.items()}, "skipped": deployed.skipped}
+        timings = time_alternately(calls, warmup=warmup, repeats=rounds, min_sample_s=0.0)
+    eager = timings["eager"].median
+    return {"model": name, "backend": deployed.backend, "ratio": eager / timings["deployed"].median,
+            "eager_img_s": batch_size / eager, "img_s": batch_size / timings["deployed"].median,
+            "spread": max(t.spread for t in timings.values()), "diff": deployed.max_rel_diff,
+            "candidates": {k: batch_size / v for k, v in deployed.seconds.items()}, "skipped": deployed.skipped,
+            "int8": (eager / timings["int8"].median, quantized.max_rel_diff) if int8 else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 (2 with --zoo)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--int8", action="store_true", help="also time deploy(..., quantize='int8')")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")  # exporters' deprecation chatter
@@ -65,8 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     missed = []
     for name in names:
-        r = bench_one(name, batch, rounds, warmup)
+        r = bench_one(name, batch, rounds, warmup, args.int8)
         candidates = ", ".join(f"{k} {v:.0f}" for k, v in r["candidates"].items())
+        if r["int8"] is not None:
+            candidates += f"; int8 {r['int8'][0]:.2f}x eager, rel diff {r['int8'][1]:.1e}"
         skipped = f"; skipped {', '.join(r['skipped'])}" if r["skipped"] else ""
         print(f"{name:<30} {r['backend']:<13} {r['eager_img_s']:>11.1f} {r['img_s']:>8.1f} {r['ratio']:>6.2f}x "
               f"{r['spread']:>6.1%} {r['diff']:>8.1e}  {candidates}{skipped}", flush=True)
