@@ -44,8 +44,10 @@ PREVIOUS_FILE = "checkpoint-previous.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 FORMAT = "visionmix-run/1"
-RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE, "eval.json", "eval-deploy.json",
-             "eval-int8.json", "confusion.png", "confusion-deploy.png", "confusion-int8.png")  # eval's forms
+EVAL_FORM_SUFFIX = {"trained": "", "deployed": "-deploy", "int8": "-int8"}  # eval{suffix}.json, confusion{suffix}.png
+RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE,
+             *(f"{stem}{suffix}.{ext}" for suffix in EVAL_FORM_SUFFIX.values()
+               for stem, ext in (("eval", "json"), ("confusion", "png"))))
 _TAGGED = r"(?:weights|ema)-\d{8}\.safetensors|state-\d{8}\.pt"
 _TAGGED_RE = re.compile(_TAGGED)
 _OWN_NAME_RE = re.compile("|".join([*map(re.escape, RUN_FILES), _TAGGED]))

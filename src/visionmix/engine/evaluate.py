@@ -123,7 +123,6 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: Sequence[str], p
 
 
 EVAL_WEIGHTS = ("auto", "ema", "raw")
-FORM_SUFFIX = {"trained": "", "deployed": "-deploy", "int8": "-int8"}  # eval{suffix}.json, confusion{suffix}.png
 
 
 class _OnCpu(nn.Module):
@@ -153,7 +152,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
     from visionmix.data import build_dataset
     from visionmix.deployment import QUANTIZE
     from visionmix.deployment import deploy as deploy_backend
-    from visionmix.engine.checkpoint import load_run
+    from visionmix.engine.checkpoint import EVAL_FORM_SUFFIX, load_run
     from visionmix.engine.config import STREAMED
     from visionmix.files import atomic_write_json
     from visionmix.reparam import reparameterize
@@ -188,7 +187,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
     report: dict[str, Any] = {"forms": {}, "classes": list(info["classes"]), "checks": {}, "written": []}
     for form, net in forms.items():
         metrics = evaluate(net, dataset, device, batch_size=batch_size)
-        suffix = FORM_SUFFIX[form]
+        suffix = EVAL_FORM_SUFFIX[form]
         record = {"run": str(run_dir), "model": meta["model"], "form": form, "split": split, "params": params[form],
                   **metrics}
         atomic_write_json(run_dir / f"eval{suffix}.json", record)
