@@ -172,7 +172,7 @@ CASES = [
     ("export-over-a-user-file", None, ["export", "{ws}/run", "--onnx", "{ws}/mine/summary.json"], 2,
      ["already exists; pass --force"]),
     ("bench-unknown-backend", None, ["bench", "resnet_nano", "--backend", "jit,tensorrt"], 2,
-     ["--backend", "expected backends among eager, channels_last, jit, onnxruntime (or all)"]),
+     ["--backend", "expected backends among eager, channels_last, jit, onnxruntime, inductor (or all)"]),
     ("bench-backend-with-deploy", None, ["bench", "resnet_nano", "--backend", "jit", "--deploy"], 2,
      ["does not combine with --deploy"]),
     ("bench-quantize-without-backend", None, ["bench", "mixer_nano", "--quantize", "int8"], 2,

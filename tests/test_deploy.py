@@ -45,7 +45,7 @@ def test_auto_keeps_the_fastest_verified_backend_and_says_why():
     deployed = deploy(_model("resnet_nano"), _x(), repeats=2)
     assert deployed.backend in BACKENDS and set(deployed.seconds) == set(BACKENDS) and not deployed.skipped
     assert deployed.seconds[deployed.backend] == min(deployed.seconds.values())
-    assert deployed.reason.startswith("fastest of 4 verified backend(s) on a batch of 3")
+    assert deployed.reason.startswith("fastest of 5 verified backend(s) on a batch of 3")
 
 
 def test_dynamic_kernels_fall_back_with_a_reason_and_fail_by_name():
@@ -74,7 +74,7 @@ def test_the_callers_model_is_left_as_it_was():
 def test_bad_arguments():
     model = _model("resnet_nano")
     with pytest.raises(ValueError, match="backend must be one of 'auto', 'eager', 'channels_last', 'jit', "
-                                         "'onnxruntime'; got 'tensorrt'"):
+                                         "'onnxruntime', 'inductor'; got 'tensorrt'"):
         deploy(model, _x(), "tensorrt")
     with pytest.raises(ValueError, match="example must be a batch"):
         deploy(model, torch.randn(0, 1, 28, 28))

@@ -8,7 +8,14 @@ model on ``example`` (and on a batch one larger: a graph that baked in the batch
 - ``eager``: the deployed model in ``torch.inference_mode``;
 - ``channels_last``: the same with NHWC weights and inputs (oneDNN's preferred layout for convolutions);
 - ``jit``: ``torch.jit.trace`` + ``torch.jit.optimize_for_inference`` (freezing, conv/BN/add folding);
-- ``onnxruntime``: the dynamo ONNX export (:mod:`visionmix.export`) in an onnxruntime CPU session.
+- ``onnxruntime``: the dynamo ONNX export (:mod:`visionmix.export`) in an onnxruntime CPU session;
+- ``inductor``: ``torch.export`` (batch dimension dynamic) compiled by ``torch.compile``'s inductor with freezing on:
+  weights become constants, so Linear/conv weights are pre-packed for MKL/oneDNN and the pointwise ops between them
+  (LayerNorm, GELU, residual adds, layout changes) fuse into generated C++ loops. It needs a C++ compiler, compiles
+  for tens of seconds (once for the example's batch size, once more for any other size) and caches the result under
+  torch's cache directory. Compiling the exported graph, not the model, gives every deployed model its own
+  compiled-code cache: models of one class compiled in one process would otherwise share ``forward``'s, and past
+  torch's recompile limit fall back to eager.
 
 A backend that cannot take a model (CondConv/WeightNet build one grouped conv whose group count is the batch size)
 is skipped with its reason when choosing automatically, and is a :class:`DeployError` when asked for by name.
@@ -34,7 +41,7 @@ from torch import nn
 
 from visionmix.checks import check_choice
 
-BACKENDS = ("eager", "channels_last", "jit", "onnxruntime")
+BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "inductor")
 QUANTIZE = ("int8",)  # dynamic int8 Linear weights, onnxruntime only
 DEFAULT_RTOL = 1e-4  # max |backend - eager| relative to the output's scale (SPEC section 3's float32 bound)
 
@@ -122,6 +129,23 @@ def _onnx_session(model: nn.Module, example: torch.Tensor, *, quantize: bool) ->
         return onnx_runner(path)  # the session holds the model; the file may go
 
 
+def _inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    import warnings
+
+    import torch._inductor.config as inductor_config
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # export's deprecation chatter; the result is checked by the caller
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    compiled = torch.compile(program.module())
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), inductor_config.patch(freezing=True):  # freezing applies when (re)compiling
+            return compiled(x)
+
+    return run
+
+
 @contextmanager
 def _root_logger_untouched() -> Iterator[None]:
     """onnxruntime's quantiser logs through ``logging.info``, which configures the root logger when it has no handler
@@ -135,7 +159,8 @@ def _root_logger_untouched() -> Iterator[None]:
 
 
 _BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "eager": _eager, "channels_last": _channels_last, "jit": _jit, "onnxruntime": _onnxruntime}
+    "eager": _eager, "channels_last": _channels_last, "jit": _jit, "onnxruntime": _onnxruntime,
+    "inductor": _inductor}
 
 
 def _one_line(err: BaseException) -> str:
