@@ -57,6 +57,19 @@ def test_dynamic_kernels_fall_back_with_a_reason_and_fail_by_name():
         deploy(model, _x(), "onnxruntime")
 
 
+def test_inductor_compiles_each_deployed_model_apart():
+    """torch.compile(model) would keep every model of a class in the cache of the shared forward's code (past torch's
+    recompile limit they run eager); deploy compiles each exported graph instead, so that cache stays empty."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from visionmix.models._base import ClassifierModel
+
+    for _ in range(2):
+        deployed = deploy(_model("resnet_nano"), _x(), "inductor")
+        assert deployed.backend == "inductor" and deployed.max_rel_diff <= 1e-4
+    assert _debug_get_cache_entry_list(ClassifierModel.forward.__code__) == []
+
+
 def test_a_missing_runtime_is_skipped_or_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
     deployed = deploy(_model("resnet_nano"), _x(), repeats=2, candidates=("eager", "onnxruntime"))
