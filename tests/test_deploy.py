@@ -59,15 +59,16 @@ def test_dynamic_kernels_fall_back_with_a_reason_and_fail_by_name():
 
 def test_inductor_compiles_each_deployed_model_apart():
     """torch.compile(model) would keep every model of a class in the cache of the shared forward's code (past torch's
-    recompile limit they run eager); deploy compiles each exported graph instead, so that cache stays empty."""
+    recompile limit they run eager); deploy compiles each exported graph instead, so that cache does not grow."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from visionmix.models._base import ClassifierModel
 
+    before = len(_debug_get_cache_entry_list(ClassifierModel.forward.__code__))  # other tests may compile models
     for _ in range(2):
         deployed = deploy(_model("resnet_nano"), _x(), "inductor")
         assert deployed.backend == "inductor" and deployed.max_rel_diff <= 1e-4
-    assert _debug_get_cache_entry_list(ClassifierModel.forward.__code__) == []
+    assert len(_debug_get_cache_entry_list(ClassifierModel.forward.__code__)) == before
 
 
 def test_a_missing_runtime_is_skipped_or_named(monkeypatch):
