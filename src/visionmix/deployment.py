@@ -140,7 +140,7 @@ def _inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor
     compiled = torch.compile(program.module())
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), inductor_config.patch(freezing=True):  # freezing applies when (re)compiling
+        with torch.inference_mode(), inductor_config.patch(freezing=True):  # freezing applies when (re)compiling
             return compiled(x)
 
     return run
