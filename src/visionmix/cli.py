@@ -511,8 +511,8 @@ example: visionmix predict runs/mixer photos/ --topk 3 --json""")
     p.add_argument("--batch-size", type=count_arg, default=32, help="images per forward pass")
     p.add_argument("--backend", choices=("auto", *BACKENDS),
                    help="inference backend of the re-parameterised model (visionmix.deploy; auto times them on one "
-                        "batch first and keeps the fastest that computes what eager does; default eager, "
-                        "onnxruntime with --quantize)")
+                        "batch first and keeps the fastest that computes what eager does, inductor compiling for "
+                        "tens of seconds; default eager, onnxruntime with --quantize)")
     p.add_argument("--quantize", choices=QUANTIZE, help="int8 Linear weights on onnxruntime (lossy: measure its top-1 "
                                                         "with 'visionmix eval --quantize int8' first)")
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"path": ..., "top": '
