@@ -12,8 +12,9 @@ model on ``example`` (and on a batch one larger: a graph that baked in the batch
 - ``inductor``: ``torch.export`` (batch dimension dynamic) compiled by ``torch.compile``'s inductor with freezing on:
   weights become constants, so Linear/conv weights are pre-packed for MKL/oneDNN and the pointwise ops between them
   (LayerNorm, GELU, residual adds, layout changes) fuse into generated C++ loops. It needs a C++ compiler, compiles
-  for tens of seconds (once for the example's batch size, once more for any other size) and caches the result under
-  torch's cache directory. Compiling the exported graph, not the model, gives every deployed model its own
+  for tens of seconds (once for the example's batch size, once more for any other size; CondConv/WeightNet, whose
+  grouped conv has the batch size as its group count, once per size) and caches the result under torch's cache
+  directory. Compiling the exported graph, not the model, gives every deployed model its own
   compiled-code cache: models of one class compiled in one process would otherwise share ``forward``'s, and past
   torch's recompile limit fall back to eager.
 
