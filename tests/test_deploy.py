@@ -41,6 +41,15 @@ def test_each_backend_equals_eager(name, backend):
     assert (got - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_backend_is_built_on_a_batch_of_one(backend):
+    model = _model("resnet_nano").eval()
+    deployed = deploy(model, _x(1), backend)
+    with torch.no_grad():
+        expected = model(_x(4))
+    assert (deployed(_x(4)) - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
 def test_auto_keeps_the_fastest_verified_backend_and_says_why():
     deployed = deploy(_model("resnet_nano"), _x(), repeats=2)
     assert deployed.backend in BACKENDS and set(deployed.seconds) == set(BACKENDS) and not deployed.skipped
@@ -58,8 +67,8 @@ def test_dynamic_kernels_fall_back_with_a_reason_and_fail_by_name():
 
 
 def test_inductor_compiles_each_deployed_model_apart():
-    """torch.compile(model) would keep every model of a class in the cache of the shared forward's code (past torch's
-    recompile limit they run eager); deploy compiles each exported graph instead, so that cache does not grow."""
+    """Frozen, torch.compile(model) would add every model of a class to the cache of the shared forward's code (past
+    torch's recompile limit they run eager); deploy compiles each exported graph instead, that cache does not grow."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
     from visionmix.models._base import ClassifierModel

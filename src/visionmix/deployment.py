@@ -15,8 +15,8 @@ model on ``example`` (and on a batch one larger: a graph that baked in the batch
   for tens of seconds (once for the example's batch size, once more for any other size; CondConv/WeightNet, whose
   grouped conv has the batch size as its group count, once per size) and caches the result under torch's cache
   directory. Compiling the exported graph, not the model, gives every deployed model its own
-  compiled-code cache: models of one class compiled in one process would otherwise share ``forward``'s, and past
-  torch's recompile limit fall back to eager.
+  compiled-code cache: frozen weights are guarded by identity, so models of one class compiled in one process would
+  otherwise each add entries to the cache of their shared ``forward`` and, past torch's recompile limit, run eager.
 
 A backend that cannot take a model (CondConv/WeightNet build one grouped conv whose group count is the batch size)
 is skipped with its reason when choosing automatically, and is a :class:`DeployError` when asked for by name.
@@ -135,9 +135,11 @@ def _inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor
 
     import torch._inductor.config as inductor_config
 
+    # export specialises a batch of one to the constant 1, so the batch dimension is traced on two or more
+    traced = example if example.shape[0] > 1 else torch.cat([example, example])
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # export's deprecation chatter; the result is checked by the caller
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        program = torch.export.export(model, (traced,), dynamic_shapes=({0: torch.export.Dim("batch")},))
     compiled = torch.compile(program.module())
 
     def run(x: torch.Tensor) -> torch.Tensor:
