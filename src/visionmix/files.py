@@ -1,17 +1,26 @@
-"""Writing files safely: atomically (a reader sees the old file or the whole new one, never a part), and never over a
-file that exists unless the caller says ``force``. Every file visionmix writes goes through here."""
+"""Writing files safely: atomically (a reader sees the old file or the whole new one, never a part), never over a
+file that exists unless the caller says ``force``, and one writer per directory (:func:`hold_directory`). Every
+file visionmix writes goes through here."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import re
 import secrets
+import socket
+import time
+import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from visionmix.errors import DirectoryBusy, VisionmixWarning
+
+LOCK_FILE = ".visionmix.lock"  # in a directory a visionmix process writes, while it writes there
 _TEMPORARY_RE = re.compile(r"\.(?P<target>.+)\.[0-9a-f]{16}\.tmp")
 
 
@@ -88,3 +97,79 @@ def _fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def hold_directory(directory: str | Path, command: str) -> Iterator[Path]:
+    """Hold ``directory`` for this process for the block: the one writer of a run directory, a comparison or a pack
+    output. Yields the directory (created if absent; removed again afterwards if it is still empty).
+
+    An advisory ``flock`` on ``directory/.visionmix.lock``, which names the holder (PID, host, ``command``, start
+    time). The operating system releases it when the process dies, so a killed holder never leaves a stale lock; the
+    file is deleted on release, and a process that locked a file deleted meanwhile tries again. A second process
+    gets :class:`~visionmix.errors.DirectoryBusy` naming the holder. Where the file system cannot lock (some network
+    file systems) a :class:`~visionmix.errors.VisionmixWarning` says so and the block runs unguarded.
+    """
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_FILE
+    fd = _lock(path, command)
+    try:
+        yield directory
+    finally:
+        if fd is not None:
+            path.unlink(missing_ok=True)  # before closing: whoever waits then finds the file gone and retries
+            os.close(fd)
+        if created:
+            with suppress(OSError):  # only if nothing was written there
+                directory.rmdir()
+
+
+def entries(directory: str | Path) -> list[str]:
+    """The sorted names in ``directory`` but the lock file of :func:`hold_directory` (what a user put there, or an
+    earlier run left)."""
+    return sorted(name for name in os.listdir(directory) if name != LOCK_FILE)
+
+
+def _lock(path: Path, command: str) -> int | None:
+    """The descriptor of ``path``, locked and naming this process; ``None`` where the file system cannot lock."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise DirectoryBusy(f"{path.parent} is in use by {holder}; wait for it to finish or choose another "
+                                f"directory") from None
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            warnings.warn(f"{path.parent} is on a file system that cannot lock files ({os.strerror(exc.errno)}): "
+                          f"nothing stops two visionmix processes from writing there at once", VisionmixWarning,
+                          stacklevel=4)
+            path.unlink(missing_ok=True)
+            return None
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:  # still the file at ``path``: not one a releasing holder deleted
+            break
+        os.close(fd)
+    holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+              "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(holder) + "\n").encode(), 0)
+    return fd
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock file, in words, from what it says."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"{info['command']} (PID {info['pid']} on {info['host']}, since {info['since']})"
+    except (OSError, ValueError, TypeError, KeyError):
+        return "another visionmix process (it has not said which yet)"

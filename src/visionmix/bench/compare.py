@@ -39,7 +39,7 @@ from visionmix.bench.stats import (
     paired_difference,
 )
 from visionmix.checks import check_choice, check_positive
-from visionmix.files import atomic_write, atomic_write_json
+from visionmix.files import atomic_write, atomic_write_json, entries, hold_directory
 
 PLOTS = ("accuracy_vs_macs.png", "accuracy_vs_throughput.png", "training_curves.png", "differences.png")
 FORMAT = "visionmix-compare/1"  # results.json says this: the directory is a comparison, resumed when re-run
@@ -355,32 +355,35 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
             "bench_batch_size": bench_batch_size, "baseline": baseline, "on_par_margin": ON_PAR_MARGIN,
             "environment": environment()}
     out_dir = Path(out_dir)
-    check_out_dir(out_dir, force)
-    write_report(out_dir, [], [], meta, claims)  # claims the directory: a re-run of an interrupted comparison resumes
-    runs_dir = out_dir / "runs"
-    total = len(models) * seeds
-    rows, outcomes = [], []
-    for index, model in enumerate(models):
-        model_outcomes = []
-        for seed in range(seeds):
-            cfg = TrainConfig.for_recipe(recipe_name, model=model, data=data, seed=seed, **recipe)
-            step = f"[{index * seeds + seed + 1}/{total}] {model} seed {seed}"
-            outcome = _run_one(cfg, runs_dir / model / f"seed{seed}", progress)
-            log(f"{step}: {_outcome_line(outcome)}")
-            model_outcomes.append(outcome)
-        bench, bench_error = None, None
-        finished = [o for o in model_outcomes if o.summary is not None]
-        if finished:
-            try:
-                bench = _bench_run(model, runs_dir / model / f"seed{finished[0].seed}", runs_dir / model / "bench.json",
-                                   bench_batch_size, bench_repeats)
-            except Exception as err:  # a model that trains but cannot be benchmarked still gets its accuracy row
-                bench_error = _describe(err)
-                log(f"{model}: benchmark failed: {bench_error}")
-        rows.append(summarize(model, model_outcomes, bench, bench_error))
-        outcomes.extend(model_outcomes)
-        report = with_differences(rows, outcomes, baseline)
-        write_report(out_dir, report, outcomes, meta, claims)  # after every model: a long comparison shows progress
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    with hold_directory(out_dir, "visionmix compare"):  # one comparison process per directory
+        check_out_dir(out_dir, force)
+        write_report(out_dir, [], [], meta, claims)  # claims the directory: a re-run of a stopped comparison resumes
+        runs_dir = out_dir / "runs"
+        total = len(models) * seeds
+        rows, outcomes = [], []
+        for index, model in enumerate(models):
+            model_outcomes = []
+            for seed in range(seeds):
+                cfg = TrainConfig.for_recipe(recipe_name, model=model, data=data, seed=seed, **recipe)
+                step = f"[{index * seeds + seed + 1}/{total}] {model} seed {seed}"
+                outcome = _run_one(cfg, runs_dir / model / f"seed{seed}", progress)
+                log(f"{step}: {_outcome_line(outcome)}")
+                model_outcomes.append(outcome)
+            bench, bench_error = None, None
+            finished = [o for o in model_outcomes if o.summary is not None]
+            if finished:
+                try:
+                    bench = _bench_run(model, runs_dir / model / f"seed{finished[0].seed}",
+                                       runs_dir / model / "bench.json", bench_batch_size, bench_repeats)
+                except Exception as err:  # a model that trains but cannot be benchmarked still gets its accuracy row
+                    bench_error = _describe(err)
+                    log(f"{model}: benchmark failed: {bench_error}")
+            rows.append(summarize(model, model_outcomes, bench, bench_error))
+            outcomes.extend(model_outcomes)
+            report = with_differences(rows, outcomes, baseline)
+            write_report(out_dir, report, outcomes, meta, claims)  # after every model: a long comparison shows progress
     return report
 
 
@@ -395,13 +398,11 @@ def is_comparison(out_dir: str | Path) -> bool:
 
 def check_out_dir(out_dir: Path, force: bool) -> None:
     """``out_dir`` may be written: new, empty, a comparison of ours, or anything with ``force``."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
     if force or not out_dir.is_dir() or is_comparison(out_dir):
         return
-    entries = sorted(p.name for p in out_dir.iterdir())
-    if entries:
-        listing = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    names = entries(out_dir)
+    if names:
+        listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ValueError(f"--out {out_dir} is not empty ({listing}) and holds no visionmix comparison; choose a new "
                          f"directory or pass --force to write the report into it")
 

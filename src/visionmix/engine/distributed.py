@@ -34,6 +34,11 @@ class DistContext:
         return self.rank == 0
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it in the environment (0 outside torchrun), before any group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without CUDA is a ``ValueError``."""
     name = str(device)

@@ -10,7 +10,7 @@ from typing import Any
 
 from visionmix.engine import checkpoint as ckpt
 from visionmix.engine.config import TrainConfig
-from visionmix.files import atomic_write_json
+from visionmix.files import atomic_write_json, entries
 
 
 def verify_run(run_dir: Path, meta: dict[str, Any]) -> None:
@@ -53,12 +53,12 @@ def prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: boo
             raise ValueError(f"{out_dir} already holds a training run; pass --resume {out_dir} to continue it or "
                              f"--force to replace it")
         return None
-    entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
-    if entries and not force:
-        listing = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    names = entries(out_dir) if out_dir.is_dir() else []
+    if names and not force:
+        listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise ValueError(f"--out {out_dir} is not empty ({listing}); choose a new directory or pass --force to "
                          f"write into it")
-    clash = [name for name in entries if ckpt.is_run_file(name)]
+    clash = [name for name in names if ckpt.is_run_file(name)]
     if clash:
         raise ValueError(f"--out {out_dir} holds no visionmix run but has files named like a run's own "
                          f"({', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}), which --force would "

@@ -53,6 +53,7 @@ from visionmix.engine.distributed import (
     broadcast_buffers,
     gather_objects,
     init_distributed,
+    launched_rank,
     shutdown,
     wrap_model,
 )
@@ -60,7 +61,7 @@ from visionmix.engine.evaluate import evaluate, recompute_bn_statistics
 from visionmix.engine.optim import ModelEma, freeze_backbone, frozen_norms_eval, param_groups, warmup_cosine
 from visionmix.engine.pipeline import DataInfo, build_pipeline
 from visionmix.engine.rundir import clear_run, finished_summary, prepare_out_dir, run_summary, verify_run
-from visionmix.files import atomic_write, atomic_write_json
+from visionmix.files import atomic_write, atomic_write_json, hold_directory
 
 
 class TrainingError(RuntimeError):
@@ -109,15 +110,45 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     no run nothing is deleted (files named like a run's own are an error). Raises :class:`TrainingError` on a
     non-finite loss and :class:`TrainingInterrupted` after saving on SIGINT/SIGTERM.
     """
+    cfg.validate()
+    if from_previous and not resume:
+        raise ValueError("from_previous only applies when resuming a run")
+    out_dir = Path(out_dir)
+    with _held(out_dir):
+        if from_previous and launched_rank() == 0:
+            ckpt.restore_previous(out_dir)
+        return _train_held(cfg, out_dir, resume=resume, progress=progress, force=force)
+
+
+def resume_run(run_dir: str | Path, *, device: str | None = None, progress: bool = True,
+               from_previous: bool = False) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` with its saved configuration (optionally on another ``device``), or from its
+    previous checkpoint with ``from_previous``."""
+    run_dir = Path(run_dir)
+    with _held(run_dir):
+        if from_previous and launched_rank() == 0:
+            ckpt.restore_previous(run_dir)
+        saved = TrainConfig.from_dict(ckpt.read_meta(run_dir)["config"])
+        if device is not None:
+            saved.device = device
+        saved.validate()
+        return _train_held(saved, run_dir, resume=True, progress=progress, force=False)
+
+
+@contextmanager
+def _held(out_dir: Path) -> Iterator[None]:
+    """One writer per run directory (:func:`hold_directory`); under torchrun, rank 0 writes and holds it."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} exists and is not a directory")
+    with hold_directory(out_dir, "visionmix train") if launched_rank() == 0 else nullcontext():
+        yield
+
+
+def _train_held(cfg: TrainConfig, out_dir: Path, *, resume: bool, progress: bool, force: bool) -> dict[str, Any]:
+    """:func:`train` once ``out_dir`` is held."""
     from visionmix.models import model_entry
 
-    cfg.validate()
     model_entry(cfg.model)  # an unknown name fails here, before any data is read
-    out_dir = Path(out_dir)
-    if from_previous:
-        if not resume:
-            raise ValueError("from_previous only applies when resuming a run")
-        ckpt.restore_previous(out_dir)
     meta = prepare_out_dir(cfg, out_dir, resume=resume, force=force)
     if meta is not None:
         ckpt.remove_unnamed_files(out_dir, temporary=True)  # what a kill mid-write left behind
@@ -132,18 +163,6 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
         return summary
     finally:
         shutdown(ctx)
-
-
-def resume_run(run_dir: str | Path, *, device: str | None = None, progress: bool = True,
-               from_previous: bool = False) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` with its saved configuration (optionally on another ``device``), or from its
-    previous checkpoint with ``from_previous``."""
-    if from_previous:
-        ckpt.restore_previous(run_dir)
-    saved = TrainConfig.from_dict(ckpt.read_meta(run_dir)["config"])
-    if device is not None:
-        saved.device = device
-    return train(saved, run_dir, resume=True, progress=progress)
 
 
 class _Trainer:
