@@ -48,7 +48,7 @@ def test_pack_shards_round_trip_and_info(tmp_path: Path) -> None:
     originals = {(folder.path(i).read_bytes(), folder.label(i)) for i in range(len(folder))}
     packed = {(s[next(k for k in ("png", "jpg") if k in s)], int(s["cls"])) for s in source.raw_samples(range(3))}
     assert packed == originals and len(WebDatasetSource(tmp_path / "out", "val")) == 10
-    with pytest.raises(FileExistsError, match="already holds train shards"):
+    with pytest.raises(FileExistsError, match="already holds a train split; pass --force"):
         pack_shards(tmp_path / "tree", tmp_path / "out", shard_size=4, split="train")
     pack_shards(tmp_path / "tree", tmp_path / "out", shard_size=5, split="train", force=True)
     assert [s["count"] for s in json.loads(info_path.read_text())["splits"]["train"]["shards"]] == [5, 5]
@@ -100,3 +100,44 @@ def test_pack_fashion_mnist_round_trip(tmp_path: Path, layout: str) -> None:
     assert got == want and len(WebDatasetSource(tmp_path / "fm", "val") if layout == "shards"
                                else ImageFolderSource(tmp_path / "fm", "val")) == 24
     assert torch.tensor(info["mean"]).shape == (1,)
+
+
+def test_force_replaces_packs_own_files_only(tmp_path: Path) -> None:
+    """--force keeps the user's files, refuses to write over one named like a shard that info.json does not list,
+    and a re-pack into fewer shards removes pack's own surplus shards."""
+    make_tree(tmp_path / "tree", per_class=5, splits=("train",))
+    out = tmp_path / "out"
+    pack_shards(tmp_path / "tree", out, shard_size=2)  # 5 shards
+    (out / "notes.txt").write_text("mine")
+    pack_shards(tmp_path / "tree", out, shard_size=4, force=True)  # 3 shards
+    assert sorted(p.name for p in out.iterdir()) == ["info.json", "notes.txt", *(f"train-{i:06d}.tar"
+                                                                                for i in range(3))]
+    (out / "val-000000.tar").write_bytes(b"my archive")
+    make_tree(tmp_path / "tree", per_class=1, splits=("val",))
+    with pytest.raises(FileExistsError, match=r"val-000000\.tar was not written by pack"):
+        pack_shards(tmp_path / "tree", out, shard_size=4, split="val", force=True)
+    assert (out / "val-000000.tar").read_bytes() == b"my archive" and "val" not in json.loads(
+        (out / "info.json").read_text())["splits"]
+
+
+def test_output_and_source_may_not_nest(tmp_path: Path) -> None:
+    make_tree(tmp_path / "tree", per_class=2, splits=("train",))
+    with pytest.raises(ValueError, match="lies inside SRC"):
+        pack_shards(tmp_path / "tree", tmp_path / "tree" / "train" / "out")
+    with pytest.raises(ValueError, match="lies inside OUT_DIR"):
+        pack_shards(tmp_path / "tree" / "train", tmp_path / "tree")
+    assert not (tmp_path / "tree" / "train" / "out").exists()
+
+
+@needs_fmnist
+def test_fashion_mnist_imagefolder_repack_keeps_user_files(tmp_path: Path) -> None:
+    out = tmp_path / "fm"
+    pack_fashion_mnist(out, max_samples=12)
+    (out / "train" / "README.md").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds files pack did not write \(train\)"):
+        pack_fashion_mnist(out, max_samples=6)
+    pack_fashion_mnist(out, max_samples=6, force=True)  # fewer images: pack's surplus files go
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert "train/README.md" in files and len([f for f in files if f.endswith(".png")]) == 12
+    with pytest.raises(FileExistsError, match="holds a pack of another layout"):
+        pack_fashion_mnist(out, layout="shards", max_samples=6, force=True)

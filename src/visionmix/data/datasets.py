@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from visionmix.errors import UserError
+
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
@@ -39,7 +41,7 @@ MIN_DECODE_PIXELS = 64_000_000  # decode_pixel_limit's floor: any ordinary photo
 RESIZE_CHUNK_BYTES = 256 * 2**20
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset is missing, malformed or unusable; the message is one line saying which file and what to do."""
 
 
@@ -328,8 +330,22 @@ def decode_pixel_limit(image_size: int) -> int:
     return max(MIN_DECODE_PIXELS, (32 * image_size) ** 2)
 
 
-class UnreadableImage(OSError):
+class UnreadableImage(UserError, OSError):
     """An image file that cannot be decoded; the message names it and says why."""
+
+
+def image_mode(path: str | Path) -> str:
+    """The Pillow mode of ``path`` from its header (nothing is decoded); :class:`UnreadableImage` if it is not an
+    image Pillow opens, or claims so many pixels that Pillow refuses it (a decompression bomb)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return image.mode
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"cannot read the header of {path} ({' '.join(str(exc).split())})") from exc
 
 
 def decode_image(path: str | Path, mode: str, size: tuple[int, int]) -> PILImage:

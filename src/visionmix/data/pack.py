@@ -1,11 +1,14 @@
-"""Packing image datasets for streaming: ImageFolder trees into WebDataset tar shards, and the installed
-Fashion-MNIST into an ImageFolder tree or shards (``visionmix data pack``).
+"""Packing image datasets for streaming (``visionmix data pack``): an ImageFolder tree into WebDataset tar shards,
+and the installed Fashion-MNIST into an ImageFolder tree or shards.
 
-Shards are ``OUT_DIR/{split}-{000000..}.tar`` (samples in a fixed shuffled order, ``__key__`` = 8-digit index,
-the image bytes as they were under their extension, ``cls`` = label) plus ``OUT_DIR/info.json`` (format in
-:mod:`visionmix.data.streaming`). Nothing of the user's is overwritten or deleted: OUT_DIR must be new or empty, or
-hold only what pack wrote for other splits; ``force`` replaces pack's own files (its naming pattern) and leaves
-every other file alone. Each file is written to a temporary name and renamed, info.json last.
+Shards are ``OUT_DIR/{split}-{000000..}.tar`` (samples in a fixed shuffled order, ``__key__`` = 8-digit index, the
+image bytes as they were under their extension, ``cls`` = label) plus ``OUT_DIR/info.json``
+(:mod:`visionmix.data.shards`), which also says which files pack wrote. Before anything is written, pack refuses an
+OUT_DIR inside SRC (or SRC inside OUT_DIR), a file it did not write where it would write one (even with
+``force``), and without ``force`` any file it did not write in OUT_DIR, or a finished split of its own. A split is
+marked incomplete in info.json while it is written, so a pack that was killed leaves nothing that looks finished,
+and running it again replaces what it left. One pack writes an OUT_DIR at a time
+(:func:`visionmix.files.hold_directory`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from __future__ import annotations
 import io
 import os
 import re
+import tarfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +26,21 @@ import numpy as np
 import torch
 
 from visionmix.checks import check_choice, check_positive
-from visionmix.data.datasets import FASHION_MNIST_CLASSES, DataError, build_dataset, channel_stats
-from visionmix.data.loader import stable_seed
-from visionmix.data.streaming import (
-    INFO_FORMAT,
-    INFO_NAME,
-    BadImageWarning,
-    ImageFolderSource,
-    _read_info,
+from visionmix.data import shards
+from visionmix.data.datasets import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    DataError,
+    build_dataset,
+    channel_stats,
 )
-from visionmix.files import atomic_write_json, staged, write_new
+from visionmix.data.loader import stable_seed
+from visionmix.data.streaming import BadImageWarning, ImageFolderSource
+from visionmix.files import atomic_write_json, entries, hold_directory, staged, temporary_target, write_new
 
 FORMATS = ("shards", "imagefolder")
 IMAGE_FORMATS = ("png", "jpeg")
 DEFAULT_SHARD_SIZE = 1000
-_SHARD_RE = re.compile(r"(?P<split>train|val)-\d{6}\.tar")
 
 Record = tuple[str, bytes, int]  # (extension, encoded image, label)
 
@@ -48,21 +52,84 @@ def safe_class_names(names: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(f"{i:0{width}d}_{re.sub(r'[^A-Za-z0-9._ -]', '_', n)}" for i, n in enumerate(names))
 
 
-def _check_out_dir(out_dir: Path, is_own: Callable[[Path], bool], force: bool) -> None:
-    """OUT_DIR may exist only as a directory holding nothing but pack's files (anything, with ``force``)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if not out_dir.is_dir() or force:
-        return
-    foreign = sorted(p.name for p in out_dir.iterdir() if not is_own(p))
-    if foreign:
-        raise FileExistsError(f"{out_dir} holds files pack did not write ({', '.join(foreign[:3])}"
-                              f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory, or pass "
-                              f"--force (which replaces only pack's own files)")
+def check_apart(src: str | Path, out_dir: str | Path) -> None:
+    """``ValueError`` if OUT_DIR is SRC, lies inside it, or holds it: pack would write into what it reads."""
+    s, o = Path(src).resolve(), Path(out_dir).resolve()
+    if o == s or o.is_relative_to(s):
+        raise ValueError(f"OUT_DIR {out_dir} lies inside SRC {src}: pack would write into the dataset it reads; "
+                         f"choose an OUT_DIR outside it")
+    if s.is_relative_to(o):
+        raise ValueError(f"SRC {src} lies inside OUT_DIR {out_dir}: pack would write beside the dataset it reads; "
+                         f"choose another OUT_DIR")
 
 
-def _is_shard_output(path: Path) -> bool:
-    return path.is_file() and (path.name == INFO_NAME or _SHARD_RE.fullmatch(path.name) is not None)
+class _Output:
+    """OUT_DIR as pack finds it: its info.json, the files pack wrote there, and the user's files."""
+
+    def __init__(self, out_dir: Path, layout: str, force: bool) -> None:
+        self.dir, self.force = out_dir, force
+        self.info = shards.read_info(out_dir)
+        if self.info is not None and shards.layout(self.info) != layout:
+            raise FileExistsError(f"{out_dir} holds a pack of another layout ({shards.layout(self.info)}); pack "
+                                  f"into a new directory")
+        self.owned = shards.owned_files(out_dir, self.info)
+        foreign = [name for name in entries(out_dir) if not self._owned_below(out_dir / name)]
+        if foreign and not force:
+            raise FileExistsError(f"{out_dir} holds files pack did not write ({', '.join(foreign[:3])}"
+                                  f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory, or pass "
+                                  f"--force (which keeps them and replaces only pack's own files)")
+
+    def _owned_below(self, path: Path) -> bool:
+        """Whether ``path`` is pack's file, or a folder holding only pack's files."""
+        if path.is_dir() and not path.is_symlink():
+            return all(self._owned_below(p) for p in path.iterdir())
+        return path in self.owned
+
+    def check_split(self, split: str) -> None:
+        """A finished ``split`` of pack's own is replaced only with ``force``; an interrupted one is replaced."""
+        entry = (self.info or {}).get("splits", {}).get(split)
+        if entry is not None and not entry.get("incomplete") and not self.force:
+            raise FileExistsError(f"{self.dir} already holds a {split} split; pass --force to replace it")
+
+    def check_targets(self, targets: list[Path]) -> None:
+        """No file that pack did not write may stand where it will write."""
+        taken = [p for p in targets if (p.exists() or p.is_symlink()) and p not in self.owned]
+        if taken:
+            raise FileExistsError(f"{taken[0]} was not written by pack (it is not listed in "
+                                  f"{self.dir / shards.INFO_NAME}) and stands where pack would write; move it or "
+                                  f"choose another OUT_DIR")
+
+    def start(self, split: str, meta: dict[str, Any]) -> None:
+        """Remove the temporary files a killed pack left, then mark ``split`` incomplete in info.json."""
+        for path in self.owned:
+            if path.name.endswith(".tmp"):
+                path.unlink(missing_ok=True)
+        info = {"format": shards.INFO_FORMAT, "version": 1, **(self.info or {}), **meta}
+        info["splits"] = {**info.get("splits", {}), split: {"incomplete": True}}
+        self.write(info)
+
+    def finish(self, split: str, entry: dict[str, Any], written: set[Path], extra: dict[str, Any]) -> None:
+        """Delete pack's files of ``split`` that this pack did not rewrite, then record the split as finished."""
+        for path in self.owned - written:
+            if path.name != shards.INFO_NAME and _split_of(self.dir, path) == split:
+                path.unlink(missing_ok=True)
+        info = dict(self.info or {})
+        info.update(extra)
+        info["splits"] = {**info.get("splits", {}), split: entry}
+        self.write(info)
+
+    def write(self, info: dict[str, Any]) -> None:
+        atomic_write_json(self.dir / shards.INFO_NAME, info)
+        self.info = info
+
+
+def _split_of(out_dir: Path, path: Path) -> str | None:
+    """The split a file of pack's belongs to: a shard's name prefix, or an ImageFolder file's top folder."""
+    relative = path.relative_to(out_dir).parts
+    if len(relative) > 1:
+        return relative[0]
+    match = shards.SHARD_RE.fullmatch(temporary_target(path.name) or path.name)
+    return match["split"] if match else None
 
 
 def _image_size(data: bytes) -> tuple[int, int] | None:
@@ -70,75 +137,65 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return None
 
 
-def _merge_info(out_dir: Path, split: str, entry: dict[str, Any], meta: dict[str, Any], force: bool) -> None:
-    """Add ``split`` to ``out_dir/info.json`` (created if absent); replacing a split needs ``force``."""
-    info = _read_info(out_dir) or {}
-    if info.get("classes", meta["classes"]) != meta["classes"]:
-        if not force:
-            raise DataError(f"{out_dir / INFO_NAME} lists other classes than {split}'s; pack into a new directory")
-        info = {}
-    if split in info.get("splits", {}) and not force:
-        raise FileExistsError(f"{out_dir} already holds a {split} split; pass --force to replace it")
-    splits = {**info.get("splits", {}), split: entry}
-    size = meta["image_size"] if not info.get("splits") or info.get("image_size") == meta["image_size"] else None
-    known = {k: v for k, v in meta.items() if v is not None}
-    atomic_write_json(out_dir / INFO_NAME, {"format": INFO_FORMAT, "version": 1, **info, **known,
-                                            "image_size": size, "splits": splits})
+def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0
+    tar.addfile(info, io.BytesIO(data))
 
 
-def _write_shards(records: Iterator[Record], out_dir: Path, split: str, shard_size: int, meta: dict[str, Any],
-                  force: bool) -> Path:
-    """Shards of ``shard_size`` records (the last may be shorter; at least one shard) and the info.json entry."""
-    import webdataset as wds
+def _shard_names(split: str, count: int) -> list[str]:
+    return [f"{split}-{i:06d}.tar" for i in range(count)]
 
-    if not force and out_dir.is_dir():
-        taken = sorted(p.name for p in out_dir.glob(f"{split}-*.tar") if _SHARD_RE.fullmatch(p.name))
-        if taken:
-            raise FileExistsError(f"{out_dir} already holds {split} shards ({taken[0]}, ...); pass --force to "
-                                  f"replace them")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, Any]] = []
+
+def _write_shards(records: Iterator[Record], output: _Output, split: str, shard_size: int, total: int,
+                  meta: dict[str, Any]) -> None:
+    """Shards of ``shard_size`` records (the last may be shorter; at least one) for at most ``total`` records,
+    with the split's info.json entry. Each shard is a plain tar written to a temporary name and renamed."""
+    output.check_targets([output.dir / n for n in _shard_names(split, max(1, -(-total // shard_size)))])
+    output.start(split, meta)
+    names: list[dict[str, Any]] = []
     sizes: set[tuple[int, int] | None] = set()
     index, records = 0, iter(records)
     first = next(records, None)
-    while first is not None or not shards:
-        name = f"{split}-{len(shards):06d}.tar"
-        with staged(out_dir / name, force) as tmp, tmp.open("wb") as f:
-            writer = wds.TarWriter(f, mtime=0)
-            written = 0
-            while first is not None and written < shard_size:
-                ext, data, label = first
-                writer.write({"__key__": f"{index:08d}", ext: data, "cls": label})
-                sizes.add(_image_size(data))
-                index, written, first = index + 1, written + 1, next(records, None)
-            writer.close()
+    while first is not None or not names:
+        name = f"{split}-{len(names):06d}.tar"
+        with staged(output.dir / name, force=True) as tmp, tmp.open("wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                written = 0
+                while first is not None and written < shard_size:
+                    ext, data, label = first
+                    _tar_member(tar, f"{index:08d}.{ext}", data)
+                    _tar_member(tar, f"{index:08d}.cls", str(label).encode())
+                    sizes.add(_image_size(data))
+                    index, written, first = index + 1, written + 1, next(records, None)
             f.flush()
             os.fsync(f.fileno())
-        shards.append({"name": name, "count": written})
-    entry = {"pattern": f"{split}-{{000000..{len(shards) - 1:06d}}}.tar", "count": index, "shards": shards}
+        names.append({"name": name, "count": written})
+    entry = {"pattern": f"{split}-{{000000..{len(names) - 1:06d}}}.tar", "count": index, "shards": names}
     size = next(iter(sizes)) if len(sizes) == 1 else None
-    _merge_info(out_dir, split, entry, {**meta, "image_size": list(size) if size else None}, force)
-    return out_dir / INFO_NAME
+    previous = (output.info or {}).get("image_size")
+    others = [s for s, e in (output.info or {}).get("splits", {}).items() if s != split and not e.get("incomplete")]
+    same = not others or previous == (list(size) if size else None)
+    output.finish(split, entry, {output.dir / n["name"] for n in names},
+                  {"image_size": list(size) if size and same else None})
 
 
-def pack_shards(src: str | Path | ImageFolderSource, out_dir: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
-                split: str = "train", force: bool = False) -> Path:
-    """Write split ``split`` of an ImageFolder tree (a path or an :class:`ImageFolderSource`) as tar shards of
-    ``shard_size`` samples in ``out_dir`` and add it to ``out_dir/info.json``; returns that file's path.
-
-    Images are stored byte for byte in a fixed shuffled order (the loader only shuffles within a buffer); a file
-    whose header cannot be read is left out with a warning (``info.json`` counts them under ``skipped``).
-    """
-    check_positive("shard_size", shard_size)
-    source = src if isinstance(src, ImageFolderSource) else ImageFolderSource(src, split)
-    out_dir = Path(out_dir)
-    _check_out_dir(out_dir, _is_shard_output, force)
+def _pack_split(source: ImageFolderSource, output: _Output, shard_size: int) -> None:
+    output.check_split(source.split)
+    meta = {"layout": "shards", "classes": list(source.classes), "class_names": list(source.class_names),
+            "channels": source.channels, "mean": list(source.mean) if source.mean else None,
+            "std": list(source.std) if source.std else None}
+    if output.info is not None and output.info.get("classes", meta["classes"]) != meta["classes"]:
+        raise DataError(f"{output.dir / shards.INFO_NAME} lists other classes than {source.split}'s; pack "
+                               f"into a new directory")
     order = torch.randperm(len(source), generator=torch.Generator().manual_seed(stable_seed("pack", source.split)))
     skipped = 0
 
@@ -153,14 +210,44 @@ def pack_shards(src: str | Path | ImageFolderSource, out_dir: str | Path, *, sha
                 continue
             yield path.suffix.lower().lstrip("."), data, source.label(i)
 
-    meta = {"classes": list(source.classes), "class_names": list(source.class_names), "channels": source.channels,
-            "mean": list(source.mean) if source.mean else None, "std": list(source.std) if source.std else None}
-    info = _write_shards(records(), out_dir, source.split, shard_size, meta, force)
+    _write_shards(records(), output, source.split, shard_size, len(source),
+                  {k: v for k, v in meta.items() if v is not None})
     if skipped:
-        data = _read_info(out_dir) or {}
-        data["splits"][source.split]["skipped"] = skipped
-        atomic_write_json(info, data)
-    return info
+        info = dict(output.info or {})
+        info["splits"][source.split]["skipped"] = skipped
+        output.write(info)
+
+
+def pack_shards(src: str | Path, out_dir: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
+                split: str = "train", force: bool = False) -> Path:
+    """Write split ``split`` of the ImageFolder tree ``src`` as tar shards of ``shard_size`` samples in ``out_dir``
+    and add it to ``out_dir/info.json``; returns that file's path.
+
+    Images are stored byte for byte in a fixed shuffled order (the loader only shuffles within a buffer); a file
+    whose header cannot be read is left out with a warning (``info.json`` counts them under ``skipped``).
+    """
+    return pack_imagefolder(src, out_dir, shard_size=shard_size, splits=(split,), force=force)
+
+
+def pack_imagefolder(src: str | Path, out_dir: str | Path, *, shard_size: int = DEFAULT_SHARD_SIZE,
+                     splits: tuple[str, ...] | None = None, force: bool = False) -> Path:
+    """Pack the ``splits`` of the ImageFolder tree ``src`` (default: train, and val or test where the tree has one)
+    into shards in ``out_dir``, holding it throughout (see :func:`pack_shards`); returns info.json's path."""
+    check_positive("shard_size", shard_size)
+    src, out_dir = Path(src), Path(out_dir)
+    if not src.is_dir():
+        raise ValueError(f"SRC {src} is not a directory")
+    check_apart(src, out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if splits is None:
+        splits = ("train", *(("val",) if (src / "val").is_dir() or (src / "test").is_dir() else ()))
+    sources = [ImageFolderSource(src, split) for split in splits]  # every split readable before anything is written
+    with hold_directory(out_dir, "visionmix data pack"):
+        output = _Output(out_dir, "shards", force)
+        for source in sources:
+            _pack_split(source, output, shard_size)
+    return out_dir / shards.INFO_NAME
 
 
 def _encode(image: np.ndarray, image_format: str) -> bytes:
@@ -188,32 +275,32 @@ def pack_fashion_mnist(out_dir: str | Path, *, image_size: int = 28, image_forma
     check_positive("image_size", image_size)
     check_positive("shard_size", shard_size)
     out_dir = Path(out_dir)
+    check_apart(data_dir or FASHION_MNIST_DIR, out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
     classes = safe_class_names(FASHION_MNIST_CLASSES)
     ext = "png" if image_format == "png" else "jpg"
-    if layout == "shards":
-        _check_out_dir(out_dir, _is_shard_output, force)
-    else:
-        _check_out_dir(out_dir, lambda p: False, force)  # an ImageFolder tree goes into a new directory
-    meta: dict[str, Any] = {"classes": list(classes), "class_names": list(FASHION_MNIST_CLASSES), "channels": 1}
-    counts = {}
-    for split, name in (("train", "train"), ("test", "val")):
-        ds = build_dataset("fashion-mnist", split, data_dir, max_samples, image_size=image_size)
-        if split == "train":
-            mean, std = channel_stats(ds.images)
-            meta.update(mean=list(mean), std=list(std))
-        images, labels = ds.images[:, 0].numpy(), ds.labels.tolist()
-        counts[name] = len(labels)
-        if layout == "shards":
-            order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(stable_seed("pack", name)))
-            records = ((ext, _encode(images[i], image_format), labels[i]) for i in order.tolist())
-            _write_shards(records, out_dir, name, shard_size, meta, force)
-            continue
-        for cls in classes:  # every class folder, even one a small subset leaves empty: labels stay in place
-            (out_dir / name / cls).mkdir(parents=True, exist_ok=True)
-        for i, label in enumerate(labels):
-            write_new(out_dir / name / classes[label] / f"{i:05d}.{ext}", _encode(images[i], image_format),
-                      force=force)
-    if layout == "imagefolder":
-        atomic_write_json(out_dir / INFO_NAME, {"format": INFO_FORMAT, "version": 1, **meta,
-                                               "image_size": [image_size, image_size], "counts": counts})
-    return out_dir / INFO_NAME
+    datasets = {name: build_dataset("fashion-mnist", split, data_dir, max_samples, image_size=image_size)
+                for split, name in (("train", "train"), ("test", "val"))}
+    mean, std = channel_stats(datasets["train"].images)
+    meta: dict[str, Any] = {"layout": layout, "classes": list(classes), "class_names": list(FASHION_MNIST_CLASSES),
+                            "channels": 1, "mean": list(mean), "std": list(std)}
+    with hold_directory(out_dir, "visionmix data pack"):
+        output = _Output(out_dir, layout, force)
+        for name, ds in datasets.items():
+            output.check_split(name)
+            images, labels = ds.images[:, 0].numpy(), ds.labels.tolist()
+            if layout == "shards":
+                order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(stable_seed("pack", name)))
+                records = ((ext, _encode(images[i], image_format), labels[i]) for i in order.tolist())
+                _write_shards(records, output, name, shard_size, len(labels), meta)
+                continue
+            paths = [out_dir / name / classes[label] / f"{i:05d}.{ext}" for i, label in enumerate(labels)]
+            output.check_targets(paths)
+            output.start(name, meta)
+            for cls in classes:  # every class folder, even one a small subset leaves empty: labels stay in place
+                (out_dir / name / cls).mkdir(parents=True, exist_ok=True)
+            for i, path in enumerate(paths):
+                write_new(path, _encode(images[i], image_format), force=True)
+            output.finish(name, {"count": len(labels)}, set(paths), {"image_size": [image_size, image_size]})
+    return out_dir / shards.INFO_NAME

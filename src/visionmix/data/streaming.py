@@ -8,15 +8,7 @@ Two sources and one loader:
 - :class:`StreamingLoader`: ``BatchLoader``'s interface (``len()`` = steps per epoch, ``epoch(e, start_step)``)
   yielding **uint8** ``(b, C, S, S)`` images and int64 labels; the caller normalises and augments on its device.
 
-``info.json`` (written by ``visionmix data pack``; strict JSON)::
-
-    {"format": "visionmix-shards", "version": 1,
-     "classes": ["0_T-shirt_top", ...],        # label i is classes[i]
-     "class_names": ["T-shirt/top", ...],      # optional display names (default: classes)
-     "channels": 1, "image_size": [28, 28],    # image_size null when the images differ in size
-     "mean": [0.286], "std": [0.353],          # optional training statistics of images in [0, 1]
-     "splits": {"train": {"pattern": "train-{000000..000059}.tar", "count": 60000,
-                          "shards": [{"name": "train-000000.tar", "count": 1000}, ...]}, "val": {...}}}
+``info.json`` (written by ``visionmix data pack``) is described in :mod:`visionmix.data.shards`.
 
 Sharding (WebDataset): ``S = world_size * max(workers, 1)`` readers; reader ``slot = rank * workers + worker``
 reads shards ``order[slot::S]``, where ``order`` is ``randperm(num_shards)`` from ``stable_seed(seed, epoch)`` when
@@ -50,9 +42,9 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
 import math
 import random
+import tarfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -64,18 +56,19 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from visionmix.checks import check_positive
+from visionmix.data import shards
 from visionmix.data.datasets import (
     IMAGE_EXTENSIONS,
     DataError,
     ImageDataset,
     UnreadableImage,
     decode_image,
+    image_mode,
     resize_uint8,
 )
 from visionmix.data.loader import stable_seed
+from visionmix.errors import VisionmixWarning
 
-INFO_NAME = "info.json"
-INFO_FORMAT = "visionmix-shards"
 DEFAULT_DECODE_SIZE = 256  # JPEG draft size when the transform says none (see _decode_size)
 DEFAULT_SHUFFLE_BUFFER = 1000
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
@@ -84,7 +77,7 @@ IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-class BadImageWarning(UserWarning):
+class BadImageWarning(VisionmixWarning):
     """An unreadable image was skipped; the message names the file."""
 
 
@@ -100,32 +93,6 @@ def _to_tensor(image: Any) -> torch.Tensor:
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-def _read_info(directory: Path) -> dict[str, Any] | None:
-    """``directory/info.json`` if pack wrote it (``format`` is ours), else ``None``; a damaged one is a DataError."""
-    path = directory / INFO_NAME
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not readable JSON ({exc}); re-run 'visionmix data pack'") from exc
-    return info if isinstance(info, dict) and info.get("format") == INFO_FORMAT else None
-
-
-def _stats(info: dict[str, Any] | None, channels: int) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
-    mean, std = (info or {}).get("mean"), (info or {}).get("std")
-    if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == channels:
-        return tuple(map(float, mean)), tuple(map(float, std))
-    return None, None
-
-
-def _class_names(info: dict[str, Any] | None, classes: tuple[str, ...]) -> tuple[str, ...]:
-    names = (info or {}).get("class_names")
-    if info and info.get("classes") == list(classes) and isinstance(names, list) and len(names) == len(classes):
-        return tuple(map(str, names))
-    return classes
 
 
 # ------------------------------------------------------------------------------------------------- ImageFolder
@@ -189,9 +156,12 @@ class ImageFolderSource:
                             f"{tree if val_fraction is not None or self.split == 'train' else val_dir}/<class>/")
         self.channels = self._first_channels(tree)
         self._mode = "L" if self.channels == 1 else "RGB"
-        info = _read_info(root)
-        self.mean, self.std = _stats(info, self.channels)
-        self.class_names = _class_names(info, self.classes)
+        info = shards.read_info(root)
+        if shards.is_incomplete(info):
+            raise DataError(f"imagefolder: {root} is a pack that was interrupted (its {shards.INFO_NAME} says so); "
+                            f"run the 'visionmix data pack' that wrote it again")
+        self.mean, self.std = shards.stats(info, self.channels)
+        self.class_names = shards.class_names(info, self.classes)
 
     def _list(self, directory: Path) -> list[tuple[Path, int]]:
         return [(path, label) for label, cls in enumerate(self.classes) if (directory / cls).is_dir()
@@ -210,15 +180,12 @@ class ImageFolderSource:
 
     def _first_channels(self, tree: Path, tries: int = 10) -> int:
         """1 if the first readable training image (of the first ``tries``) is greyscale, else 3."""
-        from PIL import Image
-
         first = list(itertools.islice((p for cls in self.classes for p in _images_in(tree / cls)), tries))
         for path in first:
             try:
-                with Image.open(path) as image:
-                    return 1 if image.mode in GRAY_MODES else 3
-            except (OSError, SyntaxError, ValueError):
-                continue
+                return 1 if image_mode(path) in GRAY_MODES else 3
+            except UnreadableImage:
+                continue  # the loaders skip and report it
         raise DataError(f"imagefolder: none of the first {len(first)} training images under {tree}/<class>/ can be "
                         f"read, so the channel count is unknown")
 
@@ -313,33 +280,41 @@ class WebDatasetSource:
         self.split, self.name = _split_name(split), "webdataset"
         self.shuffle_buffer = check_positive("shuffle_buffer", shuffle_buffer)
         directory = Path(pattern) if Path(pattern).is_dir() else Path(next(iter(braceexpand(str(pattern))))).parent
-        info = _read_info(directory)
+        info = shards.read_info(directory)
         if info is None:
-            raise DataError(f"webdataset: {directory / INFO_NAME} not found (or not written by visionmix): the sample "
-                            f"counts and classes come from it; pack the data with 'visionmix data pack' or write one "
-                            f"(format: see visionmix.data.streaming)")
+            raise DataError(f"webdataset: {directory / shards.INFO_NAME} not found (or not written by visionmix): the "
+                            f"sample counts and classes come from it; pack the data with 'visionmix data pack' or "
+                            f"write one (format: see visionmix.data.shards)")
         entry = info.get("splits", {}).get(self.split)
         if entry is None:
-            raise DataError(f"webdataset: {directory / INFO_NAME} has no {self.split!r} split "
+            raise DataError(f"webdataset: {directory / shards.INFO_NAME} has no {self.split!r} split "
                             f"(it has {', '.join(info.get('splits', {})) or 'none'})")
+        if entry.get("incomplete"):
+            raise DataError(f"webdataset: the {self.split} split in {directory} was being packed when the pack "
+                            f"stopped; run that 'visionmix data pack' again")
         if Path(pattern).is_dir():
             pattern = directory / entry["pattern"]
         counts = {s["name"]: int(s["count"]) for s in entry["shards"]}
         urls = list(braceexpand(str(pattern)))
         unknown = [u for u in urls if Path(u).name not in counts]
         if unknown:
-            raise DataError(f"webdataset: {unknown[0]} is not a {self.split} shard listed in {directory / INFO_NAME}")
+            raise DataError(f"webdataset: {unknown[0]} is not a {self.split} shard listed in "
+                            f"{directory / shards.INFO_NAME}")
         missing = [u for u in urls if not Path(u).is_file()]
         if missing:
             raise DataError(f"webdataset: shard {missing[0]} not found ({len(missing)} of {len(urls)} missing)")
+        broken = [u for u in urls if not tarfile.is_tarfile(u)]
+        if broken:
+            raise DataError(f"webdataset: shard {broken[0]} is not a tar file ({len(broken)} of {len(urls)}); re-run "
+                            f"'visionmix data pack'")
         self.shards = urls
         self.shard_counts = [counts[Path(u).name] for u in urls]
         self.offsets = [0, *itertools.accumulate(self.shard_counts)][:-1]
         self.classes = tuple(map(str, info["classes"]))
-        self.class_names = _class_names(info, self.classes)
+        self.class_names = shards.class_names(info, self.classes)
         self.channels = int(info.get("channels", 3))
         self._mode = "L" if self.channels == 1 else "RGB"
-        self.mean, self.std = _stats(info, self.channels)
+        self.mean, self.std = shards.stats(info, self.channels)
 
     def __len__(self) -> int:
         return sum(self.shard_counts)
@@ -349,31 +324,27 @@ class WebDatasetSource:
         return len(self.classes)
 
     def raw_samples(self, shards: Iterable[int]) -> Iterator[dict[str, Any]]:
-        """Undecoded samples of the given shards in order, each with ``__index__`` (its position in the source)."""
+        """Undecoded samples of the given shards in order, each with ``__index__`` (its position in the source);
+        a shard that is not a readable tar file, or holds another count than info.json lists, is a DataError."""
         import webdataset as wds
 
-        shards = list(shards)
-        urls = iter([{"url": self.shards[i]} for i in shards])
-        samples = wds.tarfile_to_samples()(urls)
-        expected = {self.shards[i]: (self.offsets[i], self.shard_counts[i]) for i in shards}
-        url, position = None, 0
-        for sample in samples:
-            if sample["__url__"] != url:
-                self._check_count(url, position, expected)
-                url, position = sample["__url__"], 0
-            if position >= expected[url][1]:
-                raise DataError(f"webdataset: {url} holds more samples than the {expected[url][1]} its info.json "
-                                f"lists; re-run 'visionmix data pack'")
-            sample["__index__"] = expected[url][0] + position
-            position += 1
-            yield sample
-        self._check_count(url, position, expected)
-
-    @staticmethod
-    def _check_count(url: str | None, position: int, expected: dict[str, tuple[int, int]]) -> None:
-        if url is not None and position != expected[url][1]:
-            raise DataError(f"webdataset: {url} holds {position} samples, its info.json lists {expected[url][1]}; "
-                            f"re-run 'visionmix data pack'")
+        for i in shards:
+            url, offset, count = self.shards[i], self.offsets[i], self.shard_counts[i]
+            position = 0
+            try:
+                for sample in wds.tarfile_to_samples()(iter([{"url": url}])):
+                    if position >= count:
+                        raise DataError(f"webdataset: {url} holds more samples than the {count} its info.json "
+                                        f"lists; re-run 'visionmix data pack'")
+                    sample["__index__"] = offset + position
+                    position += 1
+                    yield sample
+            except tarfile.TarError as exc:
+                raise DataError(f"webdataset: {url} is not a readable tar file ({exc}); re-run 'visionmix data "
+                                f"pack'") from exc
+            if position != count:
+                raise DataError(f"webdataset: {url} holds {position} samples, its info.json lists {count}; re-run "
+                                f"'visionmix data pack'")
 
     @staticmethod
     def sample_name(sample: dict[str, Any]) -> str:
@@ -424,6 +395,14 @@ def _decode_size(transform: Transform) -> int | None:
 Batch = tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]
 
 
+@dataclass(frozen=True)
+class _ReaderFailure:
+    """What a worker sends instead of a batch when its data are unusable (a damaged shard, a bad label): the main
+    process raises it as a :class:`DataError`, one line, rather than DataLoader's wrapped worker traceback."""
+
+    message: str
+
+
 def _collate(images: list[torch.Tensor], labels: list[int], bad: list[tuple[str, str]]) -> Batch:
     stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
     return stacked, torch.tensor(labels, dtype=torch.int64), bad
@@ -446,8 +425,13 @@ class _FolderBatches:
         self.source, self.transform, self.seed, self.repeats = source, transform, seed, repeats
         self.size = _decode_size(transform)
 
-    def __getitem__(self, item: tuple[int, list[int]]) -> Batch:
-        epoch, keys = item
+    def __getitem__(self, item: tuple[int, list[int]]) -> Batch | _ReaderFailure:
+        try:
+            return self._batch(*item)
+        except DataError as exc:
+            return _ReaderFailure(str(exc))
+
+    def _batch(self, epoch: int, keys: list[int]) -> Batch:
         images, labels, bad = [], [], []
         for key in keys:
             i = key // self.repeats
@@ -507,7 +491,13 @@ class _ShardBatches(IterableDataset):
             order = list(range(n))
         return order[slot::self.world_size * self.readers]
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | _ReaderFailure]:
+        try:
+            yield from self._batches()
+        except DataError as exc:
+            yield _ReaderFailure(str(exc))
+
+    def _batches(self) -> Iterator[Batch]:
         import webdataset as wds
 
         info = get_worker_info()
@@ -542,7 +532,7 @@ class _ShardBatches(IterableDataset):
         return _collate(images, labels, bad)
 
 
-def _identity(batch: Batch) -> Batch:
+def _identity(batch: Batch | _ReaderFailure) -> Batch | _ReaderFailure:
     return batch
 
 
@@ -648,6 +638,8 @@ class StreamingLoader:
             batch = next(batches, None)
             if batch is None:
                 return  # an evaluation epoch that left out a batch of unreadable images ends one early
+            if isinstance(batch, _ReaderFailure):
+                raise DataError(batch.message)
             images, labels, bad = batch
             del batch
             self._count_bad(bad)
