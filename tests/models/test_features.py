@@ -93,9 +93,11 @@ def test_indices_int_negative_list_and_formats():
     for got, want in [(last3, every[5:]), (picked, [every[0], every[2], every[7]]), (early, [every[1]])]:
         assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
     assert torch.equal(nhwc[0], every[7].permute(0, 2, 3, 1))
-    for bad in (0, 9, [8], [-9], [], [1.0]):
+    for bad in (0, 9, [8], [-9], [], [1.0], [1, 1], [-1, 7]):
         with pytest.raises(ValueError, match="indices"):
             model.forward_intermediates(x, indices=bad)
+    with pytest.raises(ValueError, match=r"each feature level once, got \[1, 1\]"):
+        create_model("spach_nano_conv", features_only=True, out_indices=(1, 1))
     with pytest.raises(ValueError, match="output_fmt"):
         model.forward_intermediates(x, output_fmt="NLC")
 

@@ -62,8 +62,29 @@ def test_state_dict_ema_is_not_preferred_over_live_weights(tmp_path):
 def test_weights_only_refuses_pickled_objects(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"state_dict": _model(0).state_dict(), "obj": object()}, path)
-    with pytest.raises(Exception, match="weights_only|Unsupported global|WeightsUnpickler"):
+    with pytest.raises(ValueError, match="evil.pth is not a plain state dict: it pickles objects other than"):
         read_state_dict(path)
+
+
+@pytest.mark.parametrize("content", [b"hello world\n", b"", b'{"a": 1}', b"PK\x03\x04 a broken zip archive"])
+def test_a_file_that_is_no_checkpoint_is_one_error_naming_it(tmp_path, content):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"weights\.pth (is damaged or not a \.pth checkpoint|is not a plain state)"):
+        read_state_dict(path)
+
+
+def test_tensors_of_another_kind_are_refused_naming_the_key(tmp_path):
+    state = _model(0).state_dict()
+    state["head.weight"] = state["head.weight"].long()  # integers where the model holds float weights
+    path = tmp_path / "w.safetensors"
+    save_file(state, path)
+    with pytest.raises(ValueError, match=r"1 dtypes that would convert lossily: head\.weight: checkpoint "
+                                         r"torch\.int64 vs model torch\.float32"):
+        load_checkpoint(_model(1), path)
+    state["head.weight"] = state["head.weight"].double()  # float64 into float32 keeps its meaning: loads
+    save_file(state, path)
+    load_checkpoint(_model(1), path)
 
 
 def test_missing_file_and_unknown_suffix(tmp_path):

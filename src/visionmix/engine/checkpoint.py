@@ -37,6 +37,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from visionmix.errors import UserError
 from visionmix.files import atomic_write, atomic_write_json, temporary_target
 
 CHECKPOINT_FILE = "checkpoint.json"
@@ -53,7 +54,7 @@ _TAGGED_RE = re.compile(_TAGGED)
 _OWN_NAME_RE = re.compile("|".join([*map(re.escape, RUN_FILES), _TAGGED]))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A run directory's file is missing, damaged or does not fit its model; the message names the file."""
 
 
@@ -165,7 +166,7 @@ def load_train_state(run_dir: str | Path, meta: dict[str, Any]) -> dict[str, Any
         raise CheckpointError(f"{path} is missing: the run directory is incomplete")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as exc:
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, KeyError, IndexError) as exc:
         raise CheckpointError(f"{path} is damaged: not a readable training state "
                               f"({' '.join(str(exc).split())[:200]})") from exc
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= set(state):

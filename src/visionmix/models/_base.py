@@ -55,7 +55,7 @@ class FeatureInfo(list):
 
 def take_indices(num_levels: int, indices: int | Sequence[int] | None) -> list[int]:
     """Resolve ``forward_intermediates``' ``indices`` (timm's rule): None = all, int n = the last n, a list of
-    indices where negative ones count from the end. Returns sorted, distinct, non-negative indices."""
+    indices where negative ones count from the end, each level at most once. Returns sorted non-negative indices."""
     if indices is None:
         return list(range(num_levels))
     if isinstance(indices, int) and not isinstance(indices, bool):
@@ -70,7 +70,10 @@ def take_indices(num_levels: int, indices: int | Sequence[int] | None) -> list[i
         resolved.append(index % num_levels)
     if not resolved:
         raise ValueError("indices must name at least one feature level, got an empty sequence")
-    return sorted(set(resolved))
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"indices must name each feature level once, got {list(indices)} (levels "
+                         f"{resolved} once counted from the start)")
+    return sorted(resolved)
 
 
 def _is_block(name: str) -> bool:

@@ -8,6 +8,7 @@ class may define ``checkpoint_filter_fn(state_dict, model) -> state_dict`` (timm
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,11 +38,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        state: object = (load_file(str(path), device="cpu") if suffix == SAFETENSORS_SUFFIX
-                         else torch.load(path, map_location="cpu", weights_only=True))
-    except (SafetensorError, RuntimeError, pickle.UnpicklingError, EOFError) as exc:
-        raise ValueError(f"{path} is damaged or not a {suffix} checkpoint: {' '.join(str(exc).split())[:200]}"
-                         ) from exc
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.load's notes on pickle protocols: the outcome is checked here
+            state: object = (load_file(str(path), device="cpu") if suffix == SAFETENSORS_SUFFIX
+                             else torch.load(path, map_location="cpu", weights_only=True))
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path} is not a plain state dict: it pickles objects other than tensors and containers, "
+                         f"which torch.load(weights_only=True) refuses (a pickle can run code)") from exc
+    except (SafetensorError, RuntimeError, EOFError, KeyError, ValueError, IndexError) as exc:
+        # a text file, a truncated or foreign archive: each makes torch.load fail in its own way
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        raise ValueError(f"{path} is damaged or not a {suffix} checkpoint ({reason})") from exc
     return _unwrap(state, path)
 
 
@@ -68,7 +75,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, *,
     """Load the weights at ``path`` into ``model`` (in place) and return it.
 
     Applies ``type(model).checkpoint_filter_fn`` if the class defines one. With ``strict`` any missing or
-    unexpected key, and always any shape mismatch, raises ``ValueError`` listing a few of each.
+    unexpected key, and always any shape or dtype-kind mismatch, raises ``ValueError`` listing a few of each.
 
     ``doconv_grouping`` (``"official"`` for checkpoints of the official DO-Conv code, ``"visionmix"`` for
     visionmix's own) sets the composition of every :class:`~visionmix.layers.DOConv2d`: both layouts have the same
@@ -89,18 +96,32 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, *,
 
 def state_dict_problems(own: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], *,
                         strict: bool = True) -> list[str]:
-    """What keeps ``state`` from loading into a model whose state dict is ``own``: shape mismatches always, missing
-    and unexpected keys with ``strict``; one short line per kind, listing a few keys. Empty if it fits."""
+    """What keeps ``state`` from loading into a model whose state dict is ``own``: shape mismatches and tensors of
+    another kind (integer checkpoint values for float weights, say: ``load_state_dict`` would convert them without
+    a word) always, missing and unexpected keys with ``strict``; one short line per kind, listing a few keys. Empty
+    if it fits."""
     shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
               for k, v in state.items() if k in own and v.shape != own[k].shape]
+    dtypes = [f"{k}: checkpoint {v.dtype} vs model {own[k].dtype}"
+              for k, v in state.items() if k in own and _kind(v.dtype) != _kind(own[k].dtype)]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     problems = [_describe("shape mismatches", shapes)] if shapes else []
+    if dtypes:
+        problems.append(_describe("dtypes that would convert lossily", dtypes))
     if strict and missing:
         problems.append(_describe("missing keys", missing))
     if strict and unexpected:
         problems.append(_describe("unexpected keys", unexpected))
     return problems
+
+
+def _kind(dtype: torch.dtype) -> str:
+    """A dtype's kind: a tensor loads into a model tensor of the same kind (float32 into float64, say) without
+    losing what it means; across kinds (integers into float weights, floats into a counter) it would not."""
+    if dtype == torch.bool:
+        return "bool"
+    return "complex" if dtype.is_complex else "float" if dtype.is_floating_point else "int"
 
 
 def set_doconv_grouping(model: nn.Module, grouping: str | None, path: str | Path) -> None:
