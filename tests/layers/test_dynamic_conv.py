@@ -27,7 +27,7 @@ def cond_conv_reference(layer: CondConv2d, x: torch.Tensor) -> torch.Tensor:
     outputs = []
     for sample in x:
         r = torch.sigmoid(layer.routing.weight @ sample.mean((1, 2)) + layer.routing.bias)
-        kernel = sum(r[e] * layer.weight[e] for e in range(layer.num_experts))
+        kernel = sum(r[e] * layer.experts[e] for e in range(layer.num_experts))
         bias = None if layer.bias is None else sum(r[e] * layer.bias[e] for e in range(layer.num_experts))
         outputs.append(F.conv2d(sample[None], kernel, bias, layer.stride, layer.padding, layer.dilation, layer.groups))
     return torch.cat(outputs)
@@ -118,11 +118,25 @@ def test_weightnet_more_gates_and_shared_x_gap():
 def test_cond_conv_shared_routing_weights():
     layer = make_cond((4, 6, 3, 1, None, 1, 2), experts=2)
     x, r = torch.randn(2, 4, 6, 6), torch.rand(2, 2)
-    expected = torch.cat([F.conv2d(x[b:b + 1], r[b, 0] * layer.weight[0] + r[b, 1] * layer.weight[1],
+    expected = torch.cat([F.conv2d(x[b:b + 1], r[b, 0] * layer.experts[0] + r[b, 1] * layer.experts[1],
                                    r[b] @ layer.bias, padding=1, groups=2) for b in range(2)])
     torch.testing.assert_close(layer(x, routing_weights=r), expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"routing_weights must have shape .*\(2, 2\), got \(2, 3\)"):
         layer(x, routing_weights=torch.rand(2, 3))
+
+
+def test_cond_conv_holds_its_experts_flat_and_saves_them_as_kernels():
+    """The bank is a 2-D parameter (channels-last conversion leaves it alone), the state dict keeps the kernel
+    layout (E, C_out, C_in/g, kh, kw) that runs saved before, and both load back exactly."""
+    layer = make_cond((4, 6, 3, 1, None, 1, 2), experts=3)
+    assert layer.weight.shape == (3, 6 * 2 * 9) and layer.state_dict()["weight"].shape == (3, 6, 2, 3, 3)
+    torch.testing.assert_close(layer.state_dict()["weight"][1], layer.weight[1].view(6, 2, 3, 3), rtol=0, atol=0)
+    other = make_cond((4, 6, 3, 1, None, 1, 2), experts=3)
+    other.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 4, 6, 6)
+    torch.testing.assert_close(other(x), layer(x), rtol=0, atol=0)
+    nhwc = nn.Sequential(nn.Conv2d(4, 4, 1), layer).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(nhwc(x), layer(nn.Sequential(nhwc[0])(x)), rtol=0, atol=1e-6)
 
 
 def _gradcheck_module(layer: nn.Module, x: torch.Tensor) -> None:

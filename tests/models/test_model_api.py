@@ -104,3 +104,12 @@ def test_no_weight_decay_per_family():
     assert {"blocks.0.gamma_1", "blocks.0.cpe_net.net.1.weight"} <= _meta("spach_nano_attn").no_weight_decay()
     assert "blocks2.0.pos_embed.weight" in _meta("uniformer_nano").no_weight_decay()
     assert "blocks3.0.gamma_1" in _meta("uniformer_base_ls").no_weight_decay()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_model_converts_to_channels_last(name):
+    """``model.to(memory_format=torch.channels_last)`` converts every 4-D/5-D tensor a model holds: a parameter that
+    is not an image (CondConv's bank of expert kernels) must not be 5-D."""
+    model = _meta(name).to(memory_format=torch.channels_last)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)

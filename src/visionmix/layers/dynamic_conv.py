@@ -8,6 +8,7 @@ conv runs with ``groups = B*g``, so sample b only meets its own kernel. No per-s
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,8 +80,10 @@ class CondConv2d(_DynamicConv2d):
     ``routing_weights`` to ``forward`` instead. Sample b's kernel is ``sum_e r[b, e] * weight[e]`` and its bias
     ``sum_e r[b, e] * bias[e]``; the batch runs as one grouped conv (see the module docstring).
 
-    Parameters: ``weight`` (E, C_out, C_in/g, kh, kw), each expert initialised like an ``nn.Conv2d`` kernel;
-    ``bias`` (E, C_out) or None; ``routing`` = Linear(C_in, E).
+    Parameters: ``weight``, the expert kernels (E, C_out, C_in/g, kh, kw) in the state dict, each initialised like
+    an ``nn.Conv2d`` kernel, held flat as (E, C_out * C_in/g * kh * kw) (timm's layout: a bank of kernels is not
+    an image, and ``model.to(memory_format=torch.channels_last)`` converts every 4-D/5-D tensor it holds);
+    :attr:`experts` is the 5-D view. ``bias`` (E, C_out) or None; ``routing`` = Linear(C_in, E).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: IntPair, stride: IntPair = 1,
@@ -89,13 +92,18 @@ class CondConv2d(_DynamicConv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups)
         self.num_experts = check_positive("num_experts", num_experts)
         self.routing = nn.Linear(in_channels, num_experts)
-        self.weight = nn.Parameter(torch.empty(num_experts, *self.kernel_shape))
+        self.weight = nn.Parameter(torch.empty(num_experts, math.prod(self.kernel_shape)))
         self.bias = nn.Parameter(torch.empty(num_experts, out_channels)) if bias else None
         self.reset_parameters()
 
+    @property
+    def experts(self) -> torch.Tensor:
+        """The expert kernels, a (E, C_out, C_in/g, kh, kw) view of ``weight``."""
+        return self.weight.view(self.num_experts, *self.kernel_shape)
+
     def reset_parameters(self) -> None:
         """Each expert gets ``nn.Conv2d``'s default initialisation (kaiming-uniform, a=sqrt(5))."""
-        for expert in self.weight:
+        for expert in self.experts:
             nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(math.prod(self.kernel_shape[1:]))
@@ -109,9 +117,19 @@ class CondConv2d(_DynamicConv2d):
         elif routing_weights.shape != (x.shape[0], self.num_experts):
             raise ValueError(f"routing_weights must have shape (batch, num_experts) = "
                              f"{(x.shape[0], self.num_experts)}, got {tuple(routing_weights.shape)}")
-        kernels = (routing_weights @ self.weight.flatten(1)).view(-1, *self.kernel_shape)
+        kernels = (routing_weights @ self.weight).view(-1, *self.kernel_shape)
         bias = None if self.bias is None else routing_weights @ self.bias
         return self.per_sample_conv(x, kernels, bias)
+
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = destination[prefix + "weight"].view(self.num_experts, *self.kernel_shape)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        weight = state_dict.get(prefix + "weight")
+        if weight is not None and weight.shape == (self.num_experts, *self.kernel_shape):
+            state_dict[prefix + "weight"] = weight.reshape(self.num_experts, -1)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, bias={self.bias is not None}, num_experts={self.num_experts}"
