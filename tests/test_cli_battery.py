@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 from visionmix.engine import TrainConfig, train
+from visionmix.files import LOCK_FILE
 
 TINY = ["--data", "digits", "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "32",
         "--no-progress", "--device", "cpu"]
@@ -120,6 +121,27 @@ def _user_report(ws: Path) -> None:
     (ws / "mine" / "results.md").write_text("# my own results\n")
 
 
+def _user_shard(ws: Path) -> None:
+    image_tree(ws / "tree", ("a", "b"))
+    (ws / "mine" / "train-000000.tar").write_bytes(b"my own archive")
+
+
+def _tree(ws: Path) -> None:
+    image_tree(ws / "tree", ("a", "b"))
+
+
+def _not_a_tar_shard(ws: Path) -> None:
+    from visionmix.data.pack import pack_shards
+
+    image_tree(ws / "tree", ("a", "b"))
+    pack_shards(ws / "tree", ws / "shards", shard_size=2)
+    (ws / "shards" / "train-000001.tar").write_bytes(b"<html>not found</html>")
+
+
+def _text_pth(ws: Path) -> None:
+    (ws / "mine" / "weights.pth").write_text("hello, these are not weights\n")
+
+
 # (id, setup(ws) or None, argv with {ws} placeholders, exit code, fragments the one-line message must contain)
 CASES = [
     ("epochs-zero", None, ["train", "--model", "resnet_nano", "--epochs", "0", "--out", "{ws}/new"], 2,
@@ -188,6 +210,16 @@ CASES = [
     ("compare-over-a-user-report", _user_report, ["compare", "--models", "resnet_nano", *TINY,
                                                   "--out", "{ws}/mine"], 2,
      ["is not empty", "holds no visionmix comparison", "--force"]),
+    ("pack-force-over-a-user-shard", _user_shard, ["data", "pack", "{ws}/tree", "{ws}/mine", "--force"], 2,
+     ["mine/train-000000.tar was not written by pack", "move it or choose another OUT_DIR"]),
+    ("pack-into-its-source", _tree, ["data", "pack", "{ws}/tree", "{ws}/tree/train/shards"], 2,
+     ["lies inside SRC", "choose an OUT_DIR outside it"]),
+    ("pack-source-inside-out", _tree, ["data", "pack", "{ws}/tree/train", "{ws}/tree"], 2, ["lies inside OUT_DIR"]),
+    ("shard-not-a-tar", _not_a_tar_shard, ["train", "--model", "resnet_nano", "--data", "webdataset", "--data-dir",
+                                           "{ws}/shards", "--workers", "0", "--no-progress", "--out", "{ws}/new"], 2,
+     ["shards/train-000001.tar is not a tar file", "re-run 'visionmix data pack'"]),
+    ("init-a-text-file", _text_pth, ["train", "--model", "resnet_nano", *TINY, "--init", "{ws}/mine/weights.pth",
+                                     "--out", "{ws}/new"], 2, ["weights.pth is damaged or not a .pth checkpoint"]),
 ]
 
 
@@ -273,3 +305,167 @@ def test_sigint_saves_and_exits_130_without_a_traceback(tmp_path: Path) -> None:
     meta = json.loads((run / "checkpoint.json").read_text())
     assert meta["global_step"] > 0 and not meta["finished"]
     assert all((run / name).is_file() for name in meta["files"].values())
+
+
+def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "visionmix", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+
+
+def test_a_second_train_into_the_same_directory_is_refused_before_it_writes(tmp_path: Path) -> None:
+    """A training into a run directory another training holds: one line naming the holder's PID, exit code 2,
+    and the directory ends holding the first run alone (each of its epochs once)."""
+    out = tmp_path / "run"
+    argv = ["train", "--model", "resnet_nano", *TINY, "--out", str(out)]
+    first = _start(*argv, "--epochs", "20", "--seed", "0", cwd=tmp_path)
+    _wait_for(out / LOCK_FILE, first)
+    second = visionmix(*argv, "--epochs", "2", "--seed", "1", cwd=tmp_path)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    message = second.stderr.strip().splitlines()
+    assert len(message) == 1 and f"is in use by visionmix train (PID {first.pid} on " in message[0], message
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    meta = json.loads((out / "checkpoint.json").read_text())
+    assert meta["config"]["seed"] == 0 and meta["finished"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == list(range(1, 21))
+    assert json.loads((out / "summary.json").read_text())["top1"] == lines[-1]["eval_top1"]
+
+
+def test_two_trainings_started_together_leave_one_run(tmp_path: Path) -> None:
+    """Started at the same instant (different seeds), one trains and the other is refused before it writes."""
+    out = tmp_path / "run"
+    procs = [_start("train", "--model", "resnet_nano", *TINY, "--epochs", "2", "--seed", str(seed), "--out",
+                    str(out), cwd=tmp_path) for seed in (0, 1)]
+    results = [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=300)]]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    winner = [i for i, (code, _) in enumerate(results) if code == 0][0]
+    refusal = results[1 - winner][1]
+    assert "Traceback" not in refusal and ("is in use by visionmix train" in refusal
+                                           or "already holds a training run" in refusal), refusal
+    assert json.loads((out / "checkpoint.json").read_text())["config"]["seed"] == winner
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_second_compare_of_one_directory_is_refused(tmp_path: Path) -> None:
+    argv = ["compare", "--models", "resnet_nano", *TINY, "--epochs", "1", "--bench-repeats", "2",
+            "--bench-batch-size", "4", "--out", str(tmp_path / "cmp")]
+    first = _start(*argv, cwd=tmp_path)
+    _wait_for(tmp_path / "cmp" / "runs" / "resnet_nano" / "seed0" / "checkpoint.json", first)
+    second = visionmix(*argv, cwd=tmp_path)
+    assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+    assert f"cmp is in use by visionmix compare (PID {first.pid} on " in second.stderr
+    _, err = first.communicate(timeout=180)
+    assert first.returncode == 0, err
+    lines = (tmp_path / "cmp" / "runs" / "resnet_nano" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1]
+
+
+def test_a_decompression_bomb_as_the_first_image_is_skipped(tmp_path: Path) -> None:
+    image_tree(tmp_path / "tree", ("a", "b"))
+    png_header(tmp_path / "tree" / "train" / "a" / "0000.png", 50_000)  # sorts first: the channel probe meets it
+    result = visionmix("train", "--model", "resnet_nano", "--data", "imagefolder", "--data-dir",
+                       str(tmp_path / "tree"), "--batch-size", "2", "--workers", "0", "--epochs", "1",
+                       "--no-progress", "--out", str(tmp_path / "run"), cwd=tmp_path)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("visionmix: warning: ")]
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert warnings and all("0000.png" in w and "decompression bomb" in w for w in warnings)  # once per loader
+
+
+def test_channels_last_trains_a_model_with_dynamic_kernels(tmp_path: Path) -> None:
+    result = visionmix("train", "--model", "condconv_resnet_nano", *TINY, "--epochs", "0.5", "--channels-last",
+                       "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_pack_into_a_full_disk_is_one_line(tmp_path: Path) -> None:
+    """ENOSPC: one line, nothing printed at shutdown, no temporary file left, the split marked incomplete."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (not root?): {mounted.stderr.strip()}")
+    try:
+        rng = np.random.default_rng(0)
+        for cls in ("a", "b"):
+            (tmp_path / "tree" / "train" / cls).mkdir(parents=True)
+            for i in range(8):  # 8 x 2 x ~12 KB of noise: more than the disk holds
+                Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+                    tmp_path / "tree" / "train" / cls / f"{i}.png")
+        result = visionmix("data", "pack", str(tmp_path / "tree"), str(disk / "out"), cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "Traceback" not in result.stderr
+        assert "No space left on device" in result.stderr and "Exception ignored" not in result.stderr
+        leftovers = [p.name for p in (disk / "out").iterdir() if p.name.endswith(".tmp")]
+        assert leftovers == [] and json.loads((disk / "out" / "info.json").read_text())["splits"]["train"] == \
+            {"incomplete": True}
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_a_pack_stopped_midway_is_replaced_by_the_next_one(tmp_path: Path, sig: signal.Signals) -> None:
+    """A pack killed while writing leaves its split marked incomplete (readers refuse it); the same command run
+    again replaces everything it left, temporary files included, and no --force is needed for that."""
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / "tree" / "train" / cls).mkdir(parents=True)
+        for i in range(300):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                tmp_path / "tree" / "train" / cls / f"{i:03d}.png")
+    argv = ["data", "pack", str(tmp_path / "tree"), str(tmp_path / "out"), "--shard-size", "10"]
+    proc = _start(*argv, cwd=tmp_path)
+    _wait_for(tmp_path / "out" / "train-000003.tar", proc)
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert json.loads((tmp_path / "out" / "info.json").read_text())["splits"]["train"] == {"incomplete": True}
+    refused = visionmix("train", "--model", "resnet_nano", "--data", "webdataset", "--data-dir",
+                        str(tmp_path / "out"), "--workers", "0", "--no-progress", "--out", str(tmp_path / "run"),
+                        cwd=tmp_path)
+    assert refused.returncode == 2 and "was being packed when the pack stopped" in refused.stderr, refused.stderr
+    again = visionmix(*argv, cwd=tmp_path)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["info.json", *(f"train-{i:06d}.tar" for i in range(60))]
+
+
+@pytest.fixture(scope="module")
+def cond_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished run of condconv_resnet_nano, whose grouped conv takes the batch size as its group count."""
+    run = tmp_path_factory.mktemp("battery") / "cond"
+    train(TrainConfig(model="condconv_resnet_nano", data="digits", epochs=0.5, batch_size=32, max_train_samples=64,
+                      max_eval_samples=32, device="cpu"), run, progress=False)
+    return run
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["predict", "{run}", "{img}", "--backend", "jit"], ["jit: RuntimeError: The following operation failed in the "
+                                                          "TorchScript interpreter."]),
+    (["predict", "{run}", "{img}", "--quantize", "int8"], ["onnxruntime: ExportError: ONNX export failed"]),
+    (["eval", "--checkpoint", "{run}", "--quantize", "int8"], ["onnxruntime: ExportError: ONNX export failed"]),
+    (["export", "{run}", "--onnx", "{tmp}/c.onnx"], ["ONNX export failed", "export a static batch"]),
+    (["predict", "{run}", "{img}", "--model", "resnet_nano"], ["--model resnet_nano takes a checkpoint file"]),
+    (["eval", "--checkpoint", "{run}", "--max-eval-samples", "-3"], ["--max-eval-samples", "expected a whole "
+                                                                       "number >= 0, got '-3'"]),
+], ids=["predict-jit", "predict-int8", "eval-int8", "export-dynamic-batch", "predict-run-with-model",
+        "eval-negative-subset"])
+def test_a_backend_that_cannot_take_the_model_is_one_line(cond_run: Path, tmp_path: Path, argv: list[str],
+                                                          fragments: list[str]) -> None:
+    """The inference surfaces on a model some backends cannot run (CondConv): one line naming the backend and why,
+    exit code 2, nothing written."""
+    Image.fromarray(np.full((28, 28), 90, np.uint8)).save(tmp_path / "img.png")
+    before = snapshot(cond_run)
+    result = visionmix(*(a.format(run=cond_run, img=tmp_path / "img.png", tmp=tmp_path) for a in argv), cwd=tmp_path)
+    message = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(message) == 1 and all(f in message[0] for f in fragments), message
+    assert snapshot(cond_run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["img.png"]

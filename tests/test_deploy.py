@@ -157,3 +157,16 @@ def test_int8_bad_arguments():
         deploy(model, _x(), quantize="int4")
     with pytest.raises(ValueError, match="quantize='int8' runs on the onnxruntime backend .* got backend='jit'"):
         deploy(model, _x(), "jit", quantize="int8")
+
+
+def test_bad_arguments_are_named() -> None:
+    model = create_model("resnet_nano")
+    x = torch.randn(2, 1, 28, 28)
+    with pytest.raises(TypeError, match="model must be an nn.Module, got object"):
+        deploy(object(), x)
+    with pytest.raises(TypeError, match="example must be a floating-point tensor batch .* got str"):
+        deploy(model, "x")
+    with pytest.raises(TypeError, match="got a torch.int64 tensor"):
+        deploy(model, x.long(), "eager")
+    with pytest.raises(ValueError, match="rtol must be a positive number, got -1"):
+        deploy(model, x, "eager", rtol=-1)

@@ -123,6 +123,7 @@ def _run_train(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------- eval
 def _add_eval_parser(subparsers: Any) -> None:
     from visionmix.deployment import QUANTIZE
+    from visionmix.engine.config import count_arg, count_or_zero_arg
     from visionmix.engine.evaluate import EVAL_WEIGHTS
 
     p = add_command(subparsers, "eval", "evaluate a trained run", """\
@@ -136,11 +137,11 @@ form on onnxruntime (eval-int8.json) with its top-1 change: quantisation is loss
                                                         "on onnxruntime (visionmix.deploy(..., quantize='int8'))")
     p.add_argument("--data-dir", help="dataset directory (default: the one the run was trained with)")
     p.add_argument("--split", default="test", choices=("test", "train"), help="which split to evaluate")
-    p.add_argument("--max-eval-samples", type=int, help="evaluate on a fixed subset of this many images, 0 = all "
-                                                        "(default: the run's own setting)")
+    p.add_argument("--max-eval-samples", type=count_or_zero_arg,
+                   help="evaluate on a fixed subset of this many images, 0 = all (default: the run's own setting)")
     p.add_argument("--weights", default="auto", choices=EVAL_WEIGHTS,
                    help="auto = the EMA weights if the run kept them")
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--batch-size", type=count_arg, default=500, help="evaluation batch size")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.set_defaults(run=_run_eval)
 
@@ -441,7 +442,7 @@ example: visionmix export runs/dbb --deploy --onnx dbb.onnx --torchscript dbb.pt
 def _run_export(args: argparse.Namespace) -> int:
     import torch
 
-    from visionmix.export import ExportError, deployed_for_export, export_onnx, export_torchscript, randomize_weights
+    from visionmix.export import deployed_for_export, export_onnx, export_torchscript, randomize_weights
 
     if not (args.onnx or args.torchscript):
         raise ValueError("export needs --onnx FILE and/or --torchscript FILE")
@@ -466,22 +467,18 @@ def _run_export(args: argparse.Namespace) -> int:
         source = f"{meta['model']} from {args.checkpoint}"
     example = torch.randn(args.batch_size, *model.pretrained_cfg["input_size"])
     checked = f"{args.batch_size}" if args.static_batch else f"{args.batch_size} and {args.batch_size + 1}"
-    try:
-        if args.deploy:
-            model, equivalence = deployed_for_export(model, example)
-            print(f"deployed vs trained: {equivalence}")
-            source = f"{source}, deployed"
-        for path, export, kind in ((args.onnx, export_onnx, "ONNX"), (args.torchscript, export_torchscript,
-                                                                      "TorchScript")):
-            if path:
-                options = {"opset": args.opset} if export is export_onnx else {}
-                diff = export(model, path, example, atol=args.atol, dynamic_batch=not args.static_batch,
-                              force=args.force, **options)
-                print(f"wrote {path}: {kind} of {source}; max |exported - PyTorch| = {diff:.2e} on batches of "
-                      f"{checked} (atol {args.atol:g})")
-    except ExportError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
-        return 1
+    if args.deploy:
+        model, equivalence = deployed_for_export(model, example)
+        print(f"deployed vs trained: {equivalence}")
+        source = f"{source}, deployed"
+    for path, export, kind in ((args.onnx, export_onnx, "ONNX"), (args.torchscript, export_torchscript,
+                                                                  "TorchScript")):
+        if path:
+            options = {"opset": args.opset} if export is export_onnx else {}
+            diff = export(model, path, example, atol=args.atol, dynamic_batch=not args.static_batch,
+                          force=args.force, **options)
+            print(f"wrote {path}: {kind} of {source}; max |exported - PyTorch| = {diff:.2e} on batches of "
+                  f"{checked} (atol {args.atol:g})")
     return 0
 
 
@@ -588,7 +585,7 @@ examples: visionmix data pack photos/ shards/ --shard-size 1000
 
 
 def _run_data(args: argparse.Namespace) -> int:
-    from visionmix.data.pack import pack_fashion_mnist, pack_shards
+    from visionmix.data.pack import pack_fashion_mnist, pack_imagefolder
 
     if args.data_action != "pack":
         raise ValueError("data needs an action: visionmix data pack ... (see 'visionmix data --help')")
@@ -607,15 +604,9 @@ def _run_data(args: argparse.Namespace) -> int:
         given = [f"--{a.replace('_', '-')}" for a in ("max_samples", "data_dir") if getattr(args, a) is not None]
         if given:
             raise ValueError(f"{', '.join(given)} only apply with --from DATASET")
-        src, out = (Path(p) for p in args.paths)
-        if not src.is_dir():
-            raise ValueError(f"SRC {src} is not a directory")
-        splits = ["train"] + (["val"] if (src / "val").is_dir() or (src / "test").is_dir() else [])
-        info = out / "info.json"
-        for split in splits:
-            info = pack_shards(src, out, shard_size=args.shard_size, split=split, force=args.force)
+        info = pack_imagefolder(*args.paths, shard_size=args.shard_size, force=args.force)
     written = json.loads(Path(info).read_text())
-    counts = {k: v["count"] for k, v in written["splits"].items()} if "splits" in written else written["counts"]
+    counts = {k: v["count"] for k, v in written["splits"].items()}
     summary = ", ".join(f"{split} {count:,}" for split, count in counts.items())
     _say(f"packed {summary} images into {Path(info).parent} (see {info})")
     return 0
@@ -648,9 +639,9 @@ def _one_line_warnings(previous: Callable[..., None]) -> Callable[..., None]:
     line ``visionmix: warning: ...``; others as before."""
 
     def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        from visionmix.data.streaming import BadImageWarning
+        from visionmix.errors import VisionmixWarning
 
-        if issubclass(category, BadImageWarning):
+        if issubclass(category, VisionmixWarning):
             print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr, flush=True)
         else:
             previous(message, category, *args, **kwargs)
@@ -673,6 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     from visionmix.engine import TrainingError, TrainingInterrupted
+    from visionmix.errors import UserError
 
     try:
         with warnings.catch_warnings():
@@ -687,6 +679,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingError as exc:
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as exc:  # the user's input or files: one line, no traceback
+    except (UserError, ValueError, OSError) as exc:  # the user's input or files: one line, no traceback
         print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

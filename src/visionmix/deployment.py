@@ -41,13 +41,14 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_choice
+from visionmix.errors import UserError
 
 BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "inductor")
 QUANTIZE = ("int8",)  # dynamic int8 Linear weights, onnxruntime only
 DEFAULT_RTOL = 1e-4  # max |backend - eager| relative to the output's scale (SPEC section 3's float32 bound)
 
 
-class DeployError(RuntimeError):
+class DeployError(UserError, RuntimeError):
     """A backend could not be built, failed to run or computes something else than the eager model."""
 
 
@@ -167,8 +168,9 @@ _BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor]
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return f"{type(err).__name__}: {text[:300]}"
+    """``Type: first line`` of a runtime's error (TorchScript's and ONNX's run on with their own tracebacks)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first[:300]}"
 
 
 def _verified(name: str, model: nn.Module, checks: list[tuple[torch.Tensor, torch.Tensor]], example: torch.Tensor,
@@ -204,6 +206,13 @@ def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rt
     from visionmix.module_state import on_device
     from visionmix.reparam import reparameterize
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(example, torch.Tensor) or not example.is_floating_point():
+        got = f"a {example.dtype} tensor" if isinstance(example, torch.Tensor) else type(example).__name__
+        raise TypeError(f"example must be a floating-point tensor batch (B, C, H, W), got {got}")
+    if not rtol > 0:
+        raise ValueError(f"rtol must be a positive number, got {rtol}")
     check_choice("backend", backend, ("auto", *BACKENDS))
     for name in candidates:
         check_choice("candidates", name, BACKENDS)

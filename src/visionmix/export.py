@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,12 +26,13 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_positive
+from visionmix.errors import UserError
 from visionmix.files import staged
 from visionmix.module_state import eval_mode, on_device
 from visionmix.reparam import Equivalence, check_equivalence, reparameterize
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """The model could not be exported, or the exported file disagrees with PyTorch."""
 
 
@@ -132,7 +134,8 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, ops
         raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     try:
-        with _quiet_onnx_registry():
+        with _quiet_onnx_registry(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # the exporter's own deprecation notes, not the user's
             torch.onnx.export(model, (example,), str(path), dynamo=True, opset_version=opset, external_data=False,
                               input_names=["input"], output_names=["logits"], dynamic_shapes=dynamic_shapes,
                               verbose=False)

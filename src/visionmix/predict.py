@@ -205,6 +205,8 @@ def _classify(model: Model, pending: list[tuple[Path, torch.Tensor | str]], clas
 
 def read_classes(path: str | Path) -> tuple[str, ...]:
     """Class names from a text file, one per line (blank lines ignored); ``ValueError`` if none or repeated."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--classes {path}: no such file (expected the class names, one per line)")
     names = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
     if not names:
         raise ValueError(f"{path} names no classes (expected one name per line)")

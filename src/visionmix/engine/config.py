@@ -64,6 +64,17 @@ def count_arg(text: str) -> int:
     return value
 
 
+def count_or_zero_arg(text: str) -> int:
+    """A whole number >= 0 (0 meaning all or off, as the option says)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _off_if_zero(text: str) -> float | None:
     """``--clip-grad``: a number >= 0, 0 meaning off (``None``)."""
     try:
