@@ -182,7 +182,7 @@ def test_export_cli_random_init_and_static_batch(tmp_path, capsys):
                  "--onnx", str(path)]) == 0
     assert "on batches of 3 (atol" in capsys.readouterr().out
     assert ort.InferenceSession(str(path)).get_inputs()[0].shape[0] == 3
-    assert main(["export", "condconv_resnet_nano", "--random-init", "--onnx", str(tmp_path / "d.onnx")]) == 1
+    assert main(["export", "condconv_resnet_nano", "--random-init", "--onnx", str(tmp_path / "d.onnx")]) == 2
     assert "static batch" in capsys.readouterr().err and not (tmp_path / "d.onnx").exists()
 
 
