@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from visionmix import create_model
-from visionmix.deployment import BACKENDS, DeployError, deploy
+from visionmix.deployment import BACKENDS, deploy
+from visionmix.errors import DeployError
 from visionmix.export import randomize_weights
 from visionmix.layers import DiverseBranchBlock
 

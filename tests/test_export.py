@@ -12,7 +12,8 @@ from torch import nn
 from visionmix import create_model, list_models, model_entry, reparameterize
 from visionmix.cli import main
 from visionmix.engine import TrainConfig, load_run, train
-from visionmix.export import ExportError, export_onnx, export_torchscript, randomize_weights
+from visionmix.errors import ExportError
+from visionmix.export import export_onnx, export_torchscript, randomize_weights
 
 # The dynamo exporter takes ~15-40 s on these (many small shift/slice or masked-group ops).
 SLOW_TO_EXPORT = ("s2mlpv2_nano", "psresnet_nano")

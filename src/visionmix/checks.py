@@ -7,20 +7,22 @@ from collections.abc import Collection
 
 import torch
 
+from visionmix.errors import InvalidType, InvalidValue
+
 
 def check_positive(name: str, value: int) -> int:
     """Return ``value`` if it is a positive int, else raise naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+        raise InvalidType(f"{name} must be an int, got {type(value).__name__} ({value!r})")
     if value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value}")
+        raise InvalidValue(f"{name} must be a positive integer, got {value}")
     return value
 
 
 def check_divisible(name: str, value: int, divisor: int, divisor_name: str) -> None:
     """Raise unless ``value`` is a multiple of ``divisor``."""
     if value % divisor != 0:
-        raise ValueError(f"{name}={value} must be divisible by {divisor_name}={divisor}")
+        raise InvalidValue(f"{name}={value} must be divisible by {divisor_name}={divisor}")
 
 
 def check_conv_channels(in_channels: int, out_channels: int, groups: int, groups_name: str = "groups") -> None:
@@ -39,7 +41,7 @@ def check_choice(name: str, value: object, choices: Collection[object]) -> None:
     """Raise unless ``value`` is one of ``choices``."""
     if value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
-        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+        raise InvalidValue(f"{name} must be one of {allowed}; got {value!r}")
 
 
 def to_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
@@ -49,9 +51,9 @@ def to_pair(name: str, value: int | tuple[int, int]) -> tuple[int, int]:
     elif isinstance(value, tuple | list):
         pair = tuple(value)
     else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {type(value).__name__} ({value!r})")
+        raise InvalidType(f"{name} must be an int or a pair of ints, got {type(value).__name__} ({value!r})")
     if len(pair) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        raise InvalidValue(f"{name} must be an int or a pair of ints, got {value!r}")
     for v in pair:
         check_positive(name, v)
     return pair  # type: ignore[return-value]
@@ -66,9 +68,9 @@ def check_input(x: torch.Tensor, channels: int | None, *, ndim: int = 4, channel
                 layout: str = "NCHW") -> None:
     """Check an input's rank and channel count once, cheaply, with expected-vs-got in the message."""
     if x.dim() != ndim:
-        raise ValueError(f"expected a {ndim}D {layout} input, got a {x.dim()}D tensor of shape {tuple(x.shape)}")
+        raise InvalidValue(f"expected a {ndim}D {layout} input, got a {x.dim()}D tensor of shape {tuple(x.shape)}")
     if channels is not None and x.shape[channel_dim] != channels:
-        raise ValueError(
+        raise InvalidValue(
             f"expected {channels} channels (dim {channel_dim} of {layout}), got {x.shape[channel_dim]} "
             f"in an input of shape {tuple(x.shape)}"
         )

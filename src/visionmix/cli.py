@@ -12,12 +12,21 @@ import json
 import os
 import shlex
 import sys
+import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from visionmix.errors import (
+    InvalidValue,
+    TrainingError,
+    TrainingInterrupted,
+    VisionmixWarning,
+    is_user_error,
+    one_line,
+)
 from visionmix.files import check_new
 
 PROG = "visionmix"
@@ -95,22 +104,22 @@ def _run_train(args: argparse.Namespace) -> int:
     progress = not args.no_progress
     values = config_values(args)
     if args.from_previous and not args.resume:
-        raise ValueError("--from-previous needs --resume RUN_DIR")
+        raise InvalidValue("--from-previous needs --resume RUN_DIR")
     if args.resume:
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-            raise ValueError(f"--resume {args.resume} and --out {args.out} name different directories")
+            raise InvalidValue(f"--resume {args.resume} and --out {args.out} name different directories")
         flags = {f.name: option_flag(f) for f in fields(TrainConfig)}
         ignored = [flags[name] for name in values if name not in _RESUME_OPTIONS] + (["--force"] if args.force else [])
         if ignored:
-            raise ValueError(f"--resume continues {args.resume} with its saved settings, so {', '.join(ignored)} "
-                             f"would be ignored; drop {'it' if len(ignored) == 1 else 'them'} (or train a new run "
-                             f"with --out)")
+            raise InvalidValue(f"--resume continues {args.resume} with its saved settings, so {', '.join(ignored)} "
+                               f"would be ignored; drop {'it' if len(ignored) == 1 else 'them'} (or train a new run "
+                               f"with --out)")
         summary = resume_run(args.resume, device=values.get("device"), progress=progress,
                              from_previous=args.from_previous)
         run_dir = args.resume
     else:
         if "model" not in values or not args.out:
-            raise ValueError("train needs --model and --out (or --resume RUN_DIR)")
+            raise InvalidValue("train needs --model and --out (or --resume RUN_DIR)")
         cfg = TrainConfig.for_recipe(values.pop("recipe", "small"), **values)
         summary = train(cfg, args.out, progress=progress, force=args.force)
         run_dir = args.out
@@ -206,7 +215,7 @@ def _run_models(args: argparse.Namespace) -> int:
 
     names = list_models(args.pattern)
     if not names:
-        raise ValueError(f"no registered model matches {args.pattern!r}")
+        raise InvalidValue(f"no registered model matches {args.pattern!r}")
     rows = [("model", "params", "MACs", "input", "top-1 (paper)"), *map(_model_row, names)]
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     for row in rows:
@@ -262,7 +271,7 @@ def _expand_models(names: Sequence[str]) -> list[str]:
         if any(c in name for c in "*?["):
             matches = list_models(name)
             if not matches:
-                raise ValueError(f"no registered model matches {name!r}")
+                raise InvalidValue(f"no registered model matches {name!r}")
             expanded += matches
         else:
             model_entry(name)  # an unknown name fails here, with the closest names, before anything is measured
@@ -299,12 +308,12 @@ def _run_bench(args: argparse.Namespace) -> int:
                   repeats=args.repeats, model_kwargs={"num_classes": args.num_classes})
     reference = None
     if args.quantize and not args.backend:
-        raise ValueError("--quantize times the int8 form beside --backend's; pass --backend too (e.g. --backend "
-                         "onnxruntime)")
+        raise InvalidValue("--quantize times the int8 form beside --backend's; pass --backend too (e.g. --backend "
+                           "onnxruntime)")
     if args.backend:
         if args.deploy or args.compile or args.vs_matmul or args.device != "cpu":
-            raise ValueError("--backend times visionmix.deploy's CPU backends of the deployed model; it does not "
-                             "combine with --deploy, --compile, --vs-matmul or --device")
+            raise InvalidValue("--backend times visionmix.deploy's CPU backends of the deployed model; it does not "
+                               "combine with --deploy, --compile, --vs-matmul or --device")
         results: list[Any] = bench_backends(names, args.backend, quantize=args.quantize, **common)
         print(format_backend_table(results))
     else:
@@ -374,7 +383,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         preset, note = resolve_preset(args.preset, given.get("data_dir"))
     else:
         if not args.models:
-            raise ValueError("compare needs --models a,b,c or --preset NAME")
+            raise InvalidValue("compare needs --models a,b,c or --preset NAME")
         preset = Preset(models=(), data="fashion-mnist", seeds=1)
     models = [m.strip() for m in args.models.split(",") if m.strip()] if args.models else list(preset.models)
     data = given.get("data", preset.data)
@@ -445,12 +454,12 @@ def _run_export(args: argparse.Namespace) -> int:
     from visionmix.export import deployed_for_export, export_onnx, export_torchscript, randomize_weights
 
     if not (args.onnx or args.torchscript):
-        raise ValueError("export needs --onnx FILE and/or --torchscript FILE")
+        raise InvalidValue("export needs --onnx FILE and/or --torchscript FILE")
     if args.onnx and args.torchscript and Path(args.onnx).resolve() == Path(args.torchscript).resolve():
-        raise ValueError(f"--onnx and --torchscript name the same file {args.onnx}; give each its own")
+        raise InvalidValue(f"--onnx and --torchscript name the same file {args.onnx}; give each its own")
     if not args.random_init and (args.img_size or args.in_chans or args.num_classes):
-        raise ValueError("--img-size/--in-chans/--num-classes only apply with --random-init (a run's model keeps "
-                         "the shape it was trained with)")
+        raise InvalidValue("--img-size/--in-chans/--num-classes only apply with --random-init (a run's model keeps "
+                           "the shape it was trained with)")
     for path in (args.onnx, args.torchscript):
         check_new(path, args.force)
     if args.random_init:
@@ -545,7 +554,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     if not done:
         found = (f"none of {skipped} image files could be read" if skipped
                  else f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
-        raise ValueError(f"{found} in {' '.join(args.images)}")
+        raise InvalidValue(f"{found} in {' '.join(args.images)}")
     if skipped:
         print(f"{PROG}: classified {done} images, skipped {skipped}", file=sys.stderr)
     return 1 if skipped else 0
@@ -588,22 +597,22 @@ def _run_data(args: argparse.Namespace) -> int:
     from visionmix.data.pack import pack_fashion_mnist, pack_imagefolder
 
     if args.data_action != "pack":
-        raise ValueError("data needs an action: visionmix data pack ... (see 'visionmix data --help')")
+        raise InvalidValue("data needs an action: visionmix data pack ... (see 'visionmix data --help')")
     if args.source is not None:
         if len(args.paths) != 1:
-            raise ValueError(f"--from {args.source} takes one path, OUT_DIR; got {' '.join(args.paths)}")
+            raise InvalidValue(f"--from {args.source} takes one path, OUT_DIR; got {' '.join(args.paths)}")
         out = Path(args.paths[0])
         info = pack_fashion_mnist(out, image_size=args.image_size, image_format=args.image_format,
                                   layout=args.format or "imagefolder", shard_size=args.shard_size,
                                   data_dir=args.data_dir, max_samples=args.max_samples, force=args.force)
     else:
         if len(args.paths) != 2:
-            raise ValueError(f"data pack takes SRC OUT_DIR (or --from DATASET OUT_DIR); got {' '.join(args.paths)}")
+            raise InvalidValue(f"data pack takes SRC OUT_DIR (or --from DATASET OUT_DIR); got {' '.join(args.paths)}")
         if (args.format or "shards") != "shards":
-            raise ValueError("--format imagefolder needs --from DATASET (SRC is already an ImageFolder tree)")
+            raise InvalidValue("--format imagefolder needs --from DATASET (SRC is already an ImageFolder tree)")
         given = [f"--{a.replace('_', '-')}" for a in ("max_samples", "data_dir") if getattr(args, a) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} only apply with --from DATASET")
+            raise InvalidValue(f"{', '.join(given)} only apply with --from DATASET")
         info = pack_imagefolder(*args.paths, shard_size=args.shard_size, force=args.force)
     written = json.loads(Path(info).read_text())
     counts = {k: v["count"] for k, v in written["splits"].items()}
@@ -630,19 +639,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _one_line_warnings(previous: Callable[..., None]) -> Callable[..., None]:
     """``warnings.showwarning`` for the command line: visionmix's own warnings (an unreadable image skipped) as one
     line ``visionmix: warning: ...``; others as before."""
 
     def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
-        from visionmix.errors import VisionmixWarning
-
         if issubclass(category, VisionmixWarning):
-            print(f"{PROG}: warning: {_one_line(message)}", file=sys.stderr, flush=True)
+            print(f"{PROG}: warning: {one_line(message)}", file=sys.stderr, flush=True)
         else:
             previous(message, category, *args, **kwargs)
 
@@ -663,22 +666,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help(sys.stderr)
         return 2
-    from visionmix.engine import TrainingError, TrainingInterrupted
-    from visionmix.errors import UserError
 
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _one_line_warnings(warnings.showwarning)
             return args.run(args)
     except TrainingInterrupted as exc:
-        print(f"{PROG}: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: {one_line(exc)}", file=sys.stderr)
         return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
     except TrainingError as exc:
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 1
-    except (UserError, ValueError, OSError) as exc:  # the user's input or files: one line, no traceback
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+    except Exception as exc:
+        if not is_user_error(exc):  # a bug in visionmix: its traceback, and where to report it
+            traceback.print_exc()
+            print(f"{PROG}: this is a bug in visionmix; please report it with the traceback above", file=sys.stderr)
+            return 1
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)  # the user's input or files: one line
         return 2

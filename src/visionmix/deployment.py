@@ -41,15 +41,11 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_choice
-from visionmix.errors import UserError
+from visionmix.errors import DeployError, InvalidType, InvalidValue, first_line
 
 BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "inductor")
 QUANTIZE = ("int8",)  # dynamic int8 Linear weights, onnxruntime only
 DEFAULT_RTOL = 1e-4  # max |backend - eager| relative to the output's scale (SPEC section 3's float32 bound)
-
-
-class DeployError(UserError, RuntimeError):
-    """A backend could not be built, failed to run or computes something else than the eager model."""
 
 
 @dataclass
@@ -167,12 +163,6 @@ _BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor]
     "inductor": _inductor}
 
 
-def _one_line(err: BaseException) -> str:
-    """``Type: first line`` of a runtime's error (TorchScript's and ONNX's run on with their own tracebacks)."""
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
-    return f"{type(err).__name__}: {first[:300]}"
-
-
 def _verified(name: str, model: nn.Module, checks: list[tuple[torch.Tensor, torch.Tensor]], example: torch.Tensor,
               rtol: float, *, quantize: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
     """Build backend ``name`` (int8 with ``quantize``) and check it on every (input, eager output) pair: the same
@@ -190,7 +180,7 @@ def _verified(name: str, model: nn.Module, checks: list[tuple[torch.Tensor, torc
     except DeployError as err:
         raise DeployError(f"{name}: {err}") from err
     except Exception as err:  # each runtime raises its own types; what matters is that this backend does not work
-        raise DeployError(f"{name}: {_one_line(err)}") from err
+        raise DeployError(f"{name}: {first_line(err)}") from err
     if not worst <= rtol:
         raise DeployError(f"{name}: differs from eager by {worst:.3g} of the output's scale, more than rtol={rtol:g}")
     return run, worst
@@ -207,22 +197,22 @@ def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rt
     from visionmix.reparam import reparameterize
 
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InvalidType(f"model must be an nn.Module, got {type(model).__name__}")
     if not isinstance(example, torch.Tensor) or not example.is_floating_point():
         got = f"a {example.dtype} tensor" if isinstance(example, torch.Tensor) else type(example).__name__
-        raise TypeError(f"example must be a floating-point tensor batch (B, C, H, W), got {got}")
+        raise InvalidType(f"example must be a floating-point tensor batch (B, C, H, W), got {got}")
     if not rtol > 0:
-        raise ValueError(f"rtol must be a positive number, got {rtol}")
+        raise InvalidValue(f"rtol must be a positive number, got {rtol}")
     check_choice("backend", backend, ("auto", *BACKENDS))
     for name in candidates:
         check_choice("candidates", name, BACKENDS)
     if quantize is not None:
         check_choice("quantize", quantize, QUANTIZE)
         if backend not in ("auto", "onnxruntime"):
-            raise ValueError(f"quantize={quantize!r} runs on the onnxruntime backend (or auto), got "
-                             f"backend={backend!r}")
+            raise InvalidValue(f"quantize={quantize!r} runs on the onnxruntime backend (or auto), got "
+                               f"backend={backend!r}")
     if example.dim() == 0 or example.shape[0] < 1:
-        raise ValueError(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
+        raise InvalidValue(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
     deployed = reparameterize(on_device(model, "cpu")).eval()  # a copy: the caller's model is left as it was
     example = example.cpu()
     inputs = (example, torch.cat([example, example[:1]]))

@@ -26,14 +26,10 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_positive
-from visionmix.errors import UserError
+from visionmix.errors import ExportError, InvalidValue
 from visionmix.files import staged
 from visionmix.module_state import eval_mode, on_device
 from visionmix.reparam import Equivalence, check_equivalence, reparameterize
-
-
-class ExportError(UserError, RuntimeError):
-    """The model could not be exported, or the exported file disagrees with PyTorch."""
 
 
 @torch.no_grad()
@@ -99,7 +95,7 @@ def _exportable(model: nn.Module, example: torch.Tensor) -> Iterator[nn.Module]:
     """``model`` on the CPU in eval mode for the block (a copy if it lives elsewhere; the caller's model keeps its
     device and its modules' train/eval flags)."""
     if example.dim() == 0 or example.shape[0] < 1:
-        raise ValueError(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
+        raise InvalidValue(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
     with eval_mode(on_device(model, "cpu")) as exportable:
         yield exportable
 
@@ -131,7 +127,7 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, ops
     """The dynamo ONNX export of ``model`` (eval mode, CPU) traced on ``example`` into ``path``, weights inside the
     one file, input ``"input"``, output ``"logits"``; :class:`ExportError` with the exporter's reason."""
     if check_positive("opset", opset) < 17:
-        raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
+        raise InvalidValue(f"opset must be at least 17 (LayerNormalization), got {opset}")
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     try:
         with _quiet_onnx_registry(), warnings.catch_warnings():

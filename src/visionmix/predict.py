@@ -20,8 +20,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visionmix.data.datasets import IMAGE_EXTENSIONS, UnreadableImage, decode_image
+from visionmix.data.datasets import IMAGE_EXTENSIONS, decode_image
 from visionmix.data.transforms import normalize
+from visionmix.errors import InvalidValue, UnreadableImage
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 MODES = {1: "L", 3: "RGB"}  # the images Pillow decodes, by the model's input channels
@@ -47,13 +48,13 @@ class EvalTransform:
 
     def __post_init__(self) -> None:
         if self.in_chans not in MODES:
-            raise ValueError(f"predict decodes grey (1 channel) or RGB (3 channels) images; this model takes "
-                             f"{self.in_chans} channels")
+            raise InvalidValue(f"predict decodes grey (1 channel) or RGB (3 channels) images; this model takes "
+                               f"{self.in_chans} channels")
         if self.interpolation.upper() not in Image.Resampling.__members__:
-            raise ValueError(f"unknown interpolation {self.interpolation!r}; expected one of "
-                             f"{', '.join(m.lower() for m in Image.Resampling.__members__)}")
+            raise InvalidValue(f"unknown interpolation {self.interpolation!r}; expected one of "
+                               f"{', '.join(m.lower() for m in Image.Resampling.__members__)}")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise InvalidValue(f"crop_pct must be in (0, 1], got {self.crop_pct}")
 
     @classmethod
     def from_run(cls, meta: dict[str, Any]) -> EvalTransform:
@@ -163,9 +164,9 @@ def predict(model: Model, paths: Iterable[str | Path], *, transform: EvalTransfo
     first batch.
     """
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise InvalidValue(f"batch size must be at least 1, got {batch_size}")
     if not 1 <= topk <= len(classes):
-        raise ValueError(f"topk must be between 1 and the model's {len(classes)} classes, got {topk}")
+        raise InvalidValue(f"topk must be between 1 and the model's {len(classes)} classes, got {topk}")
     return _predict(model, paths, transform, tuple(classes), topk, batch_size)
 
 
@@ -191,8 +192,8 @@ def _classify(model: Model, pending: list[tuple[Path, torch.Tensor | str]], clas
         with torch.inference_mode():
             logits = model(torch.stack(images))
         if logits.shape != (len(images), len(classes)):
-            raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for {len(images)} images, "
-                             f"expected ({len(images)}, {len(classes)}) for its {len(classes)} classes")
+            raise InvalidValue(f"the model returned logits of shape {tuple(logits.shape)} for {len(images)} images, "
+                               f"expected ({len(images)}, {len(classes)}) for its {len(classes)} classes")
         probs, indices = logits.float().softmax(dim=1).topk(topk, dim=1)
         tops = iter(zip(probs.tolist(), indices.tolist(), strict=True))
     for path, x in pending:
@@ -209,10 +210,10 @@ def read_classes(path: str | Path) -> tuple[str, ...]:
         raise FileNotFoundError(f"--classes {path}: no such file (expected the class names, one per line)")
     names = tuple(line.strip() for line in Path(path).read_text().splitlines() if line.strip())
     if not names:
-        raise ValueError(f"{path} names no classes (expected one name per line)")
+        raise InvalidValue(f"{path} names no classes (expected one name per line)")
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
-        raise ValueError(f"{path} names {', '.join(map(repr, repeated))} more than once")
+        raise InvalidValue(f"{path} names {', '.join(map(repr, repeated))} more than once")
     return names
 
 
@@ -227,17 +228,17 @@ def load_predictor(source: str | Path, *, model_name: str | None = None,
         raise FileNotFoundError(f"no such run directory or checkpoint: {source}")
     if model_name is None:
         if not source.is_dir() or run_meta(source) is None:
-            raise ValueError(f"{source} is not a visionmix run directory; for a checkpoint file give --model NAME "
-                             f"(the registered model it holds weights for) and --classes FILE")
+            raise InvalidValue(f"{source} is not a visionmix run directory; for a checkpoint file give --model NAME "
+                               f"(the registered model it holds weights for) and --classes FILE")
         if classes_file is not None:
-            raise ValueError(f"--classes applies to a checkpoint file; the run {source} has its own class names")
+            raise InvalidValue(f"--classes applies to a checkpoint file; the run {source} has its own class names")
         model, meta = load_run(source)
         return model, EvalTransform.from_run(meta), tuple(meta["data"]["classes"])
     if source.is_dir():
-        raise ValueError(f"--model {model_name} takes a checkpoint file, and {source} is a directory (a run "
-                         f"directory needs no --model)")
+        raise InvalidValue(f"--model {model_name} takes a checkpoint file, and {source} is a directory (a run "
+                           f"directory needs no --model)")
     if classes_file is None:
-        raise ValueError(f"{source} holds no class names: give --classes FILE with one name per line")
+        raise InvalidValue(f"{source} holds no class names: give --classes FILE with one name per line")
     from visionmix.models import create_model
 
     classes = read_classes(classes_file)

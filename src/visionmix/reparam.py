@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_choice
+from visionmix.errors import InvalidType, InvalidValue
 from visionmix.layers.basic import ConvBN
 from visionmix.layers.diverse_branch import DiverseBranchBlock
 from visionmix.layers.fusion import square_conv_geometry
@@ -63,8 +64,8 @@ def _deploy(module: nn.Module) -> nn.Module:
     if method is not None:
         deployed = method()
         if deployed is not None and not isinstance(deployed, nn.Module):
-            raise TypeError(f"{type(module).__name__}.{method.__name__}() returned a {type(deployed).__name__}; "
-                            "expected the inference module or None (converted in place)")
+            raise InvalidType(f"{type(module).__name__}.{method.__name__}() returned a {type(deployed).__name__}; "
+                              "expected the inference module or None (converted in place)")
         module = module if deployed is None else deployed
     for name, child in module.named_children():
         deployed = _deploy(child)
@@ -125,8 +126,8 @@ def check_equivalence(model_a: nn.Module, model_b: nn.Module, example: torch.Ten
     with eval_mode(model_a), eval_mode(model_b), torch.no_grad():
         outs_a, outs_b = _tensors(model_a(*args)), _tensors(model_b(*args))
     if not outs_a or len(outs_a) != len(outs_b) or any(a.shape != b.shape for a, b in zip(outs_a, outs_b, strict=True)):
-        raise ValueError(f"the models' outputs differ in structure: {[tuple(a.shape) for a in outs_a]} vs "
-                         f"{[tuple(b.shape) for b in outs_b]}")
+        raise InvalidValue(f"the models' outputs differ in structure: {[tuple(a.shape) for a in outs_a]} vs "
+                           f"{[tuple(b.shape) for b in outs_b]}")
     max_abs = max((a - b).abs().max().item() for a, b in zip(outs_a, outs_b, strict=True))
     scale = max(a.abs().max().item() for a in outs_a)
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
@@ -169,8 +170,8 @@ def _tensors(output: Any) -> list[torch.Tensor]:
         return [t for key in sorted(output) for t in _tensors(output[key])]
     if isinstance(output, Sequence) and not isinstance(output, str):
         return [t for item in output for t in _tensors(item)]
-    raise TypeError(f"cannot compare model outputs of type {type(output).__name__}; return tensors or "
-                    "tuples/lists/dicts of tensors")
+    raise InvalidType(f"cannot compare model outputs of type {type(output).__name__}; return tensors or "
+                      "tuples/lists/dicts of tensors")
 
 
 def _doconv_eligible(conv: nn.Conv2d) -> bool:
@@ -211,8 +212,8 @@ def convert_convs(model: nn.Module, to: str, inplace: bool = False, **kwargs: An
     eligible, build, options = _TARGETS[to]
     unknown = set(kwargs) - options
     if unknown:
-        raise TypeError(f"convert_convs(to={to!r}) got unexpected options {sorted(unknown)}; "
-                        f"it accepts {sorted(options)}")
+        raise InvalidType(f"convert_convs(to={to!r}) got unexpected options {sorted(unknown)}; "
+                          f"it accepts {sorted(options)}")
     if not inplace:
         model = copy.deepcopy(model)
 

@@ -195,7 +195,7 @@ def test_compare_cli_on_the_same_directory_skips_and_reports(compared, capsys):
 
 def test_an_interrupt_stops_the_whole_comparison_with_a_resume_hint(tmp_path, monkeypatch):
     import visionmix.engine
-    from visionmix.engine import TrainingInterrupted
+    from visionmix.errors import TrainingInterrupted
 
     def interrupted(*args, **kwargs):
         raise TrainingInterrupted("SIGINT: stopped at epoch 1 step 3/9, checkpoint saved", 2)

@@ -14,15 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from visionmix.data import (
-    FASHION_MNIST_DIR,
-    DataError,
-    build_dataset,
-    read_cifar_batch,
-    read_idx,
-)
-from visionmix.data.datasets import UnreadableImage, _digits_arrays, decode_image
+from visionmix.data import FASHION_MNIST_DIR, build_dataset, read_cifar_batch, read_idx
+from visionmix.data.datasets import _digits_arrays, decode_image
 from visionmix.data.streaming import ImageFolderSource
+from visionmix.errors import DataError, UnreadableImage
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

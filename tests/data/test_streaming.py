@@ -16,17 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from visionmix.data.datasets import DataError
 from visionmix.data.loader import stable_seed
 from visionmix.data.pack import pack_shards
-from visionmix.data.streaming import (
-    BadImageWarning,
-    ImageFolderSource,
-    StreamingLoader,
-    WebDatasetSource,
-    estimate_stats,
-    resize_to,
-)
+from visionmix.data.streaming import ImageFolderSource, StreamingLoader, WebDatasetSource, estimate_stats, resize_to
+from visionmix.errors import BadImageWarning, DataError
 
 
 def make_tree(root: Path, per_class: int = 8, classes: tuple[str, ...] = ("a", "b"), splits=("train", "val"),

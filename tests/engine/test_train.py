@@ -19,10 +19,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from visionmix.data import build_dataset
-from visionmix.engine import TrainConfig, TrainingError, evaluate, load_run, read_meta, resume_run, train
+from visionmix.engine import TrainConfig, evaluate, load_run, read_meta, resume_run, train
 from visionmix.engine import checkpoint as ckpt
 from visionmix.engine.config import BUDGET_FILL
 from visionmix.engine.optim import ModelEma, param_groups, warmup_cosine
+from visionmix.errors import CheckpointError, TrainingError
 
 CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=2, batch_size=32, max_train_samples=192,
                   max_eval_samples=100, lr=1e-2, device="cpu")
@@ -213,16 +214,16 @@ def test_a_damaged_checkpoint_names_its_file_and_the_previous_one_takes_over(tmp
     weights.write_bytes(weights.read_bytes()[:100])  # truncated
     hint = (r"the previous checkpoint \(epoch 1, global step 6\) is intact: continue from it with 'visionmix train "
             rf"--resume {run} --from-previous'")
-    with pytest.raises(ckpt.CheckpointError, match=rf"{weights} is damaged: not a readable safetensors file .*{hint}"):
+    with pytest.raises(CheckpointError, match=rf"{weights} is damaged: not a readable safetensors file .*{hint}"):
         resume_run(run, progress=False)  # a finished run is checked too
-    with pytest.raises(ckpt.CheckpointError, match=rf"{weights} is damaged.*{hint}"):
+    with pytest.raises(CheckpointError, match=rf"{weights} is damaged.*{hint}"):
         load_run(run)
     again = resume_run(run, progress=False, from_previous=True)  # epoch 2 again, exactly as the first time
     timeless = [{k: v for k, v in h.items() if k not in ("time_s", "images_per_s")} for h in straight["history"]]
     assert [{k: h[k] for k in timeless[0]} for h in again["history"]] == timeless
     state = run / read_meta(run)["files"]["state"]
     state.write_bytes(b"garbage")
-    with pytest.raises(ckpt.CheckpointError, match=rf"{state} is damaged: not a readable training state"):
+    with pytest.raises(CheckpointError, match=rf"{state} is damaged: not a readable training state"):
         resume_run(run, progress=False)
 
 
@@ -236,7 +237,7 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     save_file(state, weights)
-    with pytest.raises(ckpt.CheckpointError, match=r"does not fit TinyNet: 1 shape mismatches: head.weight: checkpoint "
+    with pytest.raises(CheckpointError, match=r"does not fit TinyNet: 1 shape mismatches: head.weight: checkpoint "
                                                    r"\(3, 8\) vs model \(10, 8\); 1 missing keys: stem.weight"):
         load_run(run)
 

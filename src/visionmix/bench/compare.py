@@ -39,6 +39,7 @@ from visionmix.bench.stats import (
     paired_difference,
 )
 from visionmix.checks import check_choice, check_positive
+from visionmix.errors import DataError, InvalidValue, TrainingInterrupted
 from visionmix.files import atomic_write, atomic_write_json, entries, hold_directory
 
 PLOTS = ("accuracy_vs_macs.png", "accuracy_vs_throughput.png", "training_curves.png", "differences.png")
@@ -138,7 +139,7 @@ PRESETS: dict[str, Preset] = {
 
 def fashion_mnist_missing(data_dir: str | Path | None = None) -> str | None:
     """``None`` if Fashion-MNIST can be read from ``data_dir`` (default: Debian's directory), else the reason."""
-    from visionmix.data import DataError, build_dataset
+    from visionmix.data import build_dataset
 
     try:
         build_dataset("fashion-mnist", "test", data_dir, max_samples=1)
@@ -180,7 +181,7 @@ def _describe(err: BaseException) -> str:
 def _run_one(cfg: Any, run_dir: Path, progress: bool) -> RunOutcome:
     """Train one (model, seed) into ``run_dir``; a finished run is returned as is, an interrupted one resumed
     (the engine checks that the recipe is the same). A Ctrl-C/SIGTERM stops the whole comparison."""
-    from visionmix.engine import TrainingInterrupted, train
+    from visionmix.engine import train
 
     skipped = (run_dir / "summary.json").is_file()
     try:
@@ -329,9 +330,9 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     from visionmix.models import model_entry
 
     if not models:
-        raise ValueError("models must name at least one model")
+        raise InvalidValue("models must name at least one model")
     if len(set(models)) != len(models):
-        raise ValueError(f"models contains duplicates: {list(models)}")
+        raise InvalidValue(f"models contains duplicates: {list(models)}")
     for model in models:
         model_entry(model)  # an unknown name fails now, not after the models before it have trained
     baseline = models[0] if baseline is None else baseline
@@ -339,14 +340,14 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     check_positive("seeds", seeds)
     check_positive("bench_batch_size", bench_batch_size)
     if check_positive("bench_repeats", bench_repeats) < 2:
-        raise ValueError(f"bench_repeats must be at least 2 to give a spread, got {bench_repeats}")
+        raise InvalidValue(f"bench_repeats must be at least 2 to give a spread, got {bench_repeats}")
     recipe = dict(recipe or {})
     for key in ("model", "data", "seed"):
         if key in recipe:
-            raise ValueError(f"recipe must not set {key!r}; pass it to compare() instead")
+            raise InvalidValue(f"recipe must not set {key!r}; pass it to compare() instead")
     unknown = sorted(set(recipe) - {f.name for f in fields(TrainConfig)})
     if unknown:
-        raise ValueError(f"recipe has unknown TrainConfig fields {unknown}")
+        raise InvalidValue(f"recipe has unknown TrainConfig fields {unknown}")
     recipe_name = recipe.pop("recipe", "small")
     base = TrainConfig.for_recipe(recipe_name, model=models[0], data=data, **recipe)
     base.validate()  # a bad recipe fails once, here, not once per model
@@ -356,7 +357,7 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
             "environment": environment()}
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
+        raise InvalidValue(f"--out {out_dir} exists and is not a directory")
     with hold_directory(out_dir, "visionmix compare"):  # one comparison process per directory
         check_out_dir(out_dir, force)
         write_report(out_dir, [], [], meta, claims)  # claims the directory: a re-run of a stopped comparison resumes
@@ -403,8 +404,8 @@ def check_out_dir(out_dir: Path, force: bool) -> None:
     names = entries(out_dir)
     if names:
         listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise ValueError(f"--out {out_dir} is not empty ({listing}) and holds no visionmix comparison; choose a new "
-                         f"directory or pass --force to write the report into it")
+        raise InvalidValue(f"--out {out_dir} is not empty ({listing}) and holds no visionmix comparison; choose a new "
+                           f"directory or pass --force to write the report into it")
 
 
 def _fmt(value: float | None, std: float | None = None, digits: int = 2) -> str:

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from visionmix.checks import check_choice, check_positive
+from visionmix.errors import DeployError, InvalidValue
 from visionmix.files import write_new
 from visionmix.module_state import eval_mode, on_device
 
@@ -88,11 +89,11 @@ def time_alternately(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 3, r
     ``min_sample_s`` seconds. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read.
     """
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        raise InvalidValue(f"warmup must be a non-negative int, got {warmup!r}")
     if check_positive("repeats", repeats) < 2:
-        raise ValueError(f"repeats must be at least 2 to give a spread, got {repeats}")
+        raise InvalidValue(f"repeats must be at least 2 to give a spread, got {repeats}")
     if not fns:
-        raise ValueError("fns must hold at least one callable")
+        raise InvalidValue("fns must hold at least one callable")
     sync = sync or (lambda: None)
 
     def clock() -> float:
@@ -232,7 +233,7 @@ def profile_model(model: nn.Module, *, name: str, form: str = "train", input_siz
     check_positive("batch_size", batch_size)
     input_size = tuple(input_size)
     if len(input_size) != 3:
-        raise ValueError(f"input_size must be (channels, height, width), got {input_size!r}")
+        raise InvalidValue(f"input_size must be (channels, height, width), got {input_size!r}")
     device = torch.device(device)
     model = on_device(model, device)  # the caller's model stays where it is, in its own mode
     one = torch.randn(1, *input_size, device=device)
@@ -302,7 +303,7 @@ def bench_backends(names: Sequence[str], backends: Sequence[str], *, batch_size:
     always added as the yardstick; ``quantize="int8"`` adds ``onnxruntime-int8``) with :func:`visionmix.deploy`,
     then time them alternately in one process on one random batch (:func:`time_alternately`). A backend the model
     cannot take gets a row saying why."""
-    from visionmix.deployment import DeployError, deploy
+    from visionmix.deployment import deploy
     from visionmix.export import randomize_weights
     from visionmix.models import create_model
 

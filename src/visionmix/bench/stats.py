@@ -13,6 +13,8 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from visionmix.errors import InvalidValue
+
 BETTER, WORSE, NO_DIFFERENCE = "better", "worse", "no difference shown"
 ONE_SEED = "1 seed: cannot decide"
 NO_PAIRS = "no seed finished for both"
@@ -60,7 +62,7 @@ def _beta_continued_fraction(a: float, b: float, x: float) -> float:
 def regularized_beta(x: float, a: float, b: float) -> float:
     """The regularised incomplete beta function ``I_x(a, b)`` for ``0 <= x <= 1``, ``a, b > 0`` (NR 6.4)."""
     if not 0.0 <= x <= 1.0:
-        raise ValueError(f"x must lie in [0, 1], got {x}")
+        raise InvalidValue(f"x must lie in [0, 1], got {x}")
     if x in (0.0, 1.0):
         return x
     log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
@@ -77,9 +79,9 @@ def _t_upper_tail(t: float, df: float) -> float:
 def t_quantile(p: float, df: float) -> float:
     """The ``p`` quantile of Student's t distribution with ``df`` degrees of freedom (``scipy.stats.t.ppf``)."""
     if not 0.0 < p < 1.0:
-        raise ValueError(f"p must lie strictly between 0 and 1, got {p}")
+        raise InvalidValue(f"p must lie strictly between 0 and 1, got {p}")
     if not df > 0:
-        raise ValueError(f"df must be positive, got {df}")
+        raise InvalidValue(f"df must be positive, got {df}")
     if p < 0.5:
         return -t_quantile(1.0 - p, df)
     tail = 1.0 - p
@@ -99,9 +101,9 @@ def paired_difference(values_a: Sequence[float], values_b: Sequence[float],
                       confidence: float = 0.95) -> PairedDifference:
     """Paired t interval of ``values_a[i] - values_b[i]`` (same seed ``i``), df = n - 1, and its verdict."""
     if len(values_a) != len(values_b):
-        raise ValueError(f"values_a and values_b must pair up one to one, got {len(values_a)} and {len(values_b)}")
+        raise InvalidValue(f"values_a and values_b must pair up one to one, got {len(values_a)} and {len(values_b)}")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must lie strictly between 0 and 1, got {confidence}")
+        raise InvalidValue(f"confidence must lie strictly between 0 and 1, got {confidence}")
     diffs = [a - b for a, b in zip(values_a, values_b, strict=True)]
     n = len(diffs)
     if n == 0:
@@ -124,9 +126,9 @@ def claim_verdict(diff: PairedDifference, kind: str, margin: float = ON_PAR_MARG
     (non-inferiority). Anything else is not shown at this scale; fewer than two pairs give ``diff.verdict``.
     """
     if kind not in CLAIM_KINDS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, CLAIM_KINDS))}; got {kind!r}")
+        raise InvalidValue(f"kind must be one of {', '.join(map(repr, CLAIM_KINDS))}; got {kind!r}")
     if not margin > 0:
-        raise ValueError(f"margin must be positive, got {margin}")
+        raise InvalidValue(f"margin must be positive, got {margin}")
     if diff.low is None or diff.high is None:
         return diff.verdict
     low, high = diff.low, diff.high

@@ -3,7 +3,6 @@
 from visionmix.data.datasets import (
     DATASETS,
     FASHION_MNIST_DIR,
-    DataError,
     ImageDataset,
     build_dataset,
     load_cifar,
@@ -16,7 +15,7 @@ from visionmix.data.loader import BatchLoader, stable_seed
 from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "FASHION_MNIST_DIR", "BatchLoader", "CropFlip", "DataError", "ImageDataset",
+    "AUGMENTATIONS", "DATASETS", "FASHION_MNIST_DIR", "BatchLoader", "CropFlip", "ImageDataset",
     "build_dataset", "load_cifar", "load_digits", "load_fashion_mnist", "normalize",
     "read_cifar_batch", "read_idx", "stable_seed",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visionmix.errors import UserError
+from visionmix.errors import DataError, UnreadableImage
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -39,10 +39,6 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 DIGITS_TEST_FRACTION = 0.2
 MIN_DECODE_PIXELS = 64_000_000  # decode_pixel_limit's floor: any ordinary photo
 RESIZE_CHUNK_BYTES = 256 * 2**20
-
-
-class DataError(UserError, ValueError):
-    """A dataset is missing, malformed or unusable; the message is one line saying which file and what to do."""
 
 
 @dataclass(frozen=True)
@@ -328,10 +324,6 @@ def decode_pixel_limit(image_size: int) -> int:
     """Most pixels an image may have to be decoded for ``image_size``: 64 MP, or (32 x image_size)^2 if larger.
     A header claiming more is a decompression bomb or a file that does not belong in the dataset."""
     return max(MIN_DECODE_PIXELS, (32 * image_size) ** 2)
-
-
-class UnreadableImage(UserError, OSError):
-    """An image file that cannot be decoded; the message names it and says why."""
 
 
 def image_mode(path: str | Path) -> str:

@@ -17,6 +17,7 @@ import torch
 from visionmix.checks import check_choice
 from visionmix.data.datasets import ImageDataset
 from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
+from visionmix.errors import InvalidValue
 
 
 def stable_seed(*parts: int | str) -> int:
@@ -36,12 +37,12 @@ class BatchLoader:
     def __init__(self, dataset: ImageDataset, batch_size: int, *, train: bool, augment: str = "crop-flip",
                  seed: int = 0, rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu") -> None:
         if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+            raise InvalidValue(f"batch_size must be positive, got {batch_size}")
         if train and batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
+            raise InvalidValue(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
         if train and batch_size > len(dataset):
-            raise ValueError(f"batch_size={batch_size} exceeds the {len(dataset)} training images; use a smaller "
-                             f"--batch-size or more --max-train-samples")
+            raise InvalidValue(f"batch_size={batch_size} exceeds the {len(dataset)} training images; use a smaller "
+                               f"--batch-size or more --max-train-samples")
         self.dataset = dataset
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size

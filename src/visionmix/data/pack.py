@@ -30,12 +30,12 @@ from visionmix.data import shards
 from visionmix.data.datasets import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
-    DataError,
     build_dataset,
     channel_stats,
 )
 from visionmix.data.loader import stable_seed
-from visionmix.data.streaming import BadImageWarning, ImageFolderSource
+from visionmix.data.streaming import ImageFolderSource
+from visionmix.errors import BadImageWarning, DataError, InvalidValue
 from visionmix.files import atomic_write_json, entries, hold_directory, staged, temporary_target, write_new
 
 FORMATS = ("shards", "imagefolder")
@@ -56,11 +56,11 @@ def check_apart(src: str | Path, out_dir: str | Path) -> None:
     """``ValueError`` if OUT_DIR is SRC, lies inside it, or holds it: pack would write into what it reads."""
     s, o = Path(src).resolve(), Path(out_dir).resolve()
     if o == s or o.is_relative_to(s):
-        raise ValueError(f"OUT_DIR {out_dir} lies inside SRC {src}: pack would write into the dataset it reads; "
-                         f"choose an OUT_DIR outside it")
+        raise InvalidValue(f"OUT_DIR {out_dir} lies inside SRC {src}: pack would write into the dataset it reads; "
+                           f"choose an OUT_DIR outside it")
     if s.is_relative_to(o):
-        raise ValueError(f"SRC {src} lies inside OUT_DIR {out_dir}: pack would write beside the dataset it reads; "
-                         f"choose another OUT_DIR")
+        raise InvalidValue(f"SRC {src} lies inside OUT_DIR {out_dir}: pack would write beside the dataset it reads; "
+                           f"choose another OUT_DIR")
 
 
 class _Output:
@@ -236,7 +236,7 @@ def pack_imagefolder(src: str | Path, out_dir: str | Path, *, shard_size: int = 
     check_positive("shard_size", shard_size)
     src, out_dir = Path(src), Path(out_dir)
     if not src.is_dir():
-        raise ValueError(f"SRC {src} is not a directory")
+        raise InvalidValue(f"SRC {src} is not a directory")
     check_apart(src, out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")

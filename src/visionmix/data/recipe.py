@@ -31,6 +31,7 @@ from torch import nn
 
 from visionmix.checks import check_choice
 from visionmix.data.loader import stable_seed
+from visionmix.errors import InvalidValue
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # timm's RandAugment operations (auto_augment._RAND_TRANSFORMS), in its order.
@@ -48,7 +49,7 @@ def _resample(image: torch.Tensor, size: tuple[int, int], interpolation: str) ->
 
 def _check_image(image: torch.Tensor) -> None:
     if image.dtype != torch.uint8 or image.ndim != 3:
-        raise ValueError(f"expected a uint8 (C, H, W) image, got {image.dtype} {tuple(image.shape)}")
+        raise InvalidValue(f"expected a uint8 (C, H, W) image, got {image.dtype} {tuple(image.shape)}")
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,11 @@ class RandomResizedCropTransform:
 
     def __post_init__(self) -> None:
         if self.size <= 0:
-            raise ValueError(f"size must be positive, got {self.size}")
+            raise InvalidValue(f"size must be positive, got {self.size}")
         if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+            raise InvalidValue(f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+            raise InvalidValue(f"ratio must satisfy 0 < min <= max, got {self.ratio}")
         check_choice("interpolation", self.interpolation, INTERPOLATIONS)
 
     def sample(self, height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
@@ -120,9 +121,9 @@ class ResizeCenterCropTransform:
 
     def __post_init__(self) -> None:
         if self.size <= 0:
-            raise ValueError(f"size must be positive, got {self.size}")
+            raise InvalidValue(f"size must be positive, got {self.size}")
         if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+            raise InvalidValue(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         check_choice("interpolation", self.interpolation, INTERPOLATIONS)
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
@@ -170,11 +171,11 @@ class DeitAugment:
             value, (lo, hi) = getattr(self, field.name), ranges[field.name]
             number = isinstance(value, int | float) and not isinstance(value, bool)
             if not number or not math.isfinite(value) or not lo <= value <= hi:
-                raise ValueError(f"DeitAugment.{field.name} must be a finite number in [{lo}, {hi}], got {value!r}")
+                raise InvalidValue(f"DeitAugment.{field.name} must be a finite number in [{lo}, {hi}], got {value!r}")
         if not isinstance(self.randaug_n, int):
-            raise ValueError(f"DeitAugment.randaug_n must be an int, got {self.randaug_n!r}")
+            raise InvalidValue(f"DeitAugment.randaug_n must be an int, got {self.randaug_n!r}")
         if self.label_smoothing >= 1:
-            raise ValueError(f"DeitAugment.label_smoothing must be < 1, got {self.label_smoothing}")
+            raise InvalidValue(f"DeitAugment.label_smoothing must be < 1, got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -276,11 +277,11 @@ class DeitBatchTransform:
     def __init__(self, num_classes: int, mean: Sequence[float], std: Sequence[float], aug: DeitAugment, *,
                  allow_hflip: bool = True) -> None:
         if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+            raise InvalidValue(f"num_classes must be >= 2, got {num_classes}")
         if len(mean) != len(std) or len(mean) not in (1, 3):
-            raise ValueError(f"mean/std need 1 or 3 entries each, got {len(mean)}/{len(std)}")
+            raise InvalidValue(f"mean/std need 1 or 3 entries each, got {len(mean)}/{len(std)}")
         if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {tuple(std)}")
+            raise InvalidValue(f"std must be positive, got {tuple(std)}")
         aug.validate()
         self.num_classes, self.aug = num_classes, aug
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
@@ -296,7 +297,7 @@ class DeitBatchTransform:
         """As ``__call__``, with the mixing parameters drawn."""
         b, c, h, w = images.shape
         if images.dtype != torch.uint8 or c != len(self.mean):
-            raise ValueError(f"expected uint8 (B, {len(self.mean)}, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise InvalidValue(f"expected uint8 (B, {len(self.mean)}, H, W), got {images.dtype} {tuple(images.shape)}")
         device = images.device
         with _seeded(stable_seed(seed, "deit-pixels"), device):
             x = images.float() / 255

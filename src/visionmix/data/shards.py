@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from visionmix.data.datasets import DataError
+from visionmix.errors import DataError
 from visionmix.files import temporary_target
 
 INFO_NAME = "info.json"

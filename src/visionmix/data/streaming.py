@@ -59,15 +59,13 @@ from visionmix.checks import check_positive
 from visionmix.data import shards
 from visionmix.data.datasets import (
     IMAGE_EXTENSIONS,
-    DataError,
     ImageDataset,
-    UnreadableImage,
     decode_image,
     image_mode,
     resize_uint8,
 )
 from visionmix.data.loader import stable_seed
-from visionmix.errors import VisionmixWarning
+from visionmix.errors import BadImageWarning, DataError, InvalidType, InvalidValue, UnreadableImage
 
 DEFAULT_DECODE_SIZE = 256  # JPEG draft size when the transform says none (see _decode_size)
 DEFAULT_SHUFFLE_BUFFER = 1000
@@ -77,13 +75,9 @@ IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-class BadImageWarning(VisionmixWarning):
-    """An unreadable image was skipped; the message names the file."""
-
-
 def _split_name(split: str) -> str:
     if split not in ("train", "val", "test"):
-        raise ValueError(f"split must be 'train' or 'val' ('test' is accepted for 'val'), got {split!r}")
+        raise InvalidValue(f"split must be 'train' or 'val' ('test' is accepted for 'val'), got {split!r}")
     return "train" if split == "train" else "val"
 
 
@@ -145,7 +139,7 @@ class ImageFolderSource:
                 self._files = self._list(val_dir)
         else:
             if not 0 < val_fraction < 1:
-                raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+                raise InvalidValue(f"val_fraction must be in (0, 1), got {val_fraction}")
             if val_dir is not None:
                 raise DataError(f"imagefolder: {root} has its own {val_dir.name} folder; drop val_fraction to use it")
             tree = train_dir if train_dir.is_dir() else root
@@ -411,8 +405,8 @@ def _collate(images: list[torch.Tensor], labels: list[int], bad: list[tuple[str,
 def _transformed(transform: Transform, image: torch.Tensor, seed: int, epoch: int, index: int) -> torch.Tensor:
     out = transform(image, torch.Generator().manual_seed(stable_seed(seed, epoch, index)))
     if not isinstance(out, torch.Tensor) or out.dtype != torch.uint8 or out.dim() != 3:
-        raise TypeError(f"transform must return a uint8 (C, S, S) tensor, got {getattr(out, 'dtype', type(out))} "
-                        f"of shape {tuple(getattr(out, 'shape', ()))}")
+        raise InvalidType(f"transform must return a uint8 (C, S, S) tensor, got {getattr(out, 'dtype', type(out))} "
+                          f"of shape {tuple(getattr(out, 'shape', ()))}")
     return out
 
 
@@ -556,15 +550,15 @@ class StreamingLoader:
         check_positive("prefetch", prefetch)
         check_positive("repeats", repeats)
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+            raise InvalidValue(f"rank must be in [0, {world_size}), got {rank}")
         if workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
+            raise InvalidValue(f"workers must be >= 0, got {workers}")
         if max_bad_images is not None and max_bad_images < 0:
-            raise ValueError(f"max_bad_images must be >= 0 or None, got {max_bad_images}")
+            raise InvalidValue(f"max_bad_images must be >= 0 or None, got {max_bad_images}")
         if train and batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
+            raise InvalidValue(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
         if train and batch_size > len(source):
-            raise ValueError(f"batch_size={batch_size} exceeds the {len(source)} training images")
+            raise InvalidValue(f"batch_size={batch_size} exceeds the {len(source)} training images")
         self.source, self.batch_size, self.train, self.seed = source, batch_size, train, seed
         self.rank, self.world_size, self.workers = rank, world_size, workers
         self.device = torch.device(device)
@@ -576,8 +570,8 @@ class StreamingLoader:
         repeats = repeats if train else 1
         if isinstance(source, WebDatasetSource):
             if repeats > 1:
-                raise ValueError("repeated augmentation (repeats > 1) needs an indexable source (imagefolder or "
-                                 "in-memory data), not webdataset shards")
+                raise InvalidValue("repeated augmentation (repeats > 1) needs an indexable source (imagefolder or "
+                                   "in-memory data), not webdataset shards")
             dataset: Any = self._shard_dataset(source, transform)
         else:
             self._sampler = _FolderSteps(len(source), batch_size, train, seed, rank,
@@ -606,9 +600,9 @@ class StreamingLoader:
             smallest = sum(sorted(source.shard_counts)[: len(source.shards) // total])
             quota = smallest // self._local
             if quota == 0:
-                raise ValueError(f"batch_size={self.batch_size}: a process's batch of {self._local} is more than the "
-                                 f"{smallest} samples the smallest of {total} shard shares holds; use a smaller "
-                                 f"batch, fewer workers or more shards")
+                raise InvalidValue(f"batch_size={self.batch_size}: a process's batch of {self._local} is more than the "
+                                   f"{smallest} samples the smallest of {total} shard shares holds; use a smaller "
+                                   f"batch, fewer workers or more shards")
         dataset = _ShardBatches(source, transform, seed=self.seed, train=self.train, rank=self.rank,
                                 world_size=self.world_size, readers=readers, batch=self._local, quota=quota,
                                 state=self._state)
@@ -626,7 +620,7 @@ class StreamingLoader:
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches ``start_step, start_step + 1, ...`` of epoch ``epoch``."""
         if not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step must be in [0, {len(self)}], got {start_step}")
+            raise InvalidValue(f"start_step must be in [0, {len(self)}], got {start_step}")
         first = start_step  # the first batch the DataLoader produces
         if self._sampler is not None:
             self._sampler.epoch, self._sampler.start_step = epoch, start_step

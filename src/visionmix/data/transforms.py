@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from visionmix.errors import InvalidValue
+
 # What BatchLoader's ``augment`` can ask for: random crop + flip, the flip alone, nothing.
 AUGMENTATIONS = ("crop-flip", "flip", "none")
 
@@ -27,7 +29,7 @@ class CropFlip:
 
     def __post_init__(self) -> None:
         if self.padding < 0:
-            raise ValueError(f"padding must be >= 0, got {self.padding}")
+            raise InvalidValue(f"padding must be >= 0, got {self.padding}")
 
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop offsets (n, 2) int64 in ``[0, 2 * padding]`` (dy, dx) and flip flags (n,) bool."""
@@ -54,7 +56,7 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     """uint8 (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
     c = images.shape[1]
     if len(mean) != c or len(std) != c:
-        raise ValueError(f"mean/std need {c} entries for {c}-channel images, got {len(mean)}/{len(std)}")
+        raise InvalidValue(f"mean/std need {c} entries for {c}-channel images, got {len(mean)}/{len(std)}")
     std_t = torch.tensor(std, dtype=torch.float64)
     scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(1, c, 1, 1).to(images.device)
     shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).to(torch.float32).view(1, c, 1, 1).to(images.device)

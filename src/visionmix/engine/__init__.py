@@ -4,11 +4,9 @@ from visionmix.engine.checkpoint import load_run, read_meta
 from visionmix.engine.config import TrainConfig
 from visionmix.engine.evaluate import evaluate, plot_confusion
 from visionmix.engine.train import (
-    TrainingError,
-    TrainingInterrupted,
     resume_run,
     train,
 )
 
-__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "evaluate", "load_run", "plot_confusion",
+__all__ = ["TrainConfig", "evaluate", "load_run", "plot_confusion",
            "read_meta", "resume_run", "train"]

@@ -37,7 +37,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from visionmix.errors import UserError
+from visionmix.errors import CheckpointError, InvalidValue
 from visionmix.files import atomic_write, atomic_write_json, temporary_target
 
 CHECKPOINT_FILE = "checkpoint.json"
@@ -52,10 +52,6 @@ RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE,
 _TAGGED = r"(?:weights|ema)-\d{8}\.safetensors|state-\d{8}\.pt"
 _TAGGED_RE = re.compile(_TAGGED)
 _OWN_NAME_RE = re.compile("|".join([*map(re.escape, RUN_FILES), _TAGGED]))
-
-
-class CheckpointError(UserError, ValueError):
-    """A run directory's file is missing, damaged or does not fit its model; the message names the file."""
 
 
 def is_run_file(name: str) -> bool:
@@ -238,7 +234,7 @@ def load_run(run_dir: str | Path, *, ema: bool | None = None,
     meta = read_meta(run_dir)
     use_ema = "ema" in meta["files"] if ema is None else ema
     if use_ema and "ema" not in meta["files"]:
-        raise ValueError(f"{run_dir} was trained without EMA; there are no EMA weights to load")
+        raise InvalidValue(f"{run_dir} was trained without EMA; there are no EMA weights to load")
     model = model_factory(meta)
     try:
         load_weights(model, run_dir / meta["files"]["ema" if use_ema else "weights"])
@@ -256,7 +252,7 @@ def init_from(model: nn.Module, source: str | Path) -> list[str]:
     source = Path(source)
     meta = run_meta(source) if source.is_dir() else None
     if source.is_dir() and meta is None:
-        raise ValueError(f"--init {source} is a directory but not a visionmix run (no {CHECKPOINT_FILE})")
+        raise InvalidValue(f"--init {source} is a directory but not a visionmix run (no {CHECKPOINT_FILE})")
     if meta is not None:
         state = read_weights(source / meta["files"]["ema" if "ema" in meta["files"] else "weights"])
         set_doconv_grouping(model, "visionmix", source)

@@ -16,6 +16,7 @@ from typing import Any
 
 from visionmix.checks import check_choice, check_positive
 from visionmix.data import AUGMENTATIONS, DATASETS
+from visionmix.errors import InvalidType, InvalidValue
 
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("bf16", "fp16", "off")
@@ -197,7 +198,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad field."""
         if not isinstance(self.model, str) or not self.model:
-            raise ValueError(f"model must be a registered model name, got {self.model!r}")
+            raise InvalidValue(f"model must be a registered model name, got {self.model!r}")
         for name, choices in (("recipe", RECIPES), ("data", DATASETS), ("augment", AUGMENTATIONS),
                               ("recompute_bn", RECOMPUTE_BN), ("amp", AMP_MODES), ("freeze", FREEZE_MODES)):
             check_choice(name, getattr(self, name), choices)
@@ -205,7 +206,7 @@ class TrainConfig:
         for name in ("batch_size", "eval_batch_size", "accum_steps", "repeated_aug"):
             check_positive(name, getattr(self, name))
         if self.batch_size % self.accum_steps:
-            raise ValueError(f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}")
+            raise InvalidValue(f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}")
         _check_range("epochs", self.epochs, 0.0, math.inf, low_open=True, high_open=True)
         for name in ("max_train_samples", "max_eval_samples", "image_size", "lr_base_batch"):
             if getattr(self, name) is not None:
@@ -215,7 +216,7 @@ class TrainConfig:
             if value is None and name == "max_bad_images":
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or (name != "seed" and value < 0):
-                raise ValueError(f"{name} must be {'an int' if name == 'seed' else 'an int >= 0'}, got {value!r}")
+                raise InvalidValue(f"{name} must be {'an int' if name == 'seed' else 'an int >= 0'}, got {value!r}")
         _check_range("lr", self.lr, 0.0, MAX_LR, low_open=True)
         for name, low, high, low_open, high_open in (
                 ("weight_decay", 0.0, math.inf, False, True), ("warmup_epochs", 0.0, math.inf, False, True),
@@ -233,24 +234,24 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _check_range(name, getattr(self, name), low, high, low_open=low_open, high_open=high_open)
         if self.peak_lr > MAX_LR:
-            raise ValueError(f"lr x batch_size / lr_base_batch = {self.peak_lr:g} exceeds {MAX_LR:g}")
+            raise InvalidValue(f"lr x batch_size / lr_base_batch = {self.peak_lr:g} exceeds {MAX_LR:g}")
         if self.time_budget_min is not None and self.warmup_epochs == 0:
-            raise ValueError("time_budget_min needs warmup_epochs > 0: the run's speed is measured during warmup "
-                             "to fix its length")
+            raise InvalidValue("time_budget_min needs warmup_epochs > 0: the run's speed is measured during warmup "
+                               "to fix its length")
         if self.repeated_aug > 1 and (self.recipe != "deit" or self.data == "webdataset"):
-            raise ValueError(f"repeated_aug={self.repeated_aug} needs recipe='deit' on indexable data (not "
-                             f"webdataset shards); got recipe={self.recipe!r}, data={self.data!r}")
+            raise InvalidValue(f"repeated_aug={self.repeated_aug} needs recipe='deit' on indexable data (not "
+                               f"webdataset shards); got recipe={self.recipe!r}, data={self.data!r}")
         subsets = [name for name in ("max_train_samples", "max_eval_samples") if getattr(self, name) is not None]
         if subsets and self.data in STREAMED:
-            raise ValueError(f"{' and '.join(subsets)} {'apply' if len(subsets) > 1 else 'applies'} to in-memory "
-                             f"data; {self.data} is streamed from disk "
-                             f"(pack a subset with 'visionmix data pack --max-samples N' instead)")
+            raise InvalidValue(f"{' and '.join(subsets)} {'apply' if len(subsets) > 1 else 'applies'} to in-memory "
+                               f"data; {self.data} is streamed from disk "
+                               f"(pack a subset with 'visionmix data pack --max-samples N' instead)")
         if self.val_fraction is not None and self.data != "imagefolder":
-            raise ValueError(f"val_fraction applies to data='imagefolder' only, not {self.data!r}")
+            raise InvalidValue(f"val_fraction applies to data='imagefolder' only, not {self.data!r}")
         clash = sorted(set(self.model_kwargs) & {*DATA_SET_BY_ENGINE, "drop_path_rate"})
         if clash:
-            raise ValueError(f"model_kwargs may not set {', '.join(clash)}: classes, channels and size follow the "
-                             f"data (use image_size), drop-path has its own option")
+            raise InvalidValue(f"model_kwargs may not set {', '.join(clash)}: classes, channels and size follow the "
+                               f"data (use image_size), drop-path has its own option")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -283,12 +284,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
                  high_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+        raise InvalidType(f"{name} must be a number, got {type(value).__name__} ({value!r})")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
     if too_low or too_high or math.isnan(value):
         bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {bounds}, got {value}")
+        raise InvalidValue(f"{name} must be in {bounds}, got {value}")
 
 
 # ------------------------------------------------------------------------------------------- the CLI side

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from visionmix.errors import InvalidValue
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -46,10 +48,10 @@ def resolve_device(device: str | torch.device, local_rank: int = 0) -> torch.dev
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available here; use --device cpu or auto")
+            raise InvalidValue(f"device={device!r} but CUDA is not available here; use --device cpu or auto")
         return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
     if name != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+        raise InvalidValue(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     return torch.device("cpu")
 
 

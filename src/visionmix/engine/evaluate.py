@@ -13,6 +13,7 @@ from torch import nn
 
 from visionmix.data import BatchLoader, ImageDataset
 from visionmix.engine.distributed import DistContext, all_reduce_sum
+from visionmix.errors import InvalidValue
 from visionmix.files import atomic_write
 from visionmix.module_state import eval_mode
 
@@ -76,7 +77,7 @@ def metrics_from_counts(confusion: torch.Tensor, loss_sum: float, top5_correct: 
     """Percent accuracies and the mean loss from a confusion matrix and summed loss / top-5 hits."""
     total = int(confusion.sum())
     if total == 0:
-        raise ValueError("cannot evaluate on an empty dataset")
+        raise InvalidValue("cannot evaluate on an empty dataset")
     per_class_total = confusion.sum(1)
     diagonal = confusion.diagonal()
     per_class = [100.0 * int(d) / int(t) if t else None for d, t in zip(diagonal, per_class_total, strict=True)]

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from visionmix.errors import InvalidValue
+
 
 def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
     """LR factor of optimizer step ``step``: ``(step + 1) / warmup_steps`` during warmup, then a half cosine from
@@ -26,7 +28,7 @@ def layer_ids(model: nn.Module) -> dict[str, int]:
     ``param_groups_layer_decay``): 0 for the stem, then one per group of ``model.group_matcher()`` in order (the
     final norm last), and the classifier (what no pattern matches) one after the last."""
     if not hasattr(model, "group_matcher"):
-        raise ValueError(f"layer_decay needs a model with group_matcher(); {type(model).__name__} has none")
+        raise InvalidValue(f"layer_decay needs a model with group_matcher(); {type(model).__name__} has none")
     matcher = model.group_matcher(coarse=False)
     order = sorted({index for _, (index,) in matcher["blocks"]})
     rank = {index: position + 1 for position, index in enumerate(order)}
@@ -66,10 +68,10 @@ def freeze_backbone(model: nn.Module) -> int:
     (a linear probe); returns the number of frozen parameters. BatchNorm statistics are frozen by
     :func:`frozen_norms_eval` in the loop."""
     if not hasattr(model, "get_classifier"):
-        raise ValueError(f"freeze='backbone' needs a model with get_classifier(); {type(model).__name__} has none")
+        raise InvalidValue(f"freeze='backbone' needs a model with get_classifier(); {type(model).__name__} has none")
     head = {id(p) for p in model.get_classifier().parameters()}
     if not head:
-        raise ValueError(f"{type(model).__name__} has no classifier parameters to train (num_classes=0?)")
+        raise InvalidValue(f"{type(model).__name__} has no classifier parameters to train (num_classes=0?)")
     frozen = 0
     for param in model.parameters():
         if id(param) not in head:

@@ -10,6 +10,7 @@ from typing import Any
 
 from visionmix.engine import checkpoint as ckpt
 from visionmix.engine.config import TrainConfig
+from visionmix.errors import InvalidValue
 from visionmix.files import atomic_write_json, entries
 
 
@@ -39,30 +40,30 @@ def prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: boo
     the run's own (and ``force`` replaces exactly those). Anything else in ``out_dir`` is the user's.
     """
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
+        raise InvalidValue(f"--out {out_dir} exists and is not a directory")
     meta = ckpt.run_meta(out_dir) if out_dir.is_dir() else None
     if resume and meta is not None:
         saved, now = asdict(TrainConfig.from_dict(meta["config"])), asdict(cfg)
         diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k != "device" and saved[k] != now[k]]
         if diff:
-            raise ValueError(f"{out_dir} was trained with another configuration ({'; '.join(diff)}); resume it "
-                             f"with its own settings or train into a new --out")
+            raise InvalidValue(f"{out_dir} was trained with another configuration ({'; '.join(diff)}); resume it "
+                               f"with its own settings or train into a new --out")
         return meta
     if meta is not None:
         if not force:
-            raise ValueError(f"{out_dir} already holds a training run; pass --resume {out_dir} to continue it or "
-                             f"--force to replace it")
+            raise InvalidValue(f"{out_dir} already holds a training run; pass --resume {out_dir} to continue it or "
+                               f"--force to replace it")
         return None
     names = entries(out_dir) if out_dir.is_dir() else []
     if names and not force:
         listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise ValueError(f"--out {out_dir} is not empty ({listing}); choose a new directory or pass --force to "
-                         f"write into it")
+        raise InvalidValue(f"--out {out_dir} is not empty ({listing}); choose a new directory or pass --force to "
+                           f"write into it")
     clash = [name for name in names if ckpt.is_run_file(name)]
     if clash:
-        raise ValueError(f"--out {out_dir} holds no visionmix run but has files named like a run's own "
-                         f"({', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}), which --force would "
-                         f"overwrite; move them or choose a new directory")
+        raise InvalidValue(f"--out {out_dir} holds no visionmix run but has files named like a run's own "
+                           f"({', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}), which --force would "
+                           f"overwrite; move them or choose a new directory")
     return None
 
 

@@ -61,20 +61,8 @@ from visionmix.engine.evaluate import evaluate, recompute_bn_statistics
 from visionmix.engine.optim import ModelEma, freeze_backbone, frozen_norms_eval, param_groups, warmup_cosine
 from visionmix.engine.pipeline import DataInfo, build_pipeline
 from visionmix.engine.rundir import clear_run, finished_summary, prepare_out_dir, run_summary, verify_run
+from visionmix.errors import InvalidValue, TrainingError, TrainingInterrupted
 from visionmix.files import atomic_write, atomic_write_json, hold_directory
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss or gradient); the last good checkpoint is kept."""
-
-
-class TrainingInterrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived; a checkpoint of the step reached was saved. ``signum`` says which signal."""
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-
 
 
 @contextmanager
@@ -112,7 +100,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     """
     cfg.validate()
     if from_previous and not resume:
-        raise ValueError("from_previous only applies when resuming a run")
+        raise InvalidValue("from_previous only applies when resuming a run")
     out_dir = Path(out_dir)
     with _held(out_dir):
         if from_previous and launched_rank() == 0:
@@ -139,7 +127,7 @@ def resume_run(run_dir: str | Path, *, device: str | None = None, progress: bool
 def _held(out_dir: Path) -> Iterator[None]:
     """One writer per run directory (:func:`hold_directory`); under torchrun, rank 0 writes and holds it."""
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--out {out_dir} exists and is not a directory")
+        raise InvalidValue(f"--out {out_dir} exists and is not a directory")
     with hold_directory(out_dir, "visionmix train") if launched_rank() == 0 else nullcontext():
         yield
 
@@ -188,8 +176,8 @@ class _Trainer:
             freeze_backbone(self.raw_model)
         if cfg.sync_bn and ctx.enabled:
             if device.type != "cuda":
-                raise ValueError("sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); on CPU each "
-                                 "process keeps its own BatchNorm statistics")
+                raise InvalidValue("sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); on CPU each "
+                                   "process keeps its own BatchNorm statistics")
             self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
         self.raw_model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.params = sum(p.numel() for p in self.raw_model.parameters())
@@ -204,8 +192,8 @@ class _Trainer:
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self.budget_s = None if cfg.time_budget_min is None else 60.0 * cfg.time_budget_min
         if self.budget_s is not None and self.warmup_steps == 0:
-            raise ValueError(f"a time budget needs a warmup of at least one step (warmup_epochs="
-                             f"{cfg.warmup_epochs} x {self.steps_per_epoch} steps per epoch rounds to 0)")
+            raise InvalidValue(f"a time budget needs a warmup of at least one step (warmup_epochs="
+                               f"{cfg.warmup_epochs} x {self.steps_per_epoch} steps per epoch rounds to 0)")
         self.length_fixed = self.budget_s is None  # a budgeted run fixes its length after warmup
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: warmup_cosine(
             step, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_ratio=cfg.min_lr_ratio))
@@ -269,8 +257,8 @@ class _Trainer:
         if meta.get("length_fixed"):  # a time-budgeted run keeps the length it fixed (older runs: from the config)
             self.total_steps, self.length_fixed = meta["total_steps"], True
         if meta["steps_per_epoch"] != self.steps_per_epoch:
-            raise ValueError(f"{self.out_dir}: the data give {self.steps_per_epoch} steps per epoch, the checkpoint "
-                             f"was taken with {meta['steps_per_epoch']}; did the dataset change?")
+            raise InvalidValue(f"{self.out_dir}: the data give {self.steps_per_epoch} steps per epoch, the checkpoint "
+                               f"was taken with {meta['steps_per_epoch']}; did the dataset change?")
         if meta["world_size"] == self.ctx.world_size:
             torch.set_rng_state(state["rng"][self.ctx.rank])
             if state["cuda_rng"] is not None and self.ctx.device.type == "cuda":
@@ -518,4 +506,4 @@ def _create_model(name: str, kwargs: dict[str, Any]) -> nn.Module:
     try:
         return create_model(name, **kwargs)
     except TypeError as exc:
-        raise ValueError(f"model {name!r} rejected its arguments {kwargs}: {exc}") from exc
+        raise InvalidValue(f"model {name!r} rejected its arguments {kwargs}: {exc}") from exc

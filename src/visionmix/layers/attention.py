@@ -9,15 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.checks import check_divisible, check_input, check_positive
+from visionmix.errors import InvalidType, InvalidValue
 from visionmix.layers.basic import ConvBN
 
 
 def _reduced_width(name: str, channels: int, ratio: float, minimum: int = 1) -> int:
     """Bottleneck width ``max(minimum, round(channels * ratio))``; ``ratio`` must be a positive number."""
     if isinstance(ratio, bool) or not isinstance(ratio, int | float):
-        raise TypeError(f"{name} must be a float, got {type(ratio).__name__} ({ratio!r})")
+        raise InvalidType(f"{name} must be a float, got {type(ratio).__name__} ({ratio!r})")
     if not ratio > 0:
-        raise ValueError(f"{name} must be a positive number, got {ratio}")
+        raise InvalidValue(f"{name} must be a positive number, got {ratio}")
     return max(minimum, round(channels * ratio))
 
 
@@ -61,10 +62,10 @@ class SelectiveKernel(nn.Module):
         out_channels = in_channels if out_channels is None else out_channels
         kernels = tuple(kernels)
         if len(kernels) < 2:
-            raise ValueError(f"kernels must list at least two branch sizes to select between, got {kernels!r}")
+            raise InvalidValue(f"kernels must list at least two branch sizes to select between, got {kernels!r}")
         for k in kernels:
             if check_positive("kernels", k) < 3 or k % 2 == 0:
-                raise ValueError(f"kernels must be odd sizes >= 3 (k > 3 becomes a dilated 3x3), got {kernels!r}")
+                raise InvalidValue(f"kernels must be odd sizes >= 3 (k > 3 becomes a dilated 3x3), got {kernels!r}")
         check_positive("stride", stride)
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -107,11 +108,11 @@ class SplitAttention(nn.Module):
     def forward(self, xs: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
         if not isinstance(xs, torch.Tensor):
             if len(xs) != self.k:
-                raise ValueError(f"expected k={self.k} feature maps, got {len(xs)}")
+                raise InvalidValue(f"expected k={self.k} feature maps, got {len(xs)}")
             xs = torch.stack(tuple(xs), dim=1)
         check_input(xs, self.dim, ndim=5, channel_dim=-1, layout="(B, k, H, W, C)")
         if xs.shape[1] != self.k:
-            raise ValueError(f"expected k={self.k} feature maps stacked on dim 1, got shape {tuple(xs.shape)}")
+            raise InvalidValue(f"expected k={self.k} feature maps stacked on dim 1, got shape {tuple(xs.shape)}")
         a = xs.sum(1).mean((1, 2))  # (B, C)
         weights = self.mlp2(self.act(self.mlp1(a))).unflatten(1, (self.k, self.dim)).softmax(dim=1)  # (B, k, C)
         return (xs * weights[:, :, None, None, :]).sum(1)

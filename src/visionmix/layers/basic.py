@@ -16,6 +16,7 @@ from visionmix.checks import (
     check_positive,
     to_pair,
 )
+from visionmix.errors import InvalidValue
 from visionmix.layers.fusion import conv2d_from_kernel, fuse_conv_bn
 
 
@@ -86,11 +87,11 @@ class PatchEmbed(nn.Module):
 
     def check_size(self, height: int, width: int) -> None:
         if self.strict_img_size and (height, width) != self.img_size:
-            raise ValueError(f"expected input size {self.img_size[0]}x{self.img_size[1]} (this model's img_size), "
-                             f"got {height}x{width}")
+            raise InvalidValue(f"expected input size {self.img_size[0]}x{self.img_size[1]} (this model's img_size), "
+                               f"got {height}x{width}")
         if height % self.patch_size[0] or width % self.patch_size[1]:
-            raise ValueError(f"input size {height}x{width} must be divisible by the patch size "
-                             f"{self.patch_size[0]}x{self.patch_size[1]}")
+            raise InvalidValue(f"input size {height}x{width} must be divisible by the patch size "
+                               f"{self.patch_size[0]}x{self.patch_size[1]}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_chans)
@@ -122,7 +123,7 @@ class DropPath(nn.Module):
     def __init__(self, drop_prob: float = 0.0, *, scale_by_keep: bool = True) -> None:
         super().__init__()
         if not 0.0 <= drop_prob < 1.0:
-            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+            raise InvalidValue(f"drop_prob must be in [0, 1), got {drop_prob}")
         self.drop_prob = drop_prob
         self.scale_by_keep = scale_by_keep
 

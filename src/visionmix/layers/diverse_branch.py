@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.checks import check_conv_channels, check_divisible, check_positive
+from visionmix.errors import InvalidValue
 from visionmix.layers.basic import ConvBN
 from visionmix.layers.fusion import (
     add_branches,
@@ -113,17 +114,17 @@ class DiverseBranchBlock(nn.Module):
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         k = self.kernel_size = check_positive("kernel_size", kernel_size)
         if k % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (the 1x1 and avg branches are centred in it), got {k}")
+            raise InvalidValue(f"kernel_size must be odd (the 1x1 and avg branches are centred in it), got {k}")
         self.stride = check_positive("stride", stride)
         if check_positive("dilation", dilation) != 1:
-            raise ValueError(f"dilation must be 1 (the average-pooling branch has no dilated form), got {dilation}")
+            raise InvalidValue(f"dilation must be 1 (the average-pooling branch has no dilated form), got {dilation}")
         self.padding = k // 2 if padding is None else padding
         if isinstance(self.padding, bool) or not isinstance(self.padding, int) or not 0 <= self.padding <= k // 2:
-            raise ValueError(f"padding must be an int in [0, {k // 2}] (kernel_size // 2) or None, got {padding!r}")
+            raise InvalidValue(f"padding must be an int in [0, {k // 2}] (kernel_size // 2) or None, got {padding!r}")
         depthwise = groups == out_channels
         if depthwise and in_channels != out_channels:
-            raise ValueError(f"a depthwise DBB (groups == out_channels == {out_channels}) needs in_channels == "
-                             f"out_channels, got in_channels={in_channels}")
+            raise InvalidValue(f"a depthwise DBB (groups == out_channels == {out_channels}) needs in_channels == "
+                               f"out_channels, got in_channels={in_channels}")
         if internal_channels is None:
             internal_channels = 2 * in_channels if depthwise else in_channels
         check_divisible("internal_channels", check_positive("internal_channels", internal_channels), groups,

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.checks import check_conv_channels, check_divisible, check_input, check_positive, to_pair
+from visionmix.errors import InvalidValue
 
 IntPair = int | tuple[int, int]
 
@@ -33,7 +34,7 @@ def _conv_geometry(in_channels: int, out_channels: int, kernel_size: IntPair, st
         return kernel, stride_, (dilation_[0] * (kernel[0] - 1) // 2, dilation_[1] * (kernel[1] - 1) // 2), dilation_
     pad = (padding, padding) if isinstance(padding, int) else tuple(padding)
     if len(pad) != 2 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in pad):
-        raise ValueError(f"padding must be None (same), a non-negative int or a pair of them, got {padding!r}")
+        raise InvalidValue(f"padding must be None (same), a non-negative int or a pair of them, got {padding!r}")
     return kernel, stride_, pad, dilation_  # type: ignore[return-value]
 
 
@@ -115,8 +116,8 @@ class CondConv2d(_DynamicConv2d):
         if routing_weights is None:
             routing_weights = torch.sigmoid(self.routing(x.mean((2, 3))))
         elif routing_weights.shape != (x.shape[0], self.num_experts):
-            raise ValueError(f"routing_weights must have shape (batch, num_experts) = "
-                             f"{(x.shape[0], self.num_experts)}, got {tuple(routing_weights.shape)}")
+            raise InvalidValue(f"routing_weights must have shape (batch, num_experts) = "
+                               f"{(x.shape[0], self.num_experts)}, got {tuple(routing_weights.shape)}")
         kernels = (routing_weights @ self.weight).view(-1, *self.kernel_shape)
         bias = None if self.bias is None else routing_weights @ self.bias
         return self.per_sample_conv(x, kernels, bias)
@@ -183,12 +184,12 @@ class WeightNetConv2d(_DynamicConv2d):
         check_input(x, self.in_channels)
         if x_gap is None:
             if self.reduce is None:
-                raise ValueError("x_gap is required: this WeightNetConv2d was built with own_reduce=False, so the "
-                                 "enclosing block must pass reduce(GAP(x)) of shape (B, reduce_channels, 1, 1)")
+                raise InvalidValue("x_gap is required: this WeightNetConv2d was built with own_reduce=False, so the "
+                                   "enclosing block must pass reduce(GAP(x)) of shape (B, reduce_channels, 1, 1)")
             x_gap = self.reduce(x.mean((2, 3), keepdim=True))
         elif x_gap.shape != (x.shape[0], self.reduce_channels, 1, 1):
-            raise ValueError(f"x_gap must have shape (batch, reduce_channels, 1, 1) = "
-                             f"{(x.shape[0], self.reduce_channels, 1, 1)}, got {tuple(x_gap.shape)}")
+            raise InvalidValue(f"x_gap must have shape (batch, reduce_channels, 1, 1) = "
+                               f"{(x.shape[0], self.reduce_channels, 1, 1)}, got {tuple(x_gap.shape)}")
         kernels = self.wn_fc2(torch.sigmoid(self.wn_fc1(x_gap))).view(-1, *self.kernel_shape)
         return self.per_sample_conv(x, kernels, None)
 

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visionmix.errors import InvalidValue
+
 
 def bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The eval-mode BN as a per-channel affine map ``x * scale + shift`` (running statistics)."""
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"cannot fuse {bn.__class__.__name__} without running statistics "
-                         "(it was built with track_running_stats=False); train it with running stats first")
+        raise InvalidValue(f"cannot fuse {bn.__class__.__name__} without running statistics "
+                           "(it was built with track_running_stats=False); train it with running stats first")
     std = (bn.running_var + bn.eps).sqrt()
     scale = bn.weight / std if bn.affine else std.reciprocal()
     shift = -bn.running_mean * scale
@@ -64,7 +66,7 @@ def merge_1x1_kxk(kernel1: torch.Tensor, bias1: torch.Tensor, kernel2: torch.Ten
     mid, in_per_group = kernel1.shape[:2]
     out, mid_per_group, kh, kw = kernel2.shape
     if mid_per_group * groups != mid:
-        raise ValueError(f"the KxK kernel reads {mid_per_group}x{groups} channels but the 1x1 kernel makes {mid}")
+        raise InvalidValue(f"the KxK kernel reads {mid_per_group}x{groups} channels but the 1x1 kernel makes {mid}")
     w1 = kernel1.reshape(groups, mid_per_group, in_per_group)
     w2 = kernel2.reshape(groups, out // groups, mid_per_group, kh, kw)
     kernel = torch.einsum("gomuv,gmi->goiuv", w2, w1).reshape(out, in_per_group, kh, kw)
@@ -133,6 +135,6 @@ def square_conv_geometry(conv: nn.Conv2d) -> tuple[int, int, int, int]:
         padding = (conv.dilation[0] * (kh - 1) // 2, conv.dilation[1] * (kw - 1) // 2)
     if (kh != kw or isinstance(padding, str) or len({*conv.stride}) != 1 or len({*conv.dilation}) != 1
             or len({*padding}) != 1 or conv.padding_mode != "zeros"):
-        raise ValueError(f"expected a square kernel with one stride, dilation and zero padding for both axes, "
-                         f"got {conv}")
+        raise InvalidValue(f"expected a square kernel with one stride, dilation and zero padding for both axes, "
+                           f"got {conv}")
     return kh, conv.stride[0], padding[0], conv.dilation[0]

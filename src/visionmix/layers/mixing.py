@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.checks import check_choice, check_divisible, check_input, check_positive
+from visionmix.errors import InvalidValue
 from visionmix.layers.basic import ConvMlp, DropPath, Mlp
 
 
@@ -55,8 +56,8 @@ class TokenMixingMLP(Mlp):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 3 or x.shape[1] != self.num_tokens:
-            raise ValueError(f"expected (B, N={self.num_tokens}, C) tokens, got shape {tuple(x.shape)}; token-mixing "
-                             "MLPs are built for one input size")
+            raise InvalidValue(f"expected (B, N={self.num_tokens}, C) tokens, got shape {tuple(x.shape)}; token-mixing "
+                               "MLPs are built for one input size")
         return super().forward(x.transpose(1, 2)).transpose(1, 2)
 
 
@@ -100,7 +101,7 @@ class ConvPosEnc(nn.Conv2d):
     def __init__(self, dim: int, kernel_size: int = 3) -> None:
         check_positive("dim", dim)
         if check_positive("kernel_size", kernel_size) % 2 == 0:
-            raise ValueError(f"kernel_size must be odd so the encoding keeps the size, got {kernel_size}")
+            raise InvalidValue(f"kernel_size must be odd so the encoding keeps the size, got {kernel_size}")
         super().__init__(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
 
 
@@ -116,7 +117,7 @@ class LocalMHRA(nn.Module):
         super().__init__()
         check_positive("dim", dim)
         if check_positive("kernel_size", kernel_size) % 2 == 0:
-            raise ValueError(f"kernel_size must be odd so the residual keeps the size, got {kernel_size}")
+            raise InvalidValue(f"kernel_size must be odd so the residual keeps the size, got {kernel_size}")
         self.dim = dim
         self.pos_embed = ConvPosEnc(dim, 3)
         self.norm1 = nn.BatchNorm2d(dim)

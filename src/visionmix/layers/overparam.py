@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.checks import check_choice, check_conv_channels, check_positive, same_padding
+from visionmix.errors import InvalidValue
 from visionmix.layers.fusion import conv2d_from_kernel, square_conv_geometry
 
 GROUPINGS = ("visionmix", "official")
@@ -46,18 +47,18 @@ class DOConv2d(nn.Module):
         self.dilation = check_positive("dilation", dilation)
         self.padding = same_padding(k, dilation) if padding is None else padding
         if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
-            raise ValueError(f"padding must be a non-negative int or None ('same'), got {padding!r}")
+            raise InvalidValue(f"padding must be a non-negative int or None ('same'), got {padding!r}")
         taps = k * k
         if taps == 1:
             if D_mul not in (None, 1):
-                raise ValueError(f"D_mul={D_mul} has no effect on a 1x1 kernel (a 1x1 DO-Conv is a plain conv); "
-                                 "leave it None")
+                raise InvalidValue(f"D_mul={D_mul} has no effect on a 1x1 kernel (a 1x1 DO-Conv is a plain conv); "
+                                   "leave it None")
             D_mul = 1
         elif D_mul is None:
             D_mul = taps
         elif check_positive("D_mul", D_mul) < taps:
-            raise ValueError(f"D_mul must be >= kernel_size**2 = {taps} (fewer columns cannot represent every "
-                             f"{k}x{k} kernel), got {D_mul}")
+            raise InvalidValue(f"D_mul must be >= kernel_size**2 = {taps} (fewer columns cannot represent every "
+                               f"{k}x{k} kernel), got {D_mul}")
         self.D_mul = D_mul
         self.W = nn.Parameter(torch.empty(out_channels, in_channels // groups, D_mul))
         if taps > 1:

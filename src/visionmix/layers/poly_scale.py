@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.checks import check_conv_channels, check_input, check_positive, to_pair
+from visionmix.errors import InvalidValue
 
 
 def _swap_halves(t: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
@@ -42,14 +43,14 @@ class PSConv2d(nn.Module):
         super().__init__()
         check_positive("groups", groups)
         if check_positive("parts", parts) % 2:
-            raise ValueError(f"parts must be even (the 2*dilation pairs swap half of the parts), got {parts}")
+            raise InvalidValue(f"parts must be even (the 2*dilation pairs swap half of the parts), got {parts}")
         check_conv_channels(in_channels, out_channels, groups * parts, "groups*parts")
         if check_positive("kernel_size", kernel_size) % 2 == 0:
-            raise ValueError(f"kernel_size must be odd (every dilation must keep the same centre), got {kernel_size}")
+            raise InvalidValue(f"kernel_size must be odd (every dilation must keep the same centre), got {kernel_size}")
         half = (kernel_size - 1) // 2
         if padding is not None and padding != half:
-            raise ValueError(f"padding must be None or (kernel_size-1)//2={half}: the three dilations only give equal "
-                             f"output sizes with 'same' padding, got {padding}")
+            raise InvalidValue(f"padding must be None or (kernel_size-1)//2={half}: the three dilations only give "
+                               f"equal output sizes with 'same' padding, got {padding}")
         self.dilation = check_positive("dilation", dilation)
         self.in_channels, self.out_channels, self.groups, self.parts = in_channels, out_channels, groups, parts
         self.kernel_size, self.stride = kernel_size, to_pair("stride", stride)

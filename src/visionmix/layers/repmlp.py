@@ -12,6 +12,7 @@ from einops import rearrange
 from torch import nn
 
 from visionmix.checks import check_conv_channels, check_divisible, check_input, check_positive
+from visionmix.errors import InvalidValue
 from visionmix.layers.basic import ConvBN
 from visionmix.layers.fusion import add_branches, conv_to_fc, fuse_bn_linear, fuse_conv_bn, pad_kernel
 
@@ -59,9 +60,10 @@ class RepMLPBlock(nn.Module):
         self.reparam_conv_k = () if deploy or reparam_conv_k is None else tuple(reparam_conv_k)
         for k in self.reparam_conv_k:
             if check_positive("reparam_conv_k", k) % 2 == 0:
-                raise ValueError(f"reparam_conv_k must hold odd kernel sizes ('same' padding), got {reparam_conv_k!r}")
+                raise InvalidValue(f"reparam_conv_k must hold odd kernel sizes ('same' padding), "
+                                   f"got {reparam_conv_k!r}")
         if len(set(self.reparam_conv_k)) != len(self.reparam_conv_k):
-            raise ValueError(f"reparam_conv_k has repeated sizes: {reparam_conv_k!r}")
+            raise InvalidValue(f"reparam_conv_k has repeated sizes: {reparam_conv_k!r}")
         self.deploy = deploy
 
         self.num_partitions = (H // h) * (W // w)
@@ -70,8 +72,8 @@ class RepMLPBlock(nn.Module):
             features = in_channels * self.num_partitions
             hidden = features // fc1_fc2_reduction
             if hidden == 0:
-                raise ValueError(f"fc1_fc2_reduction={fc1_fc2_reduction} leaves no hidden units for {features} "
-                                 "global features")
+                raise InvalidValue(f"fc1_fc2_reduction={fc1_fc2_reduction} leaves no hidden units for {features} "
+                                   "global features")
             self.fc1_fc2 = nn.Sequential(OrderedDict(
                 fc1=nn.Linear(features, hidden), relu=nn.ReLU(), fc2=nn.Linear(hidden, features)))
             pool = nn.AvgPool2d((h, w))
@@ -87,8 +89,8 @@ class RepMLPBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_channels)
         if x.shape[-2:] != (self.H, self.W):
-            raise ValueError(f"expected a {self.H}x{self.W} input (RepMLP's FC is built for one size), "
-                             f"got {x.shape[-2]}x{x.shape[-1]}")
+            raise InvalidValue(f"expected a {self.H}x{self.W} input (RepMLP's FC is built for one size), "
+                               f"got {x.shape[-2]}x{x.shape[-1]}")
         b, c, hp, wp = x.shape[0], self.in_channels, self.H // self.h, self.W // self.w
         if self.fc1_fc2 is not None:  # Global Perceptron: one value per (channel, partition), broadcast over it
             glob = self.fc1_fc2(self.avg(x).flatten(1)).reshape(b, c, hp, 1, wp, 1)

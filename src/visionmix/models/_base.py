@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from visionmix.checks import check_choice
+from visionmix.errors import InvalidValue
 from visionmix.layers.mixing import ConvPosEnc
 
 GLOBAL_POOLS = ("avg", "max", "")  # "" = no pooling: the head acts on every position
@@ -31,7 +32,7 @@ _SKIP_DECAY = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, ConvP
 def stochastic_depth_rates(drop_path_rate: float, depth: int) -> list[float]:
     """Per-block drop-path rates rising linearly from 0 to ``drop_path_rate`` over ``depth`` blocks (1603.09382)."""
     if not 0.0 <= drop_path_rate < 1.0:
-        raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        raise InvalidValue(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
     if depth == 1:
         return [0.0]
     return [drop_path_rate * i / (depth - 1) for i in range(depth)]
@@ -60,19 +61,19 @@ def take_indices(num_levels: int, indices: int | Sequence[int] | None) -> list[i
         return list(range(num_levels))
     if isinstance(indices, int) and not isinstance(indices, bool):
         if not 0 < indices <= num_levels:
-            raise ValueError(f"indices={indices} (the last n levels) must be in [1, {num_levels}]")
+            raise InvalidValue(f"indices={indices} (the last n levels) must be in [1, {num_levels}]")
         return list(range(num_levels - indices, num_levels))
     resolved = []
     for index in indices:
         if isinstance(index, bool) or not isinstance(index, int) or not -num_levels <= index < num_levels:
-            raise ValueError(f"indices must be ints in [-{num_levels}, {num_levels - 1}] (this model has "
-                             f"{num_levels} feature levels), got {list(indices)}")
+            raise InvalidValue(f"indices must be ints in [-{num_levels}, {num_levels - 1}] (this model has "
+                               f"{num_levels} feature levels), got {list(indices)}")
         resolved.append(index % num_levels)
     if not resolved:
-        raise ValueError("indices must name at least one feature level, got an empty sequence")
+        raise InvalidValue("indices must name at least one feature level, got an empty sequence")
     if len(set(resolved)) != len(resolved):
-        raise ValueError(f"indices must name each feature level once, got {list(indices)} (levels "
-                         f"{resolved} once counted from the start)")
+        raise InvalidValue(f"indices must name each feature level once, got {list(indices)} (levels "
+                           f"{resolved} once counted from the start)")
     return sorted(resolved)
 
 
@@ -140,7 +141,7 @@ class ClassifierModel(nn.Module):
         """Create the dropout + linear classifier; ``num_classes=0`` gives an identity (pooled features out)."""
         self._check_head(num_classes, global_pool)
         if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+            raise InvalidValue(f"drop_rate must be in [0, 1), got {drop_rate}")
         self.num_features = num_features
         self.num_classes = num_classes
         self.in_chans = in_chans
@@ -151,12 +152,12 @@ class ClassifierModel(nn.Module):
 
     def _check_head(self, num_classes: int, global_pool: str) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be a non-negative int (0 = no classifier), got {num_classes!r}")
+            raise InvalidValue(f"num_classes must be a non-negative int (0 = no classifier), got {num_classes!r}")
         check_choice("global_pool", global_pool, GLOBAL_POOLS)
         if not global_pool and num_classes and self.feature_fmt == "NCHW":
-            raise ValueError(f"global_pool='' (no pooling) needs num_classes=0 on {type(self).__name__}: its "
-                             f"features are NCHW and a linear head would act on the W axis; got "
-                             f"num_classes={num_classes}")
+            raise InvalidValue(f"global_pool='' (no pooling) needs num_classes=0 on {type(self).__name__}: its "
+                               f"features are NCHW and a linear head would act on the W axis; got "
+                               f"num_classes={num_classes}")
 
     def _make_classifier(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()

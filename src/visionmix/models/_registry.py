@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from visionmix.checks import to_pair
+from visionmix.errors import InvalidType, InvalidValue
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -114,7 +115,7 @@ def model_entry(name: str) -> ModelEntry:
         close = difflib.get_close_matches(arch, list(_ENTRIES), n=5, cutoff=0.5)
         hint = (f"; closest: {', '.join(close)}" if close
                 else "; list them with 'visionmix models' (Python: visionmix.list_models())")
-        raise ValueError(f"unknown model {name!r}{hint}")
+        raise InvalidValue(f"unknown model {name!r}{hint}")
     return _ENTRIES[arch]
 
 
@@ -144,16 +145,16 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
     """
     entry = model_entry(model_name)
     if "." in model_name:
-        raise ValueError(f"unknown pretrained tag {model_name.split('.', 1)[1]!r} in {model_name!r}: visionmix "
-                         "registers no tagged weights; pass the bare name and checkpoint_path= to a local file")
+        raise InvalidValue(f"unknown pretrained tag {model_name.split('.', 1)[1]!r} in {model_name!r}: visionmix "
+                           "registers no tagged weights; pass the bare name and checkpoint_path= to a local file")
     if pretrained:
-        raise ValueError("pretrained=True: visionmix downloads nothing; pass checkpoint_path= to a local file")
+        raise InvalidValue("pretrained=True: visionmix downloads nothing; pass checkpoint_path= to a local file")
     for key, why in _UNSUPPORTED.items():
         if kwargs.pop(key, None) not in (None, False):
-            raise ValueError(f"create_model({key}=...) is not supported: {why}")
+            raise InvalidValue(f"create_model({key}=...) is not supported: {why}")
     for key, value in (("pretrained_cfg", pretrained_cfg), ("pretrained_cfg_overlay", pretrained_cfg_overlay)):
         if value is not None and not isinstance(value, dict):
-            raise TypeError(f"{key} must be a dict of pretrained_cfg fields, got {type(value).__name__}")
+            raise InvalidType(f"{key} must be a dict of pretrained_cfg fields, got {type(value).__name__}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if "img_size" in kwargs:
         to_pair("img_size", kwargs["img_size"])  # a clear error for 28.0 or "28", before any family sees it
@@ -173,7 +174,7 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
         model = FeatureListNet(model, out_indices)
         model.pretrained_cfg = model.default_cfg = cfg
     elif out_indices is not None:
-        raise ValueError("out_indices needs features_only=True")
+        raise InvalidValue("out_indices needs features_only=True")
     return model
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_choice
+from visionmix.errors import InvalidValue
 from visionmix.layers.overparam import GROUPINGS, DOConv2d
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -32,8 +33,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in (*TORCH_SUFFIXES, SAFETENSORS_SUFFIX):
-        raise ValueError(f"unknown checkpoint suffix {path.suffix!r} of {path}; expected one of "
-                         f"{', '.join((*TORCH_SUFFIXES, SAFETENSORS_SUFFIX))}")
+        raise InvalidValue(f"unknown checkpoint suffix {path.suffix!r} of {path}; expected one of "
+                           f"{', '.join((*TORCH_SUFFIXES, SAFETENSORS_SUFFIX))}")
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -43,12 +44,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state: object = (load_file(str(path), device="cpu") if suffix == SAFETENSORS_SUFFIX
                              else torch.load(path, map_location="cpu", weights_only=True))
     except pickle.UnpicklingError as exc:
-        raise ValueError(f"{path} is not a plain state dict: it pickles objects other than tensors and containers, "
-                         f"which torch.load(weights_only=True) refuses (a pickle can run code)") from exc
+        raise InvalidValue(f"{path} is not a plain state dict: it pickles objects other than tensors and containers, "
+                           f"which torch.load(weights_only=True) refuses (a pickle can run code)") from exc
     except (SafetensorError, RuntimeError, EOFError, KeyError, ValueError, IndexError) as exc:
         # a text file, a truncated or foreign archive: each makes torch.load fail in its own way
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise ValueError(f"{path} is damaged or not a {suffix} checkpoint ({reason})") from exc
+        raise InvalidValue(f"{path} is damaged or not a {suffix} checkpoint ({reason})") from exc
     return _unwrap(state, path)
 
 
@@ -56,11 +57,11 @@ def _unwrap(state: object, path: Path) -> dict[str, torch.Tensor]:
     while isinstance(state, Mapping) and not _is_flat(state):
         inner = next((state[k] for k in WRAPPER_KEYS if isinstance(state.get(k), Mapping)), None)
         if inner is None:
-            raise ValueError(f"{path} holds a dict with keys {sorted(map(str, state))[:8]} but no tensors and "
-                             f"none of the wrapper keys {WRAPPER_KEYS}")
+            raise InvalidValue(f"{path} holds a dict with keys {sorted(map(str, state))[:8]} but no tensors and "
+                               f"none of the wrapper keys {WRAPPER_KEYS}")
         state = inner
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+        raise InvalidValue(f"{path} holds a {type(state).__name__}, not a state dict")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return dict(state)
@@ -89,7 +90,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, *,
         state = filter_fn(state, model)
     problems = state_dict_problems(model.state_dict(), state, strict=strict)
     if problems:
-        raise ValueError(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise InvalidValue(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(problems))
     model.load_state_dict(state, strict=strict)
     return model
 
@@ -131,9 +132,9 @@ def set_doconv_grouping(model: nn.Module, grouping: str | None, path: str | Path
     if grouping is None:
         ambiguous = [name or type(model).__name__ for name, m in layers.items() if m.grouping_matters]
         if ambiguous:
-            raise ValueError(f"checkpoint {path}: {_describe('grouped DO-Convs', ambiguous)} compose their kernel "
-                             "differently in the official code; pass doconv_grouping='official' for an official "
-                             "checkpoint or 'visionmix' for one saved from visionmix")
+            raise InvalidValue(f"checkpoint {path}: {_describe('grouped DO-Convs', ambiguous)} compose their kernel "
+                               "differently in the official code; pass doconv_grouping='official' for an official "
+                               "checkpoint or 'visionmix' for one saved from visionmix")
         return
     check_choice("doconv_grouping", grouping, GROUPINGS)
     for layer in layers.values():
@@ -160,7 +161,7 @@ def load_for_finetuning(model: nn.Module, state: Mapping[str, torch.Tensor], sou
     kept = {k: v for k, v in state.items() if k not in dropped}
     problems = state_dict_problems({k: v for k, v in own.items() if head_fits or k not in head_keys}, kept)
     if problems:
-        raise ValueError(f"--init {source} does not fit {type(model).__name__} (beyond its classifier): "
-                         + "; ".join(problems))
+        raise InvalidValue(f"--init {source} does not fit {type(model).__name__} (beyond its classifier): "
+                           + "; ".join(problems))
     model.load_state_dict(kept, strict=False)
     return dropped

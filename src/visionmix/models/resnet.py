@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_choice, check_input, check_positive
+from visionmix.errors import InvalidValue
 from visionmix.layers.attention import ULSAM, SelectiveKernel, SEModule
 from visionmix.layers.basic import ConvBN, DropPath
 from visionmix.layers.diverse_branch import DiverseBranchBlock
@@ -112,8 +113,8 @@ class BasicBlock(nn.Module):
                  width_per_group: int = 64, drop_path: float = 0.0) -> None:
         super().__init__()
         if groups != 1 or width_per_group != 64:
-            raise ValueError(f"BasicBlock supports only groups=1 and width_per_group=64 (use the bottleneck), got "
-                             f"groups={groups}, width_per_group={width_per_group}")
+            raise InvalidValue(f"BasicBlock supports only groups=1 and width_per_group=64 (use the bottleneck), got "
+                               f"groups={groups}, width_per_group={width_per_group}")
         conv = partial(CONV_LAYERS[conv_layer], **(conv_kwargs or {}))
         self.shortcut = _shortcut(in_chs, planes, stride)
         if attn_layer == "sk":  # SK's branches end in BN + ReLU already
@@ -142,8 +143,8 @@ class Bottleneck(nn.Module):
                  width_per_group: int = 64, drop_path: float = 0.0) -> None:
         super().__init__()
         if attn_layer == "sk" and conv_layer != "conv":
-            raise ValueError(f"attn_layer='sk' replaces the bottleneck's only 3x3 conv, so conv_layer={conv_layer!r} "
-                             "would have no effect; use conv_layer='conv' with it")
+            raise InvalidValue(f"attn_layer='sk' replaces the bottleneck's only 3x3 conv, so conv_layer={conv_layer!r} "
+                               "would have no effect; use conv_layer='conv' with it")
         width = planes * width_per_group // 64 * groups
         out_chs = planes * self.expansion
         self.shortcut = _shortcut(in_chs, out_chs, stride)
@@ -195,7 +196,7 @@ class ResNet(ClassifierModel):
         check_choice("attn_layer", attn_layer, ATTN_LAYERS)
         layers, widths = tuple(layers), tuple(widths)
         if len(layers) != len(widths) or not layers:
-            raise ValueError(f"layers and widths need one entry per stage, got {len(layers)} and {len(widths)}")
+            raise InvalidValue(f"layers and widths need one entry per stage, got {len(layers)} and {len(widths)}")
         for name, values in (("layers", layers), ("widths", widths)):
             for v in values:
                 check_positive(name, v)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_divisible, check_input, check_positive
+from visionmix.errors import InvalidValue
 from visionmix.layers import DropPath, Mlp, PatchEmbed, SplitAttention, spatial_shift
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_model
@@ -91,7 +92,7 @@ class S2MLPv2(ClassifierModel):
                  drop_rate: float = 0.0, proj_drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         if len(embed_dims) != len(depths) or not depths:
-            raise ValueError(f"embed_dims and depths need one entry per stage, got {embed_dims} and {depths}")
+            raise InvalidValue(f"embed_dims and depths need one entry per stage, got {embed_dims} and {depths}")
         for depth in depths:
             check_positive("depth", depth)
         self.stem = PatchEmbed(img_size, patch_size, in_chans, embed_dims[0], output_fmt="NHWC",
@@ -129,8 +130,8 @@ class S2MLPv2(ClassifierModel):
     def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_chans)
         if x.shape[-2] % self.stride[0] or x.shape[-1] % self.stride[1]:
-            raise ValueError(f"input size {x.shape[-2]}x{x.shape[-1]} must be divisible by the model's total stride "
-                             f"{self.stride[0]}x{self.stride[1]} (patch size times the patch merges)")
+            raise InvalidValue(f"input size {x.shape[-2]}x{x.shape[-1]} must be divisible by the model's total stride "
+                               f"{self.stride[0]}x{self.stride[1]} (patch size times the patch merges)")
         return self.stem(x)
 
 

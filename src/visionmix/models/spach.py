@@ -25,6 +25,7 @@ from einops.layers.torch import Rearrange
 from torch import nn
 
 from visionmix.checks import check_choice, check_positive
+from visionmix.errors import InvalidValue
 from visionmix.layers import Attention, ConvPosEnc, DropPath, Mlp, PatchEmbed, TokenMixingMLP
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_variant
@@ -68,7 +69,7 @@ class Conv4PatchEmbed(PatchEmbed):
         super().__init__(img_size, patch_size, in_chans, embed_dim, output_fmt=output_fmt,
                          strict_img_size=strict_img_size)
         if any(p % 2 for p in self.patch_size):
-            raise ValueError(f"the conv4 stem needs an even patch_size, got {self.patch_size}")
+            raise InvalidValue(f"the conv4 stem needs an even patch_size, got {self.patch_size}")
         sub_patch = (self.patch_size[0] // 2, self.patch_size[1] // 2)
         hidden = check_positive("hidden_chans", hidden_chans)
         self.proj = nn.Sequential(  # replaces PatchEmbed's single patch conv
@@ -120,7 +121,7 @@ def _make_spatial_func(kind: str, dim: int, num_tokens: int | None, *, num_heads
         return Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop, proj_drop=drop)
     if kind == "mlp":
         if num_tokens is None:
-            raise ValueError("a spatial 'mlp' needs num_tokens (the fixed H*W of its stage)")
+            raise InvalidValue("a spatial 'mlp' needs num_tokens (the fixed H*W of its stage)")
         return TokenMixingMLP(num_tokens, int(num_tokens * token_ratio), drop=drop)
     return None
 
@@ -148,7 +149,7 @@ class Spach(ClassifierModel):
         check_positive("hidden_dim", hidden_dim)
         arch = [[(_spatial_type(kind), check_positive("depth", depth)) for kind, depth in stage] for stage in net_arch]
         if not arch or not all(arch):
-            raise ValueError(f"net_arch must be a non-empty list of non-empty stages, got {net_arch!r}")
+            raise InvalidValue(f"net_arch must be a non-empty list of non-empty stages, got {net_arch!r}")
         fixed_size = any(kind == "mlp" for stage in arch for kind, _ in stage)
         stem_cls = PatchEmbed if stem_type == "conv1" else Conv4PatchEmbed
         self.stem = stem_cls(img_size, patch_size, in_chans, hidden_dim, output_fmt="NHWC",
@@ -174,8 +175,8 @@ class Spach(ClassifierModel):
             shared = None
             if shared_spatial_func and kinds != {"conv"}:
                 if len(stage) != 1:
-                    raise ValueError(f"shared_spatial_func needs a single spatial type per stage; stage {index + 1} "
-                                     f"is {stage}")
+                    raise InvalidValue(f"shared_spatial_func needs a single spatial type per stage; stage {index + 1} "
+                                       f"is {stage}")
                 shared = _make_spatial_func(stage[0][0], dim, grid_h * grid_w, num_heads=num_heads,
                                             token_ratio=token_ratio, drop=proj_drop_rate, attn_drop=attn_drop_rate)
             layers.extend(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from visionmix.checks import check_input, check_positive
+from visionmix.errors import InvalidValue
 from visionmix.layers.basic import DropPath, Mlp
 from visionmix.layers.mixing import Attention, ConvPosEnc, LocalMHRA
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
@@ -119,16 +120,16 @@ class UniFormer(ClassifierModel):
         super().__init__()
         depths, embed_dims, patch_sizes = tuple(depths), tuple(embed_dims), tuple(patch_sizes)
         if not len(depths) == len(embed_dims) == len(patch_sizes) or not depths:
-            raise ValueError(f"depths, embed_dims and patch_sizes need one entry per stage, got {len(depths)}, "
-                             f"{len(embed_dims)} and {len(patch_sizes)}")
+            raise InvalidValue(f"depths, embed_dims and patch_sizes need one entry per stage, got {len(depths)}, "
+                               f"{len(embed_dims)} and {len(patch_sizes)}")
         for name, values in (("depths", depths), ("embed_dims", embed_dims), ("patch_sizes", patch_sizes)):
             for v in values:
                 check_positive(name, v)
         if not 0 <= num_conv_stages <= len(depths):
-            raise ValueError(f"num_conv_stages must be in [0, {len(depths)}], got {num_conv_stages}")
+            raise InvalidValue(f"num_conv_stages must be in [0, {len(depths)}], got {num_conv_stages}")
         check_positive("in_chans", in_chans)
         if conv_stem and patch_sizes != (4,) + (2,) * (len(depths) - 1):
-            raise ValueError(f"conv_stem=True needs patch_sizes (4, 2, 2, ...), got {patch_sizes}")
+            raise InvalidValue(f"conv_stem=True needs patch_sizes (4, 2, 2, ...), got {patch_sizes}")
         self.stride = math.prod(patch_sizes)
         if img_size is not None:  # the model takes any size divisible by its stride; a given size is checked early
             self._check_size(*((img_size, img_size) if isinstance(img_size, int) else img_size))
@@ -158,8 +159,8 @@ class UniFormer(ClassifierModel):
 
     def _check_size(self, height: int, width: int) -> None:
         if height % self.stride or width % self.stride:
-            raise ValueError(f"input size {height}x{width} must be divisible by the model's total stride "
-                             f"{self.stride}")
+            raise InvalidValue(f"input size {height}x{width} must be divisible by the model's total stride "
+                               f"{self.stride}")
 
     def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         check_input(x, self.in_chans)
