@@ -23,8 +23,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 import torch
 
 from visionmix import create_model, deploy, list_models
-from visionmix.bench.profile import time_alternately
 from visionmix.export import randomize_weights
+from visionmix.timing import time_alternately
 
 TARGETS = {"resnet50": 1.3, "uniformer_small": 1.3, "spach_ms_s_patch4_224_conv": 1.3, "mixer_b16_224": 1.1}
 

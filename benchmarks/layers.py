@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visionmix.bench.profile import Timing, time_alternately
 from visionmix.layers import (
     ULSAM,
     CondConv2d,
@@ -30,6 +29,7 @@ from visionmix.layers import (
     WeightNetConv2d,
     spatial_shift,
 )
+from visionmix.timing import Timing, time_alternately
 
 BATCH, CHANNELS, SIZE = 32, 64, 56
 # row -> (largest ratio to the group's reference, where the target comes from)

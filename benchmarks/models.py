@@ -19,7 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 import torch
 
 from visionmix import create_model, is_model, reparameterize
-from visionmix.bench.profile import count_macs, count_params, matmul_workload, time_alternately
+from visionmix.bench.profile import count_macs, count_params, matmul_workload
+from visionmix.timing import time_alternately
 
 MODELS = ("mixer_s16_224", "mixer_b16_224", "s2mlpv2_small", "spach_ms_s_patch4_224_conv",
           "spach_ms_s_patch4_224_attn", "spach_ms_s_patch4_224_mlp", "uniformer_small", "resnet18", "dbb_resnet18")

@@ -21,10 +21,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its t
 import torch
 from torch import nn
 
-from visionmix.bench.profile import time_alternately
 from visionmix.layers import ConvBN, DiverseBranchBlock, DOConv2d, RepMLPBlock
 from visionmix.layers.diverse_branch import AvgPoolConv
 from visionmix.reparam import check_equivalence, randomize_batchnorm, reparameterize
+from visionmix.timing import time_alternately
 
 C, SIZE = 64, 56
 # block -> (train-form limit, deployed limit), as multiples of the plain layer

@@ -4,7 +4,6 @@ paired differences to a baseline and the claims table."""
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import math
 import statistics
@@ -12,19 +11,12 @@ import statistics
 import pytest
 from matplotlib.image import imread
 
-from visionmix.bench.compare import (
-    PAPER_CLAIMS,
-    PLOTS,
-    PRESETS,
-    Claim,
-    RunOutcome,
-    claim_rows,
-    compare,
-    markdown_table,
-    resolve_preset,
-    summarize,
-    with_differences,
-)
+from visionmix.bench import plots
+from visionmix.bench.compare import compare
+from visionmix.bench.plots import PLOTS
+from visionmix.bench.presets import PAPER_CLAIMS, PRESETS, Claim, resolve_preset
+from visionmix.bench.report import markdown_table
+from visionmix.bench.results import RunOutcome, claim_rows, summarize, with_differences
 from visionmix.bench.stats import t_quantile
 from visionmix.cli import main
 from visionmix.data import FASHION_MNIST_DIR
@@ -209,7 +201,6 @@ def test_an_interrupt_stops_the_whole_comparison_with_a_resume_hint(tmp_path, mo
 
 
 def test_training_curves_average_seeds_and_end_a_partial_run_at_its_length(monkeypatch, tmp_path):
-    compare_module = importlib.import_module("visionmix.bench.compare")  # the package re-exports compare()
 
     def summary(losses: list[float], top1: list[float]) -> dict:
         history = [{"epoch": e + 1, "train_loss": loss, "eval_top1": acc}
@@ -219,8 +210,8 @@ def test_training_curves_average_seeds_and_end_a_partial_run_at_its_length(monke
     outcomes = [RunOutcome("m", 0, summary([2.0, 1.0, 0.5], [50.0, 70.0, 80.0])),
                 RunOutcome("m", 1, summary([3.0, 2.0, 1.5], [60.0, 80.0, 90.0])), RunOutcome("x", 0, error="boom")]
     figures = []
-    monkeypatch.setattr(compare_module, "_save_figure", lambda fig, path: figures.append(fig))
-    compare_module._curves(outcomes, tmp_path / "curves.png")
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig))
+    plots._curves(outcomes, tmp_path / "curves.png")
     loss_ax, acc_ax = figures[0].axes
     (loss_line,), (acc_line,) = loss_ax.get_lines(), acc_ax.get_lines()
     assert list(loss_line.get_xdata()) == list(acc_line.get_xdata()) == [1, 2, 2.5]
@@ -321,14 +312,13 @@ def test_a_baseline_outside_the_models_is_refused(tmp_path):
 
 
 def test_differences_plot_has_one_row_per_paired_model_and_a_line_at_zero(monkeypatch, tmp_path):
-    compare_module = importlib.import_module("visionmix.bench.compare")
     rows = [{"model": "base", "delta": None, "ci_low": None, "ci_high": None},
             {"model": "a", "delta": 2.0, "ci_low": -0.5, "ci_high": 4.5},
             {"model": "b", "delta": -1.0, "ci_low": None, "ci_high": None},  # one seed: a point, no bar
             {"model": "c", "delta": None, "ci_low": None, "ci_high": None}]  # not paired: no row
     figures = []
-    monkeypatch.setattr(compare_module, "_save_figure", lambda fig, path: figures.append(fig))
-    compare_module._differences(rows, "base", tmp_path / "d.png")
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig))
+    plots._differences(rows, "base", tmp_path / "d.png")
     (ax,) = figures[0].axes
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b"] and "base" in ax.get_title()
     assert any(list(line.get_xdata()) == [0.0, 0.0] for line in ax.get_lines())

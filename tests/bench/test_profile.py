@@ -19,10 +19,9 @@ from visionmix.bench.profile import (
     peak_memory,
     profile_model,
     save_results,
-    time_alternately,
-    time_call,
 )
 from visionmix.cli import main
+from visionmix.timing import time_alternately, time_call
 
 
 def _conv_macs(conv: nn.Conv2d, h: int, w: int) -> int:

@@ -1,19 +1,18 @@
 """Measure models (params, MACs, speed, memory) and compare them under one training recipe (SPACH, 2108.13002)."""
 
-from visionmix.bench.compare import PAPER_CLAIMS, PRESETS, Claim, compare, resolve_preset
+from visionmix.bench.compare import compare
+from visionmix.bench.presets import PAPER_CLAIMS, PRESETS, Claim, resolve_preset
 from visionmix.bench.profile import (
     BenchResult,
     bench_models,
     count_macs,
     count_params,
-    format_table,
     matmul_gflops,
     matmul_workload,
     peak_memory,
     profile_model,
+    results_table,
     save_results,
-    time_alternately,
-    time_call,
 )
 from visionmix.bench.stats import PairedDifference, claim_verdict, paired_difference, t_quantile
 
@@ -28,7 +27,7 @@ __all__ = [
     "compare",
     "count_macs",
     "count_params",
-    "format_table",
+    "results_table",
     "matmul_gflops",
     "matmul_workload",
     "paired_difference",
@@ -37,6 +36,4 @@ __all__ = [
     "resolve_preset",
     "save_results",
     "t_quantile",
-    "time_alternately",
-    "time_call",
 ]

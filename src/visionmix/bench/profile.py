@@ -20,10 +20,8 @@ import json
 import math
 import os
 import platform
-import statistics
-import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +36,8 @@ from visionmix.checks import check_choice, check_positive
 from visionmix.errors import DeployError, InvalidValue
 from visionmix.files import write_new
 from visionmix.module_state import eval_mode, on_device
+from visionmix.tables import format_table, si_format
+from visionmix.timing import time_alternately, time_call
 
 FORMS = ("train", "deploy")
 
@@ -63,71 +63,6 @@ def count_macs(model: nn.Module, inputs: torch.Tensor) -> int:
           FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION) as counter):
         model(inputs)
     return counter.get_total_flops() // 2
-
-
-@dataclass(frozen=True)
-class Timing:
-    """Seconds per call over repeated samples: median and quartiles."""
-
-    median: float
-    q1: float
-    q3: float
-    samples: int
-
-    @property
-    def spread(self) -> float:
-        """Inter-quartile range relative to the median (0.05 = the middle half of the runs lie within 5%)."""
-        return (self.q3 - self.q1) / self.median
-
-
-def time_alternately(fns: Mapping[str, Callable[[], Any]], *, warmup: int = 3, repeats: int = 10,
-                     min_sample_s: float = 0.02, sync: Callable[[], None] | None = None) -> dict[str, Timing]:
-    """Time several callables in interleaved rounds, one sample of each per round, so that the drift of a shared
-    machine hits them alike and ratios of their medians are fair.
-
-    Each callable gets ``warmup`` calls, then ``repeats`` samples, each looping it enough times to last about
-    ``min_sample_s`` seconds. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each clock read.
-    """
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise InvalidValue(f"warmup must be a non-negative int, got {warmup!r}")
-    if check_positive("repeats", repeats) < 2:
-        raise InvalidValue(f"repeats must be at least 2 to give a spread, got {repeats}")
-    if not fns:
-        raise InvalidValue("fns must hold at least one callable")
-    sync = sync or (lambda: None)
-
-    def clock() -> float:
-        sync()
-        return time.perf_counter()
-
-    inner = {}
-    for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
-        start = clock()
-        fn()
-        inner[name] = max(1, math.ceil(min_sample_s / max(clock() - start, 1e-9)))
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    names = list(fns)
-    for round_ in range(repeats):
-        # rotate the order so each callable follows every other equally often (a cold cache after a big one)
-        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            fn = fns[name]
-            start = clock()
-            for _ in range(inner[name]):
-                fn()
-            samples[name].append((clock() - start) / inner[name])
-    timings = {}
-    for name, values in samples.items():
-        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
-        timings[name] = Timing(median, q1, q3, repeats)
-    return timings
-
-
-def time_call(fn: Callable[[], Any], *, warmup: int = 3, repeats: int = 10, min_sample_s: float = 0.02,
-              sync: Callable[[], None] | None = None) -> Timing:
-    """Time one callable (see :func:`time_alternately` for the protocol)."""
-    return time_alternately({"fn": fn}, warmup=warmup, repeats=repeats, min_sample_s=min_sample_s, sync=sync)["fn"]
 
 
 class _LiveTensorBytes(TorchDispatchMode):
@@ -334,7 +269,7 @@ def bench_backends(names: Sequence[str], backends: Sequence[str], *, batch_size:
     return results
 
 
-def format_backend_table(results: Sequence[BackendResult]) -> str:
+def backend_table(results: Sequence[BackendResult]) -> str:
     """The backend comparison as aligned text: one row per (model, backend)."""
     rows = [("model", "backend", "img/s", "spread", "vs eager", "max rel diff")]
     for r in results:
@@ -343,22 +278,10 @@ def format_backend_table(results: Sequence[BackendResult]) -> str:
         else:
             rows.append((r.model, r.backend, f"{r.throughput:.1f}", f"{100 * r.throughput_spread:.0f}%",
                          f"{r.vs_eager:.2f}x", f"{r.max_rel_diff:.1e}"))
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in
-                                enumerate(zip(row[:5], widths, strict=True))) + "  " + row[5] for row in rows)
+    return format_table(rows, left=2, free_last=True)
 
 
-def si_format(value: float | None) -> str:
-    """``11689512 -> "11.69M"``, ``1.8e9 -> "1.80G"``; ``None -> "-"`` (a count a failed run does not have)."""
-    if value is None:
-        return "-"
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(value) >= scale:
-            return f"{value / scale:.2f}{suffix}"
-    return f"{value:.0f}"
-
-
-def format_table(results: Sequence[BenchResult]) -> str:
+def results_table(results: Sequence[BenchResult]) -> str:
     """A plain-text table of ``results`` for the terminal."""
     header = ["model", "form", "input", "params", "MACs", "latency b1 (ms)", "img/s", "peak MB", "GFLOP/s"]
     with_fraction = any(r.matmul_fraction is not None for r in results)
@@ -373,12 +296,7 @@ def format_table(results: Sequence[BenchResult]) -> str:
         if with_fraction:
             row.append("-" if r.matmul_fraction is None else f"{r.matmul_fraction:.2f}")
         rows.append(row)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    aligned = [[cell.ljust(w) if i < 3 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
-               for row in rows]
-    lines = ["  ".join(row) for row in aligned]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(rows, left=3, rule=True)
 
 
 def environment() -> dict[str, Any]:
@@ -410,3 +328,37 @@ def save_results(results: Sequence[BenchResult | BackendResult], path: str | Pat
         text = to_csv([{**row, "input_size": "x".join(map(str, row["input_size"]))} if "input_size" in row else row
                        for row in rows])
     return write_new(path, text, force=force)
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What ``visionmix models`` lists of a registered model: parameters at its default head, MACs of one image
+    (counted for inputs up to 64x64 px, the paper's figure otherwise), its input size and the published top-1."""
+
+    name: str
+    params: int | None
+    macs: float | None
+    input_size: tuple[int, ...]
+    top1: float | None
+
+
+def describe_model(name: str) -> ModelCard:
+    """The :class:`ModelCard` of ``name``, built on the meta device (no weights are allocated); a model whose
+    construction needs real tensors (NotImplementedError/RuntimeError on meta) gets no counted figures."""
+    from visionmix.models import create_model, model_entry
+
+    entry = model_entry(name)
+    input_size = tuple(entry.cfg["input_size"])
+    small = math.prod(input_size[1:]) <= 64 * 64
+    params = macs = None
+    try:
+        with torch.device("meta"):
+            model = create_model(name, num_classes=entry.cfg["num_classes"])
+            params = count_params(model)
+            if small:
+                macs = count_macs(model, torch.empty(1, *input_size))
+    except (NotImplementedError, RuntimeError):
+        pass
+    if not small and entry.reference.gmacs is not None:
+        macs = entry.reference.gmacs * 1e9
+    return ModelCard(name, params, macs, input_size, entry.reference.top1)
