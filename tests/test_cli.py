@@ -15,12 +15,11 @@ import torch
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).parent / "engine"))
-import tinynets  # noqa: F401  (registers tiny_test_net / tiny_test_dbb)
-
 from visionmix.cli import build_parser, main
 from visionmix.data import FASHION_MNIST_DIR, build_dataset
 from visionmix.models import create_model, model_entry
+
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -5,12 +5,14 @@ from visionmix.models._registry import (
     Reference,
     create_model,
     default_cfg,
+    expand_model_names,
     is_model,
     list_models,
     model_entry,
     register_model,
+    unregister_model,
 )
-from visionmix.models.checkpoint import load_checkpoint
+from visionmix.models.loading import load_checkpoint
 
-__all__ = ["Reference", "create_model", "default_cfg", "is_model", "list_models", "load_checkpoint", "model_entry",
-           "register_model"]
+__all__ = ["Reference", "create_model", "default_cfg", "expand_model_names", "is_model", "list_models",
+           "load_checkpoint", "model_entry", "register_model", "unregister_model"]

@@ -82,7 +82,7 @@ def _is_block(name: str) -> bool:
     return name.rsplit(".", 1)[-1].isdigit()
 
 
-def _checkpoint(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _grad_checkpoint(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``torch.utils.checkpoint`` (non-reentrant) whose recomputation replays the forward exactly: a training block's
     buffers (BN running statistics, which DBB's padding also reads) are seen as the forward saw them and are not
     updated a second time."""
@@ -229,7 +229,7 @@ class ClassifierModel(nn.Module):
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         for name in self._level_blocks[index]:
             block = self.get_submodule(name)
-            x = _checkpoint(block, x) if use_checkpoint and _is_block(name) else block(x)
+            x = _grad_checkpoint(block, x) if use_checkpoint and _is_block(name) else block(x)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -74,6 +74,12 @@ def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | No
     return add(fn) if fn is not None else add
 
 
+def unregister_model(name: str) -> None:
+    """Remove ``name`` from the registry (a model registered for an experiment or a test); unknown names raise."""
+    model_entry(name)
+    del _ENTRIES[name]
+
+
 def register_variant(name: str, build: Callable[..., nn.Module], defaults: Mapping[str, Any], *, doc: str,
                      cfg: dict[str, Any] | None = None, reference: Reference | None = None) -> None:
     """Register ``name`` as ``build(**{**defaults, **kwargs})``: one configuration of a family, given as data (the
@@ -101,6 +107,22 @@ def list_models(filter: str | Iterable[str] = "", exclude_filters: str | Iterabl
         names = [n for n in names if any(fnmatch.fnmatch(n, p) for p in includes if p)]
     names = [n for n in names if not any(fnmatch.fnmatch(n, p) for p in excludes if p)]
     return sorted(names, key=_natural_key)
+
+
+def expand_model_names(names: Iterable[str]) -> list[str]:
+    """``names`` with each fnmatch pattern (``*``, ``?``, ``[``) replaced by the registered names it matches, in
+    order, without repeats; an unknown name or a pattern that matches nothing raises before anything runs."""
+    expanded: list[str] = []
+    for name in names:
+        if any(c in name for c in "*?["):
+            matches = list_models(name)
+            if not matches:
+                raise InvalidValue(f"no registered model matches {name!r}")
+            expanded += matches
+        else:
+            model_entry(name)  # an unknown name fails here, with the closest names
+            expanded.append(name)
+    return list(dict.fromkeys(expanded))
 
 
 def is_model(name: str) -> bool:
@@ -165,7 +187,7 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
     cfg.update(pretrained_cfg_overlay or {})
     model.pretrained_cfg = model.default_cfg = cfg
     if checkpoint_path is not None:
-        from visionmix.models.checkpoint import load_checkpoint
+        from visionmix.models.loading import load_checkpoint
 
         load_checkpoint(model, checkpoint_path)
     if features_only:

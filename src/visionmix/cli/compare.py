@@ -1,0 +1,77 @@
+"""``visionmix compare``: the main job, many models x seeds under one recipe with paired verdicts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from visionmix.cli.common import PROG, add_command
+
+
+def add_parser(subparsers: Any) -> None:
+    from visionmix.bench.presets import PRESETS
+    from visionmix.engine.config import add_config_options, count_arg
+
+    presets = "\n".join(f"  {name}: {p.description} ({', '.join(p.models)}; {p.seeds} seed(s), "
+                        f"{', '.join(f'{k}={v}' for k, v in p.recipe.items())})" for name, p in PRESETS.items())
+    p = add_command(subparsers, "compare", "train, evaluate and benchmark several models under one recipe", f"""\
+SPACH-style fair comparison (arXiv 2108.13002): every model is trained with the same recipe and seeds, evaluated,
+and its deployed form benchmarked; OUT gets results.csv/.json/.md, accuracy-vs-MACs, accuracy-vs-throughput,
+training-curve and paired-difference plots (PNG) and one run directory per model and seed under OUT/runs.
+Each model gets its top-1 minus --baseline's, seed by seed (runs of one seed share data order and augmentation),
+with a 95% paired t interval over the seeds and a verdict: better / worse / no difference shown (one seed cannot
+decide). When two models of one of the papers' claims are compared (--preset claims has them all), a claims table
+(results.md, claims.csv) rates each claim holds / does not hold / not shown at this scale ("on par" = within +-1
+point). Running the same command again skips finished runs and resumes interrupted ones; a model that fails gets a
+row with its error and the others go on. Options given explicitly override the preset's.
+
+presets:
+{presets}
+
+example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist --epochs 3 --seeds 3 --out runs/cmp""")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="a predefined comparison")
+    p.add_argument("--models", help="comma-separated registered model names (required without --preset)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory: new, empty, or a comparison visionmix wrote (re-use it to resume)")
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty DIR that is not a visionmix comparison, replacing files there named "
+                        "like its report (results.*, claims.csv, the plots); nothing else is touched")
+    p.add_argument("--baseline", metavar="MODEL",
+                   help="model the others are compared with seed by seed (default: the preset's baseline if it is "
+                        "compared, else the first of --models)")
+    p.add_argument("--seeds", type=count_arg, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
+    add_config_options(p, skip=("model", "seed"))
+    p.add_argument("--bench-batch-size", type=count_arg, default=64, help="batch size of the throughput measurement")
+    p.add_argument("--bench-repeats", type=count_arg, default=10, help="timed samples per speed measurement (>= 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines and notices still print)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from visionmix.bench.compare import compare
+    from visionmix.bench.plots import PLOTS
+    from visionmix.bench.presets import resolve_comparison
+    from visionmix.engine.config import config_values
+
+    plan = resolve_comparison(args.preset, args.models, config_values(args), seeds=args.seeds,
+                              baseline=args.baseline)
+    if plan.note:
+        print(f"note: {plan.note}", flush=True)
+    rows = compare(plan.models, args.out, data=plan.data, seeds=plan.seeds, recipe=plan.recipe,
+                   bench_batch_size=args.bench_batch_size, bench_repeats=args.bench_repeats,
+                   progress=not args.no_progress, note=plan.note, command=args.command_line, force=args.force,
+                   baseline=plan.baseline, log=lambda line: print(line, flush=True))
+    out = Path(args.out)
+    print()
+    print((out / "results.md").read_text())
+    print(f"table: {out / 'results.md'} (also results.csv, results.json)")
+    print("plots: " + ", ".join(str(out / name) for name in PLOTS))
+    if (out / "claims.csv").is_file():
+        print(f"claims: {out / 'claims.csv'} (and the claims section of results.md)")
+    failed = [r["model"] for r in rows if r["status"] != "ok"]
+    if failed:
+        print(f"{PROG}: {len(failed)} of {len(rows)} models did not finish cleanly: {', '.join(failed)}",
+              file=sys.stderr)
+    return 1 if failed else 0
