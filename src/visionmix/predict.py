@@ -221,7 +221,7 @@ def load_predictor(source: str | Path, *, model_name: str | None = None,
                    classes_file: str | Path | None = None) -> tuple[nn.Module, EvalTransform, tuple[str, ...]]:
     """``(model, transform, classes)`` for :func:`predict` from a run directory, or from a foreign checkpoint file
     of the registered model ``model_name`` with the class names of ``classes_file`` (its head is built for them)."""
-    from visionmix.engine.checkpoint import load_run, run_meta
+    from visionmix.engine.run_files import load_run, run_meta
 
     source = Path(source)
     if not source.exists():

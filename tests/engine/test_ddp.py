@@ -15,15 +15,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import tinynets  # noqa: F401  (registers tiny_test_net, here and in the spawned workers)
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import tinynets
 from visionmix.data import BatchLoader, build_dataset
 from visionmix.engine import TrainConfig, train
 from visionmix.engine.distributed import init_distributed, wrap_model
 from visionmix.models import create_model
+
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
 
 STEPS, BATCH = 3, 32
 CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=1, batch_size=BATCH, max_train_samples=128,
@@ -48,6 +50,7 @@ def make_model() -> torch.nn.Module:
 
 
 def worker(rank: int, out: str) -> None:
+    tinynets.register()  # a spawned process: the module's fixture did not run here
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     # a file rendezvous: no TCP port to pick (and race for) when tests run in parallel; the engine joins this group

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tinynets  # noqa: F401  (registers tiny_test_net)
 import torch
 from PIL import Image
 
 from visionmix.data import load_digits
-from visionmix.engine import TrainConfig, load_run, read_meta, train
-from visionmix.engine import checkpoint as ckpt
+from visionmix.engine import TrainConfig, load_run, read_meta, run_files, train
 from visionmix.engine.config import RECIPES, add_config_options, config_values, option_flag
 from visionmix.engine.optim import freeze_backbone, layer_ids, param_groups
 from visionmix.models import create_model
+
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
 
 BASE = TrainConfig(model="resnet_nano", data="digits", epochs=3, batch_size=64, max_train_samples=640,
                    max_eval_samples=200, lr=3e-3, warmup_epochs=0.2, device="cpu", recompute_bn="on")
@@ -45,10 +45,10 @@ def three_digit_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_init_loads_every_key_but_a_resized_classifier(digits_run: Path) -> None:
-    source = ckpt.read_weights(digits_run / read_meta(digits_run)["files"]["weights"])
+    source = run_files.read_weights(digits_run / read_meta(digits_run)["files"]["weights"])
     model = create_model("resnet_nano", num_classes=3)
     head = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(f"{model.head_name}.")}
-    dropped = ckpt.init_from(model, digits_run)
+    dropped = run_files.init_from(model, digits_run)
     assert sorted(dropped) == sorted(head) and dropped  # exactly the classifier's keys
     for key, value in model.state_dict().items():
         if key in head:
@@ -56,15 +56,15 @@ def test_init_loads_every_key_but_a_resized_classifier(digits_run: Path) -> None
         else:
             torch.testing.assert_close(value, source[key], rtol=0, atol=0)
     same = create_model("resnet_nano", num_classes=10)
-    assert ckpt.init_from(same, digits_run) == []  # same class count: the classifier loads too
+    assert run_files.init_from(same, digits_run) == []  # same class count: the classifier loads too
     torch.testing.assert_close(same.state_dict()[f"{same.head_name}.weight"], source[f"{same.head_name}.weight"])
 
 
 def test_init_rejects_a_checkpoint_of_another_architecture(digits_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"does not fit MlpMixer \(beyond its classifier\)"):
-        ckpt.init_from(create_model("mixer_nano", num_classes=3), digits_run)
+        run_files.init_from(create_model("mixer_nano", num_classes=3), digits_run)
     with pytest.raises(ValueError, match="not a visionmix run"):
-        ckpt.init_from(create_model("resnet_nano"), tmp_path)
+        run_files.init_from(create_model("resnet_nano"), tmp_path)
 
 
 def test_finetuning_starts_from_the_loaded_features(digits_run: Path, three_digit_tree: Path,
@@ -81,7 +81,7 @@ def test_finetuning_starts_from_the_loaded_features(digits_run: Path, three_digi
     meta = read_meta(tmp_path / "tuned")
     assert meta["init"]["source"] == str(digits_run) and meta["init"]["dropped"] == ["linear.bias", "linear.weight"]
     model, _ = load_run(tmp_path / "tuned")
-    source = ckpt.read_weights(digits_run / read_meta(digits_run)["files"]["weights"])
+    source = run_files.read_weights(digits_run / read_meta(digits_run)["files"]["weights"])
     for key, value in model.state_dict().items():
         if not key.startswith("linear."):
             torch.testing.assert_close(value, source[key], rtol=0, atol=0)

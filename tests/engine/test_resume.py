@@ -8,56 +8,20 @@ resumed to the end. Final weights, optimizer-visible history and metrics must eq
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ENGINE_TESTS = Path(__file__).parent
-SCRIPT = f"""
-import sys
-sys.path.insert(0, {str(ENGINE_TESTS)!r})
-import torch
-torch.set_num_threads(1)
-import tinynets
-from visionmix.cli import main
-raise SystemExit(main(sys.argv[1:]))
-"""
+from processes import start, wait_for_checkpoint
+
 TRAIN_ARGS = ["--model", "tiny_test_net", "--data", "digits", "--max-train-samples", "480", "--batch-size", "16",
               "--epochs", "2", "--lr", "0.01", "--save-every", "4", "--device", "cpu", "--no-progress",
               "--model-arg", "step_delay=0.04"]  # 30 steps per epoch, >= 40 ms each
 STRAIGHT_FIELDS = ("epoch", "train_loss", "train_acc", "eval_loss", "eval_top1", "eval_top5", "lr", "global_step")
-
-
-def start(*args: str) -> subprocess.Popen:
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
-    return subprocess.Popen([sys.executable, "-c", SCRIPT, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_checkpoint(proc: subprocess.Popen, run: Path, epoch: int, min_step: int, timeout: float = 90) -> dict:
-    """Poll checkpoint.json (written atomically) until it is at ``epoch`` completed epochs + >= ``min_step``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        path = run / "checkpoint.json"
-        if path.is_file():
-            meta = json.loads(path.read_text())
-            if meta["epoch"] == epoch and meta["step_in_epoch"] >= min_step:
-                return meta
-            if meta["epoch"] > epoch:
-                break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.01)
-    proc.kill()
-    out, err = proc.communicate()
-    pytest.fail(f"no mid-epoch checkpoint at epoch {epoch} step >= {min_step} (rc={proc.returncode}): {err[-2000:]}")
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:

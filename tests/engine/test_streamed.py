@@ -9,15 +9,16 @@ import signal
 from pathlib import Path
 
 import pytest
-import tinynets  # noqa: F401  (registers tiny_test_net for evaluate_run)
 import torch
 from PIL import Image
 from safetensors.torch import load_file
-from test_resume import start, wait_for_checkpoint
 
+from processes import start, wait_for_checkpoint
 from visionmix.data import load_digits
 from visionmix.data.pack import pack_shards
 from visionmix.engine.evaluate import evaluate_run
+
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import tinynets  # registers tiny_test_net / tiny_test_dbb
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import tinynets
 from visionmix.data import build_dataset
-from visionmix.engine import TrainConfig, evaluate, load_run, read_meta, resume_run, train
-from visionmix.engine import checkpoint as ckpt
+from visionmix.engine import TrainConfig, evaluate, load_run, read_meta, resume_run, run_files, train
 from visionmix.engine.config import BUDGET_FILL
 from visionmix.engine.optim import ModelEma, param_groups, warmup_cosine
 from visionmix.errors import CheckpointError, TrainingError
+
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
 
 CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=2, batch_size=32, max_train_samples=192,
                   max_eval_samples=100, lr=1e-2, device="cpu")
@@ -172,7 +173,7 @@ def test_force_replaces_only_the_runs_own_files(tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(replace(CFG, epochs=1), run, progress=False)
     stray = ".weights-00000003.safetensors.0123456789abcdef.tmp"  # left by a kill mid-write: the run's own
-    _write(run, {**{k: v for k, v in USER_FILES.items() if k not in ckpt.RUN_FILES}, stray: "partial"})
+    _write(run, {**{k: v for k, v in USER_FILES.items() if k not in run_files.RUN_FILES}, stray: "partial"})
     train(replace(CFG, epochs=1, seed=3), run, progress=False, force=True)
     files = _contents(run)
     assert {k: files[k] for k in ("state-of-the-art.pdf", "weights-best-model.safetensors", ".notes.tmp")} == {
@@ -198,7 +199,7 @@ def test_a_failing_write_fails_before_training(tmp_path: Path, monkeypatch: pyte
     def refuse(*args: object) -> None:
         raise PermissionError(13, "Permission denied", str(tmp_path / "run"))
 
-    monkeypatch.setattr(ckpt, "atomic_write", refuse)
+    monkeypatch.setattr(run_files, "atomic_write", refuse)
     with pytest.raises(PermissionError, match="Permission denied"):
         train(CFG, tmp_path / "run", progress=False)
     assert calls == []
@@ -254,7 +255,7 @@ def test_a_diverged_evaluation_stops_instead_of_writing_nan(tmp_path: Path, monk
     with pytest.raises(ValueError, match=r"lr must be in \(0.0, 1.0\], got 1e\+30"):
         train(replace(CFG, lr=1e30), tmp_path / "x", progress=False)
     with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
-        ckpt.atomic_write_json(tmp_path / "nan.json", {"loss": math.nan})
+        run_files.atomic_write_json(tmp_path / "nan.json", {"loss": math.nan})
     assert not (tmp_path / "nan.json").exists()
 
 
@@ -364,7 +365,7 @@ def test_ema_run_evaluates_and_saves_the_average(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------- atomic writes
 def test_atomic_write_leaves_old_file_or_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "f.json"
-    ckpt.atomic_write(path, "old")
+    run_files.atomic_write(path, "old")
     assert path.read_text() == "old" and oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
 
     def crash(*args: object) -> None:
@@ -372,7 +373,7 @@ def test_atomic_write_leaves_old_file_or_new_file(tmp_path: Path, monkeypatch: p
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.atomic_write(path, "new")
+        run_files.atomic_write(path, "new")
     assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
 
 
@@ -394,9 +395,9 @@ def test_checkpoint_switches_only_when_complete(tmp_path: Path, monkeypatch: pyt
     def killed(*args: object) -> None:  # the process dies after writing the new tagged files, before the JSON
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt, "atomic_write_json", killed)
+    monkeypatch.setattr(run_files, "atomic_write_json", killed)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.save_checkpoint(run, dict(before, global_step=99), model, {"optimizer": {}})
+        run_files.save_checkpoint(run, dict(before, global_step=99), model, {"optimizer": {}})
     monkeypatch.undo()
     assert read_meta(run) == before  # still the old, complete checkpoint
     reloaded, _ = load_run(run)
@@ -404,7 +405,7 @@ def test_checkpoint_switches_only_when_complete(tmp_path: Path, monkeypatch: pyt
     assert all(torch.equal(v, first[k]) for k, v in reloaded.state_dict().items())
     # the next successful save switches over, keeps the checkpoint it replaces as the previous one and removes
     # every tagged file neither names (the orphans of the killed save, the checkpoint before the previous one)
-    ckpt.save_checkpoint(run, dict(before, global_step=100), model, {"optimizer": {}})
+    run_files.save_checkpoint(run, dict(before, global_step=100), model, {"optimizer": {}})
     names = sorted(p.name for p in run.iterdir())
     step = before["global_step"]
     assert names == ["checkpoint-previous.json", "checkpoint.json", "metrics.jsonl", f"state-{step:08d}.pt",

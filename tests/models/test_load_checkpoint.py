@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 import visionmix
 from visionmix.models import create_model, load_checkpoint
-from visionmix.models.checkpoint import read_state_dict
+from visionmix.models.loading import read_state_dict
 
 
 def _model(seed: int) -> torch.nn.Module:

@@ -153,8 +153,8 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
     from visionmix.data import build_dataset
     from visionmix.deployment import QUANTIZE
     from visionmix.deployment import deploy as deploy_backend
-    from visionmix.engine.checkpoint import EVAL_FORM_SUFFIX, load_run
     from visionmix.engine.config import STREAMED
+    from visionmix.engine.run_files import EVAL_FORM_SUFFIX, load_run
     from visionmix.files import atomic_write_json
     from visionmix.reparam import reparameterize
 

@@ -10,6 +10,7 @@ Layout of a run directory::
     state-<step>.pt              optimizer, scheduler, per-rank RNG states (``torch.load(weights_only=True)``)
     metrics.jsonl                one JSON line per finished epoch
     summary.json                 the final result, once training has finished
+    train.log                    what the run said (epoch lines, notices, warnings) and a crash's traceback
     eval*.json, confusion*.png   written by ``visionmix eval``
 
 Every file is written to a temporary name in the same directory, flushed to disk and renamed over its target.
@@ -44,9 +45,10 @@ CHECKPOINT_FILE = "checkpoint.json"
 PREVIOUS_FILE = "checkpoint-previous.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+LOG_FILE = "train.log"  # what the run said, its warnings and the traceback of what stopped it (visionmix.runlog)
 FORMAT = "visionmix-run/1"
 EVAL_FORM_SUFFIX = {"trained": "", "deployed": "-deploy", "int8": "-int8"}  # eval{suffix}.json, confusion{suffix}.png
-RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE,
+RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE, LOG_FILE,
              *(f"{stem}{suffix}.{ext}" for suffix in EVAL_FORM_SUFFIX.values()
                for stem, ext in (("eval", "json"), ("confusion", "png"))))
 _TAGGED = r"(?:weights|ema)-\d{8}\.safetensors|state-\d{8}\.pt"
@@ -146,7 +148,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_weights(module: nn.Module, path: str | Path) -> None:
     """Load a safetensors state dict into ``module``: every key, with its shape (:class:`CheckpointError` if not)."""
-    from visionmix.models.checkpoint import state_dict_problems
+    from visionmix.models.loading import state_dict_problems
 
     state = read_weights(path)
     problems = state_dict_problems(module.state_dict(), state, strict=True)
@@ -246,8 +248,8 @@ def load_run(run_dir: str | Path, *, ema: bool | None = None,
 def init_from(model: nn.Module, source: str | Path) -> list[str]:
     """Load the weights of ``source`` into ``model`` to fine-tune it (``--init``): a visionmix run directory (the
     weights it evaluated: its EMA when it kept one) or an official ``.pth``/``.safetensors`` file; see
-    :func:`visionmix.models.checkpoint.load_for_finetuning`. Returns the checkpoint keys not loaded."""
-    from visionmix.models.checkpoint import load_for_finetuning, read_state_dict, set_doconv_grouping
+    :func:`visionmix.models.loading.load_for_finetuning`. Returns the checkpoint keys not loaded."""
+    from visionmix.models.loading import load_for_finetuning, read_state_dict, set_doconv_grouping
 
     source = Path(source)
     meta = run_meta(source) if source.is_dir() else None

@@ -8,23 +8,23 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from visionmix.engine import checkpoint as ckpt
+from visionmix.engine import run_files
 from visionmix.engine.config import TrainConfig
-from visionmix.errors import InvalidValue
+from visionmix.errors import CheckpointError, InvalidValue
 from visionmix.files import atomic_write_json, entries
 
 
 def verify_run(run_dir: Path, meta: dict[str, Any]) -> None:
-    """:func:`ckpt.verify_checkpoint`, its error saying whether the previous checkpoint can take over."""
+    """:func:`run_files.verify_checkpoint`, its error saying whether the previous checkpoint can take over."""
     try:
-        ckpt.verify_checkpoint(run_dir, meta)
-    except ckpt.CheckpointError as exc:
-        raise ckpt.CheckpointError(f"{exc}; {ckpt.previous_hint(run_dir)}") from exc
+        run_files.verify_checkpoint(run_dir, meta)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {run_files.previous_hint(run_dir)}") from exc
 
 
 def finished_summary(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """A finished run's ``summary.json``, rewritten from its checkpoint if it is missing or damaged."""
-    path = run_dir / ckpt.SUMMARY_FILE
+    path = run_dir / run_files.SUMMARY_FILE
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -41,7 +41,7 @@ def prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: boo
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidValue(f"--out {out_dir} exists and is not a directory")
-    meta = ckpt.run_meta(out_dir) if out_dir.is_dir() else None
+    meta = run_files.run_meta(out_dir) if out_dir.is_dir() else None
     if resume and meta is not None:
         saved, now = asdict(TrainConfig.from_dict(meta["config"])), asdict(cfg)
         diff = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k != "device" and saved[k] != now[k]]
@@ -59,7 +59,7 @@ def prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: boo
         listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise InvalidValue(f"--out {out_dir} is not empty ({listing}); choose a new directory or pass --force to "
                            f"write into it")
-    clash = [name for name in names if ckpt.is_run_file(name)]
+    clash = [name for name in names if run_files.is_run_file(name)]
     if clash:
         raise InvalidValue(f"--out {out_dir} holds no visionmix run but has files named like a run's own "
                            f"({', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}), which --force would "
@@ -71,12 +71,12 @@ def clear_run(out_dir: Path) -> None:
     """Make ``out_dir`` ready for a fresh run: created, and the files of a run replaced with ``--force`` removed
     (only when its ``checkpoint.json`` says it is a run directory; other files stay)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    if ckpt.run_meta(out_dir) is None:
+    if run_files.run_meta(out_dir) is None:
         return
     for path in out_dir.iterdir():
-        if path.is_file() and ckpt.is_run_file(path.name) and path.name != ckpt.CHECKPOINT_FILE:
+        if path.is_file() and run_files.is_run_file(path.name) and path.name != run_files.CHECKPOINT_FILE:
             path.unlink()
-    (out_dir / ckpt.CHECKPOINT_FILE).unlink()  # last: until then the directory still says whose files these are
+    (out_dir / run_files.CHECKPOINT_FILE).unlink()  # last: until then the directory still says whose files these are
 
 
 def run_summary(meta: dict[str, Any]) -> dict[str, Any]:

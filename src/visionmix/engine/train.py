@@ -2,7 +2,7 @@
 
 The loop and its run: the recipe is :mod:`~visionmix.engine.config`, the data and loss
 :mod:`~visionmix.engine.pipeline`, parameter groups, schedule and EMA :mod:`~visionmix.engine.optim`, the run
-directory :mod:`~visionmix.engine.rundir` and :mod:`~visionmix.engine.checkpoint`. AdamW (1711.05101) with
+directory :mod:`~visionmix.engine.run_setup` and :mod:`~visionmix.engine.run_files`. AdamW (1711.05101) with
 per-step linear warmup then cosine decay (1608.03983), gradient-norm clipping, the model's drop-path (1603.09382),
 optional EMA; ``accum_steps`` micro-batches per optimizer step; fp32 on CPU, bf16 autocast or fp16 with a gradient
 scaler on CUDA (``amp``), optionally channels-last, ``torch.compile`` and SyncBatchNorm (CUDA under torchrun).
@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from visionmix.data import stable_seed
-from visionmix.engine import checkpoint as ckpt
+from visionmix.engine import run_files
 from visionmix.engine.config import BUDGET_FILL, RECOMPUTE_BN_BELOW_STEPS, RECOMPUTE_BN_IMAGES, TrainConfig
 from visionmix.engine.distributed import (
     DistContext,
@@ -60,9 +60,12 @@ from visionmix.engine.distributed import (
 from visionmix.engine.evaluate import evaluate, recompute_bn_statistics
 from visionmix.engine.optim import ModelEma, freeze_backbone, frozen_norms_eval, param_groups, warmup_cosine
 from visionmix.engine.pipeline import DataInfo, build_pipeline
-from visionmix.engine.rundir import clear_run, finished_summary, prepare_out_dir, run_summary, verify_run
-from visionmix.errors import InvalidValue, TrainingError, TrainingInterrupted
+from visionmix.engine.run_setup import clear_run, finished_summary, prepare_out_dir, run_summary, verify_run
+from visionmix.errors import CheckpointError, InvalidValue, TrainingError, TrainingInterrupted
 from visionmix.files import atomic_write, atomic_write_json, hold_directory
+from visionmix.runlog import console_logging, logger, run_log
+
+_LOG = logger("train")
 
 
 @contextmanager
@@ -104,7 +107,7 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progre
     out_dir = Path(out_dir)
     with _held(out_dir):
         if from_previous and launched_rank() == 0:
-            ckpt.restore_previous(out_dir)
+            run_files.restore_previous(out_dir)
         return _train_held(cfg, out_dir, resume=resume, progress=progress, force=force)
 
 
@@ -115,8 +118,8 @@ def resume_run(run_dir: str | Path, *, device: str | None = None, progress: bool
     run_dir = Path(run_dir)
     with _held(run_dir):
         if from_previous and launched_rank() == 0:
-            ckpt.restore_previous(run_dir)
-        saved = TrainConfig.from_dict(ckpt.read_meta(run_dir)["config"])
+            run_files.restore_previous(run_dir)
+        saved = TrainConfig.from_dict(run_files.read_meta(run_dir)["config"])
         if device is not None:
             saved.device = device
         saved.validate()
@@ -139,18 +142,23 @@ def _train_held(cfg: TrainConfig, out_dir: Path, *, resume: bool, progress: bool
     model_entry(cfg.model)  # an unknown name fails here, before any data is read
     meta = prepare_out_dir(cfg, out_dir, resume=resume, force=force)
     if meta is not None:
-        ckpt.remove_unnamed_files(out_dir, temporary=True)  # what a kill mid-write left behind
+        run_files.remove_unnamed_files(out_dir, temporary=True)  # what a kill mid-write left behind
     if meta is not None and meta.get("finished"):
         verify_run(out_dir, meta)
         return finished_summary(out_dir, meta)
-    ctx = init_distributed(cfg.device)
-    try:
-        with _signal_flag() as flag:
-            summary = _Trainer(cfg, out_dir, ctx, meta, progress, flag).run()
-        barrier(ctx)  # no rank leaves the group while another still writes (gloo can abort a rank left behind)
-        return summary
-    finally:
-        shutdown(ctx)
+    log_path = out_dir / run_files.LOG_FILE if launched_rank() == 0 else None
+    with console_logging(), run_log(log_path):
+        ctx = init_distributed(cfg.device)
+        benchmark = torch.backends.cudnn.benchmark
+        try:
+            torch.backends.cudnn.benchmark = ctx.device.type == "cuda"  # fixed shapes: let cuDNN pick its kernels
+            with _signal_flag() as flag:
+                summary = _Trainer(cfg, out_dir, ctx, meta, progress, flag).run()
+            barrier(ctx)  # no rank leaves the group while another still writes (gloo can abort a rank left behind)
+            return summary
+        finally:
+            torch.backends.cudnn.benchmark = benchmark  # the process's setting again, for whatever runs next
+            shutdown(ctx)
 
 
 class _Trainer:
@@ -161,14 +169,12 @@ class _Trainer:
         self.cfg, self.out_dir, self.ctx, self.stop_flag = cfg, out_dir, ctx, stop_flag
         self.show = progress and ctx.is_main
         device = ctx.device
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         self.data = build_pipeline(cfg, ctx)
         self.loader, self.criterion = self.data.train, self.data.criterion
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model_kwargs = _model_kwargs(cfg, self.data.info)
         self.raw_model = _create_model(cfg.model, self.model_kwargs)
-        self.init = {"source": cfg.init, "dropped": ckpt.init_from(self.raw_model, cfg.init)} if cfg.init else None
+        self.init = {"source": cfg.init, "dropped": run_files.init_from(self.raw_model, cfg.init)} if cfg.init else None
         if self.init and self.init["dropped"] and meta is None:
             self._log(f"--init {cfg.init}: loaded every key but the classifier's ({', '.join(self.init['dropped'])}: "
                       f"another class count), which starts freshly initialised")
@@ -237,17 +243,17 @@ class _Trainer:
             "cuda_rng": gather_objects(torch.cuda.get_rng_state(self.ctx.device), self.ctx) if cuda else None,
         }
         if self.ctx.is_main:
-            ckpt.save_checkpoint(self.out_dir, self._meta(finished), self.raw_model, state,
+            run_files.save_checkpoint(self.out_dir, self._meta(finished), self.raw_model, state,
                                  self.ema.module if self.ema else None)
 
     def _restore(self, meta: dict[str, Any]) -> None:
         try:
-            ckpt.load_weights(self.raw_model, self.out_dir / meta["files"]["weights"])
+            run_files.load_weights(self.raw_model, self.out_dir / meta["files"]["weights"])
             if self.ema is not None:
-                ckpt.load_weights(self.ema.module, self.out_dir / meta["files"]["ema"])
-            state = ckpt.load_train_state(self.out_dir, meta)
-        except ckpt.CheckpointError as exc:
-            raise ckpt.CheckpointError(f"{exc}; {ckpt.previous_hint(self.out_dir)}") from exc
+                run_files.load_weights(self.ema.module, self.out_dir / meta["files"]["ema"])
+            state = run_files.load_train_state(self.out_dir, meta)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{exc}; {run_files.previous_hint(self.out_dir)}") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
@@ -272,7 +278,7 @@ class _Trainer:
 
     def _reconcile_metrics(self) -> None:
         """metrics.jsonl := its lines up to the checkpoint's epoch + any epoch the checkpoint has and it lacks."""
-        path = self.out_dir / ckpt.METRICS_FILE
+        path = self.out_dir / run_files.METRICS_FILE
         lines = []
         if path.is_file():
             for line in path.read_text().splitlines():
@@ -289,12 +295,13 @@ class _Trainer:
     def _append_metrics(self, entry: dict[str, Any]) -> None:
         """Add a line to metrics.jsonl, rewriting the (small) file atomically like every other write."""
         if self.ctx.is_main:
-            path = self.out_dir / ckpt.METRICS_FILE
+            path = self.out_dir / run_files.METRICS_FILE
             atomic_write(path, (path.read_text() if path.is_file() else "") + json.dumps(entry) + "\n")
 
     def _log(self, message: str) -> None:
-        if self.show:
-            tqdm.write(message, file=sys.stderr)
+        """Say ``message`` on the console and in the run's log (:mod:`visionmix.runlog`), from the main process."""
+        if self.ctx.is_main:
+            _LOG.info(message)
 
     # --------------------------------------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
@@ -303,7 +310,7 @@ class _Trainer:
             self._end_epoch()
         summary = run_summary(self._meta(finished=True))
         if self.ctx.is_main:
-            atomic_write_json(self.out_dir / ckpt.SUMMARY_FILE, summary)
+            atomic_write_json(self.out_dir / run_files.SUMMARY_FILE, summary)
         return summary
 
     def _train_epoch(self) -> None:
@@ -485,7 +492,7 @@ class _Trainer:
     def _fail(self, problem: str, event: dict[str, Any]) -> None:
         """Stop on a non-finite number: log ``event`` and keep the last good checkpoint (a run has one from step 0)."""
         self._append_metrics({"event": "non-finite", "epoch": self.epoch + 1, **event})
-        saved = ckpt.read_meta(self.out_dir)
+        saved = run_files.read_meta(self.out_dir)
         raise TrainingError(f"{problem}; the last good checkpoint (epoch {saved['epoch']}, global step "
                             f"{saved['global_step']}) is kept in {self.out_dir}; try a lower --lr, --clip-grad or "
                             f"--warmup-epochs")
