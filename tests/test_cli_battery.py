@@ -187,15 +187,15 @@ CASES = [
     ("eval-not-a-run", None, ["eval", "--checkpoint", "{ws}/mine"], 2, ["holds no checkpoint.json"]),
     ("export-damaged-weights", _damage_weights, ["export", "{ws}/run", "--onnx", "{ws}/m.onnx"], 2,
      ["is damaged: not a readable safetensors file"]),
-    ("export-same-file-twice", None, ["export", "{ws}/run", "--onnx", "{ws}/m", "--torchscript", "{ws}/m"], 2,
-     ["--onnx and --torchscript name the same file"]),
+    ("export-same-file-twice", None, ["export", "{ws}/run", "--onnx", "{ws}/m", "--pt2", "{ws}/m"], 2,
+     ["--onnx and --pt2 name the same file"]),
     ("export-negative-atol", None, ["export", "{ws}/run", "--onnx", "{ws}/m.onnx", "--atol", "-1"], 2,
      ["--atol", "expected a positive number"]),
     ("export-over-a-user-file", None, ["export", "{ws}/run", "--onnx", "{ws}/mine/summary.json"], 2,
      ["already exists; pass --force"]),
     ("bench-unknown-backend", None, ["bench", "resnet_nano", "--backend", "jit,tensorrt"], 2,
-     ["--backend", "expected backends among eager, channels_last, jit, onnxruntime, inductor (or all)"]),
-    ("bench-backend-with-deploy", None, ["bench", "resnet_nano", "--backend", "jit", "--deploy"], 2,
+     ["--backend", "expected backends among eager, channels_last, onnxruntime, inductor (or all)"]),
+    ("bench-backend-with-deploy", None, ["bench", "resnet_nano", "--backend", "onnxruntime", "--deploy"], 2,
      ["does not combine with --deploy"]),
     ("bench-quantize-without-backend", None, ["bench", "mixer_nano", "--quantize", "int8"], 2,
      ["--quantize times the int8 form beside --backend's; pass --backend too"]),
@@ -448,15 +448,14 @@ def cond_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("argv, fragments", [
-    (["predict", "{run}", "{img}", "--backend", "jit"], ["jit: RuntimeError: The following operation failed in the "
-                                                          "TorchScript interpreter."]),
+    (["predict", "{run}", "{img}", "--backend", "onnxruntime"], ["onnxruntime: ExportError: ONNX export failed"]),
     (["predict", "{run}", "{img}", "--quantize", "int8"], ["onnxruntime: ExportError: ONNX export failed"]),
     (["eval", "--checkpoint", "{run}", "--quantize", "int8"], ["onnxruntime: ExportError: ONNX export failed"]),
     (["export", "{run}", "--onnx", "{tmp}/c.onnx"], ["ONNX export failed", "export a static batch"]),
     (["predict", "{run}", "{img}", "--model", "resnet_nano"], ["--model resnet_nano takes a checkpoint file"]),
     (["eval", "--checkpoint", "{run}", "--max-eval-samples", "-3"], ["--max-eval-samples", "expected a whole "
                                                                        "number >= 0, got '-3'"]),
-], ids=["predict-jit", "predict-int8", "eval-int8", "export-dynamic-batch", "predict-run-with-model",
+], ids=["predict-onnxruntime", "predict-int8", "eval-int8", "export-dynamic-batch", "predict-run-with-model",
         "eval-negative-subset"])
 def test_a_backend_that_cannot_take_the_model_is_one_line(cond_run: Path, tmp_path: Path, argv: list[str],
                                                           fragments: list[str]) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from visionmix.cli import main
 from visionmix.data import ImageDataset, build_dataset, normalize
 from visionmix.engine import TrainConfig, train
-from visionmix.engine.checkpoint import load_run, state_dict_tensors
+from visionmix.engine.run_files import load_run, state_dict_tensors
 from visionmix.models import create_model
 from visionmix.predict import EvalTransform, Prediction, find_images, predict
 
@@ -150,7 +150,7 @@ def test_predict_prints_the_classes_of_png_and_jpeg_files(capsys: pytest.Capture
     assert sum(p == q for p, q in zip(jpeg_top1, dataset_top1, strict=True)) >= 0.8 * NUM_IMAGES
 
 
-@pytest.mark.parametrize("backend", ["jit", "auto"])
+@pytest.mark.parametrize("backend", ["channels_last", "auto"])
 def test_every_backend_predicts_what_eager_predicts(capsys: pytest.CaptureFixture[str], run_dir: Path,
                                                    image_dir: Path, dataset_top1: list[int], backend: str) -> None:
     rc, out, err = run(capsys, str(run_dir), str(image_dir / "png"), "--topk", "1", "--backend", backend,

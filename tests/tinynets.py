@@ -1,4 +1,5 @@
-"""Test-only models, registered on import (also by the subprocesses the engine tests start).
+"""Test-only models, registered for the test modules that use them (the ``tiny_models`` fixture of conftest.py) and
+by the processes tests start (:func:`register`); unregistered afterwards, so the zoo tests never see them.
 
 ``tiny_test_net``: conv-BN-GELU stem, a residual conv block behind DropPath, mean pool, linear head: ~1k params,
 fast enough for multi-epoch runs in a test, and it uses the global RNG (drop-path) so exact resume must restore it.
@@ -10,13 +11,15 @@ training forward ``later_from_call`` on) and ``nan_at_call`` (the n-th training 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from visionmix.layers.basic import DropPath
-from visionmix.models import register_model
+from visionmix.models import register_model, unregister_model
 
 
 class TinyNet(nn.Module):
@@ -53,11 +56,26 @@ class TinyNet(nn.Module):
         return {"head.weight"}
 
 
-@register_model
 def tiny_test_net(**kwargs) -> TinyNet:
     return TinyNet(**kwargs)
 
 
-@register_model
 def tiny_test_dbb(**kwargs) -> TinyNet:
     return TinyNet(dbb=True, **kwargs)
+
+
+def register() -> None:
+    """Register ``tiny_test_net`` and ``tiny_test_dbb`` (in a process a test starts)."""
+    register_model(tiny_test_net)
+    register_model(tiny_test_dbb)
+
+
+@contextmanager
+def registered() -> Iterator[None]:
+    """The test models registered for the block."""
+    register()
+    try:
+        yield
+    finally:
+        unregister_model("tiny_test_net")
+        unregister_model("tiny_test_dbb")

@@ -7,7 +7,6 @@ model on ``example`` (and on a batch one larger: a graph that baked in the batch
 
 - ``eager``: the deployed model in ``torch.inference_mode``;
 - ``channels_last``: the same with NHWC weights and inputs (oneDNN's preferred layout for convolutions);
-- ``jit``: ``torch.jit.trace`` + ``torch.jit.optimize_for_inference`` (freezing, conv/BN/add folding);
 - ``onnxruntime``: the dynamo ONNX export (:mod:`visionmix.export`) in an onnxruntime CPU session;
 - ``inductor``: ``torch.export`` (batch dimension dynamic) compiled by ``torch.compile``'s inductor with freezing on:
   weights become constants, so Linear/conv weights are pre-packed for MKL/oneDNN and the pointwise ops between them
@@ -43,7 +42,7 @@ from torch import nn
 from visionmix.checks import check_choice
 from visionmix.errors import DeployError, InvalidType, InvalidValue, first_line
 
-BACKENDS = ("eager", "channels_last", "jit", "onnxruntime", "inductor")
+BACKENDS = ("eager", "channels_last", "onnxruntime", "inductor")
 QUANTIZE = ("int8",)  # dynamic int8 Linear weights, onnxruntime only
 DEFAULT_RTOL = 1e-4  # max |backend - eager| relative to the output's scale (SPEC section 3's float32 bound)
 
@@ -90,20 +89,6 @@ def _channels_last(model: nn.Module, example: torch.Tensor) -> Callable[[torch.T
     return run
 
 
-def _jit(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    import warnings
-
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # checked below on a second batch size instead
-        traced = torch.jit.optimize_for_inference(torch.jit.trace(model, example, check_trace=False))
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return traced(x)
-
-    return run
-
-
 def _onnxruntime(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return _onnx_session(model, example, quantize=False)
 
@@ -128,15 +113,11 @@ def _onnx_session(model: nn.Module, example: torch.Tensor, *, quantize: bool) ->
 
 
 def _inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    import warnings
-
     import torch._inductor.config as inductor_config
 
-    # export specialises a batch of one to the constant 1, so the batch dimension is traced on two or more
-    traced = example if example.shape[0] > 1 else torch.cat([example, example])
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # export's deprecation chatter; the result is checked by the caller
-        program = torch.export.export(model, (traced,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    from visionmix.export import trace_program
+
+    program = trace_program(model, example)
     compiled = torch.compile(program.module())
 
     def run(x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +140,7 @@ def _root_logger_untouched() -> Iterator[None]:
 
 
 _BUILDERS: dict[str, Callable[[nn.Module, torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "eager": _eager, "channels_last": _channels_last, "jit": _jit, "onnxruntime": _onnxruntime,
+    "eager": _eager, "channels_last": _channels_last, "onnxruntime": _onnxruntime,
     "inductor": _inductor}
 
 
@@ -192,9 +173,9 @@ def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rt
     ``example``), as a :class:`Deployed` callable. ``model`` itself is not changed; inference runs on the CPU in
     float32, or with ``quantize="int8"`` on onnxruntime with int8 Linear weights (``backend`` "auto" or
     "onnxruntime"; ``rtol`` does not apply). See the module docstring for the checks."""
-    from visionmix.bench.profile import time_alternately
     from visionmix.module_state import on_device
     from visionmix.reparam import reparameterize
+    from visionmix.timing import time_alternately
 
     if not isinstance(model, nn.Module):
         raise InvalidType(f"model must be an nn.Module, got {type(model).__name__}")

@@ -1,15 +1,16 @@
-"""Export a model to ONNX or TorchScript and prove the exported file computes what PyTorch computes.
+"""Export a model to ONNX or a ``torch.export`` program and prove the exported file computes what PyTorch computes.
 
 Each export is written to a temporary file next to the target, reloaded in its runtime (onnxruntime, or
-``torch.jit.load``), run on the example batch and on a batch one larger (so a batch size baked into the graph is
+``torch.export.load``), run on the example batch and on a batch one larger (so a batch size baked into the graph is
 caught), and compared with the eager model in eval mode. Only a file that agrees within ``atol`` (max absolute
 difference) is renamed into place; otherwise :class:`ExportError` is raised and nothing is left behind. Works on any
 ``nn.Module``; call ``visionmix.reparameterize`` first to export the deployed form.
 
 ONNX uses the dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which needs ``onnxscript``) with the
 weights inside the one file; it handles every visionmix family, so there is no fallback to the legacy TorchScript
--based exporter. TorchScript (``torch.jit.trace``) is deprecated upstream as of torch 2.13 and is kept for
-runtimes that still load it.
+-based exporter. The program (``.pt2``, :func:`export_program`) is ``torch.export``'s ATen graph with its weights,
+which ``torch.export.load(path).module()`` runs without visionmix installed; it replaces TorchScript
+(``torch.jit.trace``/``torch.jit.save``), deprecated as of torch 2.13.
 """
 
 from __future__ import annotations
@@ -170,20 +171,34 @@ def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, op
                              other_batch=dynamic_batch)
 
 
-def export_torchscript(model: nn.Module, path: str | Path, example: torch.Tensor, *, atol: float = 1e-4,
-                       dynamic_batch: bool = True, force: bool = False) -> float:
-    """Trace ``model`` to TorchScript, reload the saved file and return the max absolute difference from PyTorch.
-    ``dynamic_batch=False`` checks the example's batch size only (see :func:`export_onnx`)."""
+def trace_program(model: nn.Module, example: torch.Tensor, *,
+                  dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """``torch.export.export`` of ``model`` on ``example``, its batch dimension dynamic unless ``dynamic_batch=False``
+    (export specialises a batch of one to the constant 1, so a dynamic batch is traced on two or more images);
+    :class:`ExportError` with the exporter's reason."""
+    if dynamic_batch and example.shape[0] == 1:
+        example = torch.cat([example, example])
+    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own notes; the result is checked against eager instead
+            return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes)
+    except Exception as err:  # the exporter raises many types; the user needs the reason, not the type
+        hint = "; if the graph depends on the batch size, export a static batch" if dynamic_batch else ""
+        raise ExportError(f"torch.export failed: {_reason(err)}{hint}") from err
+
+
+def export_program(model: nn.Module, path: str | Path, example: torch.Tensor, *, atol: float = 1e-4,
+                   dynamic_batch: bool = True, force: bool = False) -> float:
+    """Save the ``torch.export`` program of ``model`` (``.pt2``: the ATen graph and its weights, loadable with
+    ``torch.export.load(path).module()`` without visionmix), reload it and return the max absolute difference from
+    PyTorch. ``dynamic_batch=False`` fixes and checks the example's batch size only (see :func:`export_onnx`)."""
     with _exportable(model, example) as model, staged(path, force) as tmp:
-        try:
-            with torch.no_grad():
-                torch.jit.save(torch.jit.trace(model, example), str(tmp))
-        except Exception as err:  # tracing raises many types; the user needs the reason, not the type
-            raise ExportError(f"TorchScript trace failed: {_reason(err)}") from err
-        loaded = torch.jit.load(str(tmp))
+        torch.export.save(trace_program(model, example, dynamic_batch=dynamic_batch), str(tmp))
+        loaded = torch.export.load(str(tmp)).module()
 
         def run(x: torch.Tensor) -> np.ndarray:
             with torch.inference_mode():
                 return loaded(x).numpy()
 
-        return _check_parity(model, run, example, atol, "the TorchScript model", other_batch=dynamic_batch)
+        return _check_parity(model, run, example, atol, "the torch.export program", other_batch=dynamic_batch)

@@ -256,7 +256,7 @@ def test_double_and_compile(name):
     x = make_x(torch.float64)
     out = module(x)
     assert out.dtype == torch.float64
-    torch.testing.assert_close(torch.compile(module, backend="eager")(x), out, rtol=0, atol=0)
+    torch.testing.assert_close(torch.compile(module, backend="eager", fullgraph=True)(x), out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", LAYERS)

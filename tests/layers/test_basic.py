@@ -270,7 +270,7 @@ def test_double_backward_and_compile(name):
     module.eval()
     out = module(x)
     assert out.dtype == torch.float64
-    torch.testing.assert_close(torch.compile(module, backend="eager")(x), out, rtol=0, atol=0)
+    torch.testing.assert_close(torch.compile(module, backend="eager", fullgraph=True)(x), out, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", ["mlp", "conv_mlp", "patch_embed", "layer_scale", "conv_bn"])

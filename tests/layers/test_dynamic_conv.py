@@ -165,7 +165,7 @@ def test_backward_double_and_compile(factory):
     x = torch.randn(2, 4, 7, 5, requires_grad=True)
     layer(x).square().sum().backward()
     assert x.grad is not None and all(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
-    compiled = torch.compile(layer, backend="eager")
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x))
     layer = layer.double()
     assert layer(x.double()).dtype == torch.float64

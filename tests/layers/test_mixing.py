@@ -82,7 +82,7 @@ def test_spatial_shift_double_and_compile():
     x = torch.randn(2, 5, 7, 8, dtype=torch.float64)
     out = spatial_shift(x, 2)
     assert out.dtype == torch.float64
-    assert torch.equal(torch.compile(spatial_shift, backend="eager")(x, 2), out)
+    assert torch.equal(torch.compile(spatial_shift, backend="eager", fullgraph=True)(x, 2), out)
 
 
 @pytest.mark.parametrize("x, pattern, match", [
@@ -281,7 +281,7 @@ def test_double_backward_compile_and_gradcheck(name):
     module.eval()
     out = module(x)
     assert out.dtype == torch.float64
-    torch.testing.assert_close(torch.compile(module, backend="eager")(x), out, rtol=0, atol=0)
+    torch.testing.assert_close(torch.compile(module, backend="eager", fullgraph=True)(x), out, rtol=0, atol=0)
     assert torch.autograd.gradcheck(module, (x,))
 
 

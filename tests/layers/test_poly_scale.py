@@ -160,7 +160,7 @@ def test_gradcheck_backward_double_compile():
     layer = layer.float()
     assert layer.dense_mask.dtype == torch.bool
     xf = x.detach().float()
-    torch.testing.assert_close(torch.compile(layer, backend="eager")(xf), layer(xf))
+    torch.testing.assert_close(torch.compile(layer, backend="eager", fullgraph=True)(xf), layer(xf))
 
 
 @settings(max_examples=15, deadline=None)

@@ -118,19 +118,15 @@ def test_fixed_input_size():
         model(torch.randn(2, 1, 32, 32))
 
 
-def test_head_api():
-    torch.manual_seed(0)
+def test_head_starts_at_zero_and_may_stay_unpooled():
+    """Mixer-specific: the paper's code zero-initialises the head; global_pool='' keeps the tokens (shared head API:
+    test_every_model.py)."""
     model = create_model("mixer_nano", num_classes=5).eval()
     x = torch.randn(3, 1, 28, 28)
-    feats = model.forward_features(x)
-    assert feats.shape == (3, 49, 160) and model.num_features == 160
-    pooled = model.forward_head(feats, pre_logits=True)
-    torch.testing.assert_close(pooled, feats.mean(1))
-    assert torch.equal(model(x), torch.zeros(3, 5))  # zero-initialised head, as in the paper's code
-    model.reset_classifier(0)
-    torch.testing.assert_close(model(x), pooled)
+    assert model.forward_features(x).shape == (3, 49, 160) and model.num_features == 160
+    assert torch.equal(model(x), torch.zeros(3, 5))
     model.reset_classifier(7, global_pool="")
-    assert model(x).shape == (3, 49, 7) and model.get_classifier().out_features == 7
+    assert model(x).shape == (3, 49, 7)
     with pytest.raises(ValueError, match="global_pool"):
         model.reset_classifier(7, global_pool="token")
 
@@ -153,10 +149,3 @@ def test_nano_trains(toy_training_losses):
     losses = toy_training_losses("mixer_nano")
     assert losses[-1] < 0.5 * losses[0], losses
 
-
-def test_compiles():
-    torch.manual_seed(0)
-    model = create_model("mixer_nano", num_classes=4).eval()
-    torch.nn.init.normal_(model.head.weight)
-    x = torch.randn(2, 1, 28, 28)
-    torch.testing.assert_close(torch.compile(model, backend="eager")(x), model(x))

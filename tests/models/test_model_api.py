@@ -9,8 +9,7 @@ from torch import nn
 
 from visionmix.models import create_model, list_models
 
-# the zoo, not the test-only models other test modules register (tests/engine/tinynets.py) when collected first
-ALL = [name for name in list_models() if not name.startswith("tiny_test")]
+ALL = list_models()
 NANOS = list_models("*nano*")
 LAYER_SCALE_NORM_POS = ("gamma", "layer_scale", "norm", "bn", "pos_embed", "cpe")
 

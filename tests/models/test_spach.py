@@ -247,10 +247,3 @@ def test_nano_trains(name, toy_training_losses):
     losses = toy_training_losses(name)
     assert losses[-1] < 0.5 * losses[0], losses
 
-
-@pytest.mark.parametrize("name", ["spach_ms_nano_attn", "spach_nano_mlp"])
-def test_compiles(name):
-    torch.manual_seed(0)
-    model = _randomize(create_model(name)).eval()
-    x = torch.randn(2, 1, 28, 28)
-    torch.testing.assert_close(torch.compile(model, backend="eager")(x), model(x))
