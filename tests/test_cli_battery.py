@@ -356,8 +356,8 @@ def test_two_trainings_started_together_leave_one_run(tmp_path: Path) -> None:
 
 
 def test_a_second_compare_of_one_directory_is_refused(tmp_path: Path) -> None:
-    argv = ["compare", "--models", "resnet_nano", *TINY, "--epochs", "1", "--bench-repeats", "2",
-            "--bench-batch-size", "4", "--out", str(tmp_path / "cmp")]
+    argv = ["compare", "--models", "resnet_nano", *TINY, "--epochs", "10", "--bench-repeats", "2",
+            "--bench-batch-size", "4", "--out", str(tmp_path / "cmp")]  # 10 epochs outlast the second's start-up
     first = _start(*argv, cwd=tmp_path)
     _wait_for(tmp_path / "cmp" / "runs" / "resnet_nano" / "seed0" / "checkpoint.json", first)
     second = visionmix(*argv, cwd=tmp_path)
@@ -366,7 +366,7 @@ def test_a_second_compare_of_one_directory_is_refused(tmp_path: Path) -> None:
     _, err = first.communicate(timeout=180)
     assert first.returncode == 0, err
     lines = (tmp_path / "cmp" / "runs" / "resnet_nano" / "seed0" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(line)["epoch"] for line in lines] == [1]
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 11))  # each epoch once: one writer
 
 
 def test_a_decompression_bomb_as_the_first_image_is_skipped(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -15,18 +17,20 @@ import pytest
 from visionmix.runlog import FILE_ONLY, console_logging, logger, run_log
 
 
-@pytest.fixture
-def no_root_handlers():
-    """pytest's log capture puts a handler on the root logger; console_logging must see a bare process here."""
+@contextmanager
+def bare_process() -> Iterator[None]:
+    """No handler on the root logger, as in a fresh process (pytest puts its capture handler there for each test)."""
     root = logging.getLogger()
     saved = root.handlers[:]
     root.handlers.clear()
-    yield
-    root.handlers[:] = saved
+    try:
+        yield
+    finally:
+        root.handlers[:] = saved
 
 
-def test_console_prints_info_lines_on_stderr_and_nothing_file_only(no_root_handlers, capsys):
-    with console_logging():
+def test_console_prints_info_lines_on_stderr_and_nothing_file_only(capsys):
+    with bare_process(), console_logging():
         logger("train").info("epoch 1/2: loss 0.5")
         logger("train").debug("not shown")
         logger("train").error("traceback here", extra=FILE_ONLY)
@@ -34,20 +38,20 @@ def test_console_prints_info_lines_on_stderr_and_nothing_file_only(no_root_handl
     assert not logger().handlers  # removed after the block
 
 
-def test_an_application_that_configured_logging_keeps_it(no_root_handlers, capsys):
+def test_an_application_that_configured_logging_keeps_it(capsys):
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
     logger().addHandler(handler)
     try:
-        with console_logging():
+        with bare_process(), console_logging():
             logger("train").warning("one")
     finally:
         logger().removeHandler(handler)
     assert records == ["one"] and capsys.readouterr().err == ""
 
 
-def test_run_log_keeps_lines_warnings_and_the_traceback_of_a_crash(no_root_handlers, tmp_path: Path):
+def test_run_log_keeps_lines_warnings_and_the_traceback_of_a_crash(tmp_path: Path):
     path = tmp_path / "train.log"
     with pytest.raises(ZeroDivisionError), run_log(path):
         logger("train").info("epoch 1/2: loss 0.5")
@@ -61,6 +65,21 @@ def test_run_log_keeps_lines_warnings_and_the_traceback_of_a_crash(no_root_handl
         logger("train").info("epoch 2/2")
     assert path.read_text().startswith(text) and path.read_text().endswith(" INFO epoch 2/2\n")
     assert not logger().handlers
+
+
+def test_run_log_holds_its_lines_until_the_directory_is_the_runs(tmp_path: Path):
+    """A run that fails before its first checkpoint leaves no file in a directory it never owned."""
+    claimed = tmp_path / "checkpoint.json"
+    with pytest.raises(RuntimeError), run_log(tmp_path / "train.log", claimed=claimed.is_file):
+        logger("train").info("building the model")
+        raise RuntimeError("no such model")
+    assert list(tmp_path.iterdir()) == []
+    with run_log(tmp_path / "train.log", claimed=claimed.is_file):
+        logger("train").info("building the model")
+        claimed.write_text("{}")
+        logger("train").info("epoch 1/1")
+    assert [line.split(" INFO ")[1] for line in (tmp_path / "train.log").read_text().splitlines()] == [
+        "building the model", "epoch 1/1"]
 
 
 def test_no_progress_removes_the_bar_and_nothing_else(tmp_path: Path):

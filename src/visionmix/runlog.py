@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,26 @@ class _ConsoleHandler(logging.Handler):
 
 
 class _RunLogHandler(logging.FileHandler):
-    """A run directory's log file (:func:`run_log`); not a console, so :func:`console_logging` still adds one."""
+    """A run directory's log file (:func:`run_log`), opened once ``claimed()`` is true; records before that are
+    held in memory. Not a console, so :func:`console_logging` still adds one."""
+
+    def __init__(self, path: str | Path, claimed: Callable[[], bool]) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.claimed, self.waiting = claimed, list[logging.LogRecord]()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.waiting.append(record)
+        if self.claimed():
+            for waiting in self.waiting:
+                super().emit(waiting)
+            self.waiting.clear()
+
+    def close(self) -> None:
+        if self.waiting and self.claimed():
+            for waiting in self.waiting:
+                super().emit(waiting)
+        self.waiting.clear()
+        super().close()
 
 
 def _not_file_only(record: logging.LogRecord) -> bool:
@@ -57,7 +76,8 @@ def console_logging() -> Iterator[None]:
         return
     handler = _ConsoleHandler(logging.INFO)
     handler.addFilter(_not_file_only)
-    level, log.level = log.level, logging.INFO
+    level = log.level
+    log.setLevel(logging.INFO)
     log.addHandler(handler)
     try:
         yield
@@ -67,16 +87,20 @@ def console_logging() -> Iterator[None]:
 
 
 @contextmanager
-def run_log(path: str | Path | None) -> Iterator[None]:
+def run_log(path: str | Path | None, claimed: Callable[[], bool] = lambda: True) -> Iterator[None]:
     """For the block, append ``visionmix`` records and the warnings raised to ``path`` (``None``: do nothing, as on
-    every rank but the first), with the traceback of an exception that leaves the block; the exception goes on."""
+    every rank but the first), with the traceback of an exception that leaves the block; the exception goes on.
+
+    Records wait in memory until ``claimed()`` says the directory is the run's (its first checkpoint is written):
+    a run that fails before that leaves no file behind in a directory it never owned."""
     if path is None:
         yield
         return
     log = logger()
-    handler = _RunLogHandler(path, encoding="utf-8", delay=True)
+    handler = _RunLogHandler(path, claimed)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    level, log.level = log.level, min(log.getEffectiveLevel(), logging.INFO)
+    level = log.level
+    log.setLevel(min(log.getEffectiveLevel(), logging.INFO))
     log.addHandler(handler)
     with warnings.catch_warnings():
         shown = warnings.showwarning

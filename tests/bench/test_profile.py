@@ -14,10 +14,10 @@ from visionmix.bench.profile import (
     BenchResult,
     count_macs,
     count_params,
-    format_table,
     matmul_workload,
     peak_memory,
     profile_model,
+    results_table,
     save_results,
 )
 from visionmix.cli import main
@@ -154,8 +154,8 @@ def test_save_results_json_csv_and_no_overwrite(tmp_path):
         save_results(results, tmp_path / "r.txt")
 
 
-def test_format_table_lists_every_result():
-    table = format_table([_result(), _result(model="other", compiled="inductor", matmul_fraction=0.25)])
+def test_results_table_lists_every_result():
+    table = results_table([_result(), _result(model="other", compiled="inductor", matmul_fraction=0.25)])
     lines = table.splitlines()
     assert len(lines) == 4 and "of matmul" in lines[0]
     assert "other" in lines[3] and "train+inductor" in lines[3] and "0.25" in lines[3] and "5.60M" in lines[2]

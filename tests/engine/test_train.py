@@ -82,7 +82,7 @@ def test_run_directory_summary_and_evaluation(tmp_path: Path) -> None:
     assert meta["finished"] and meta["epoch"] == 2 and meta["global_step"] == 12  # 192 // 32 = 6 steps/epoch
     assert sorted(p.name for p in run.iterdir()) == [  # the previous checkpoint (epoch 1) is kept
         "checkpoint-previous.json", "checkpoint.json", "metrics.jsonl", "state-00000006.pt", "state-00000012.pt",
-        "summary.json", "weights-00000006.safetensors", "weights-00000012.safetensors"]
+        "summary.json", "train.log", "weights-00000006.safetensors", "weights-00000012.safetensors"]
     assert json.loads((run / "checkpoint-previous.json").read_text())["global_step"] == 6
     # the reloaded model scores exactly what the run reported; metrics agree with a direct computation
     model, meta = load_run(run)
@@ -409,7 +409,7 @@ def test_checkpoint_switches_only_when_complete(tmp_path: Path, monkeypatch: pyt
     names = sorted(p.name for p in run.iterdir())
     step = before["global_step"]
     assert names == ["checkpoint-previous.json", "checkpoint.json", "metrics.jsonl", f"state-{step:08d}.pt",
-                     "state-00000100.pt", "summary.json", f"weights-{step:08d}.safetensors",
+                     "state-00000100.pt", "summary.json", "train.log", f"weights-{step:08d}.safetensors",
                      "weights-00000100.safetensors"]
     assert read_meta(run)["files"]["weights"] == "weights-00000100.safetensors"
     assert json.loads((run / "checkpoint-previous.json").read_text()) == before

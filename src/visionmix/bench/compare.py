@@ -37,14 +37,16 @@ from visionmix.bench.stats import (
     ON_PAR_MARGIN,
 )
 from visionmix.checks import check_choice, check_positive
-from visionmix.errors import InvalidValue, TrainingInterrupted
+from visionmix.errors import InvalidValue, TrainingInterrupted, is_user_error
 from visionmix.files import atomic_write, entries, hold_directory
 
 BENCH_ERROR_FILE = "bench-error.log"  # runs/<model>/: the traceback of a failed speed measurement
 
 
 def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".splitlines()[0]
+    """A failure in a results row: a user error's message (as the command line prints it), else ``Type: message``
+    (a bug, whose traceback is kept in a log)."""
+    return (str(err) if is_user_error(err) else f"{type(err).__name__}: {err}").splitlines()[0]
 
 
 def _run_one(cfg: Any, run_dir: Path, progress: bool) -> RunOutcome:

@@ -147,7 +147,7 @@ def _train_held(cfg: TrainConfig, out_dir: Path, *, resume: bool, progress: bool
         verify_run(out_dir, meta)
         return finished_summary(out_dir, meta)
     log_path = out_dir / run_files.LOG_FILE if launched_rank() == 0 else None
-    with console_logging(), run_log(log_path):
+    with console_logging(), run_log(log_path, claimed=(out_dir / run_files.CHECKPOINT_FILE).is_file):
         ctx = init_distributed(cfg.device)
         benchmark = torch.backends.cudnn.benchmark
         try:
