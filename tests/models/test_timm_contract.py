@@ -22,16 +22,18 @@ import pytest
 import torch
 
 from visionmix.models import create_model, list_models, model_entry
+from visionmix.models._base import FeatureListNet
 
 # The zoo, not the test-only models other test modules register (tests/engine/tinynets.py) when collected first.
 ALL = [name for name in list_models() if not name.startswith("tiny_test")]
-# Models whose six tests together take more than ~2 s on one core: still run by `make test`, skipped by -m "not slow".
+# Models above 3 GMACs at their default input (or of unknown cost) take ~2-45 s for the six tests on one core: marked
+# slow, they still run in `make test`; -m "not slow" keeps the nano and small 224 px models (~30 s in all).
 HEAVY_GMACS = 3.0
 
 
 def _param(name: str):
-    gmacs = model_entry(name).reference.gmacs or 0.0
-    return pytest.param(name, marks=pytest.mark.slow) if gmacs > HEAVY_GMACS else name
+    gmacs = model_entry(name).reference.gmacs
+    return pytest.param(name, marks=pytest.mark.slow) if gmacs is None or gmacs > HEAVY_GMACS else name
 
 
 MODELS = [_param(name) for name in ALL]
@@ -382,3 +384,48 @@ def test_model_forward_intermediates(model_name, batch_size):
             output_fmt=output_fmt,
         )
         assert torch.allclose(output, output3, rtol=1e-4, atol=1e-5), 'Output does not match'
+
+
+# ------------------------------------------------------------------ what those tests take for granted, checked here
+@pytest.mark.parametrize('name', ALL)
+def test_cfg_states_every_input_size_constraint(name):
+    """timm's tests pick their input sizes from ``pretrained_cfg``, so it must state every constraint: a fixed-size
+    model takes only ``input_size``; any other takes ``min_input_size`` and larger multiples of
+    ``input_size_divisor``, and a side off the divisor or below the minimum is one ValueError. Shapes only (meta)."""
+    with torch.device("meta"):
+        model = create_model(name).eval()
+        cfg = model.pretrained_cfg
+        chans, height, width = cfg["input_size"]
+
+        def run(h, w):
+            return model(torch.empty(1, chans, h, w))
+
+        run(height, width)
+        step = cfg["input_size_divisor"]
+        if cfg["fixed_input_size"]:
+            assert cfg["min_input_size"] is None
+            with pytest.raises(ValueError, match=f"expected input size {height}x{width}"):
+                run(height + step, width)
+            return
+        assert height % step == 0 and width % step == 0
+        run(height + step, width + 2 * step)
+        if step > 1:
+            with pytest.raises(ValueError, match="must be divisible by"):
+                run(height + 1, width)
+        if cfg["min_input_size"] is not None:
+            min_chans, min_height, min_width = cfg["min_input_size"]
+            assert min_chans == chans and min_height % step == 0 and min_width % step == 0
+            run(min_height, min_width)
+            if min_height > step:
+                with pytest.raises(ValueError, match="smallest input"):
+                    run(min_height - step, min_width)
+
+
+def test_feature_cls_getter_is_the_only_kind():
+    features = create_model("resnet_nano", features_only=True, feature_cls="getter")
+    assert isinstance(features, FeatureListNet) and features.out_indices == [0, 1, 2, 3]
+    for kind in ("hook", "fx", "dict"):
+        with pytest.raises(ValueError, match=f"feature_cls='{kind}' is not supported: .* timm's 'getter' kind"):
+            create_model("resnet_nano", features_only=True, feature_cls=kind)
+    with pytest.raises(ValueError, match="feature_cls needs features_only=True"):
+        create_model("resnet_nano", feature_cls="getter")
