@@ -3,14 +3,17 @@ huggingface/pytorch-image-models@aa4b5850c1543fa488abf260f18390eda46cf85d (2026-
 this torch, so the bodies are ported, not loaded).
 
 Ported unchanged: the input sizes (``_get_input_size`` with timm's targets: forward at up to 384 px, so 224 px models
-run at 224; backward at 128, feature extraction at 96; fixed-size models at their size), batch sizes, tolerances and
+run at 224; backward at 128, feature extraction at 96; fixed-size models at their size, and models whose cfg states a
+``min_input_size`` - S2-MLPv2, UniFormer, SPACH - at that size, as timm does), batch sizes, tolerances and
 assertions of ``test_model_forward``, ``test_model_backward``, ``test_model_default_cfgs`` (the ``_non_std`` variant
 for the models timm's ``NON_STD_FILTERS`` name: the Mixers, whose features are (B, N, C)),
 ``test_model_forward_features``, ``test_model_forward_intermediates_features`` and
 ``test_model_forward_intermediates``. ``timm.models.FeatureInfo(model.feature_info, n)`` is read through our own
 ``feature_info`` getters. Stricter than timm: every test runs on every model (timm skips ``test_model_forward_features``
-for its non-standard models); ``EXCLUDE_FILTERS`` match none of ours. Out of scope: timm's TorchScript and FX tests,
-``test_model_inference`` and the pretrained-weight tests (visionmix downloads nothing).
+for its non-standard models); ``EXCLUDE_FILTERS`` match none of ours. Out of scope: timm's TorchScript and FX tests
+(no model passes them: ``torch.jit.script`` rejects keyword-only layer arguments, FX tracing the input checks'
+Python control flow; ``torch.export`` is this project's path), ``test_model_inference`` and the pretrained-weight
+tests (visionmix downloads nothing).
 """
 
 from __future__ import annotations
