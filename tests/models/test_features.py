@@ -69,13 +69,22 @@ def test_every_registered_model_has_feature_levels_that_match_its_intermediates(
 
 
 def test_feature_levels_per_family():
-    """Stage ends for pyramids (ResNets with timm's stem level first), every block for single-stage models."""
+    """Stage ends for pyramids (ResNets with timm's stem level first), every block for single-stage models and for
+    models of fewer than 3 stages (timm's minimum of 3 levels; a stage's downsampling joins its first block)."""
     assert create_model("resnet18").feature_info.reduction() == [2, 4, 8, 16, 32]
     assert create_model("resnet18").feature_info.module_name() == ["stage0.relu", *(f"stage{i}" for i in range(1, 5))]
     assert create_model("uniformer_small").feature_info.channels() == [64, 128, 320, 512]
     assert create_model("uniformer_small").feature_info.reduction() == [4, 8, 16, 32]
-    assert create_model("s2mlpv2_nano").feature_info.module_name() == ["stages.0", "stages.1"]
-    assert create_model("spach_ms_nano_conv").feature_info.module_name() == ["layer1", "layer2"]
+    s2mlp = create_model("s2mlpv2_nano")
+    assert s2mlp.feature_info.module_name() == ["stages.0.0", "stages.0.1", *(f"stages.1.{j}" for j in range(1, 6))]
+    assert s2mlp.feature_info.reduction() == [2, 2, 4, 4, 4, 4, 4] and s2mlp._level_blocks[2] == ["stages.1.0",
+                                                                                                 "stages.1.1"]
+    assert create_model("spach_ms_nano_conv").feature_info.module_name() == [
+        "layer1.0", "layer1.1", *(f"layer2.{j}" for j in range(1, 7))]
+    assert create_model("spach_ms_xxs_patch4_224_conv").feature_info.module_name() == [f"layer{i}" for i in range(1, 5)]
+    uniformer = create_model("uniformer_nano")
+    assert uniformer.feature_info.module_name() == ["blocks1.0", "blocks1.1", *(f"blocks2.{j}" for j in range(4))]
+    assert uniformer._level_blocks[:3] == [["patch_embed1", "blocks1.0"], ["blocks1.1"], ["patch_embed2", "blocks2.0"]]
     assert create_model("spach_nano_conv").feature_info.module_name() == [f"blocks.{i}" for i in range(8)]
     info = create_model("mixer_nano").feature_info
     assert info.reduction() == [4] * 6 and info.channels() == [160] * 6 and info.channels(-1) == 160
@@ -162,7 +171,11 @@ def test_features_only_info_and_defaults():
                                                                              (256, 14, 14)]
     assert not any(k.startswith(("model.stage4.", "model.linear.")) for k in features.state_dict())
     assert create_model("mixer_nano", features_only=True).out_indices == [3, 4, 5]  # timm: last 3 blocks
-    assert create_model("uniformer_nano", features_only=True).out_indices == [0, 1]
+    # fewer than 3 stages: the stage ends, then the latest blocks until there are 3
+    assert create_model("uniformer_nano", features_only=True).out_indices == [1, 4, 5]
+    assert create_model("s2mlpv2_small", features_only=True).feature_info.module_name() == [
+        "stages.0.3", "stages.1.13", "stages.1.14"]
+    assert create_model("resnet_nano", features_only=True).out_indices == [0, 1, 2, 3]  # every level of a pyramid
     with pytest.raises(ValueError, match="features_only"):
         create_model("resnet_nano", out_indices=(1,))
 

@@ -10,6 +10,7 @@ gradient checkpointing, ``group_matcher`` and ``no_weight_decay``. Pooling follo
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -25,6 +26,7 @@ from visionmix.layers.mixing import ConvPosEnc
 
 GLOBAL_POOLS = ("avg", "max", "")  # "" = no pooling: the head acts on every position
 OUTPUT_FMTS = ("NCHW", "NHWC")
+MIN_FEATURE_LEVELS = 3  # timm's default: a features_only model has at least 3 levels
 LAST_GROUP = 99999  # group_matcher's index for the final norm (timm's convention: after every block)
 _SKIP_DECAY = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, ConvPosEnc)  # + gamma* params
 
@@ -77,6 +79,10 @@ def take_indices(num_levels: int, indices: int | Sequence[int] | None) -> list[i
     return sorted(resolved)
 
 
+Level = tuple[Sequence[str], int, int, str]  # (module names run in order, num_chs, reduction, module name)
+Stage = tuple[Sequence[str], Sequence[str], int, int, str]  # (lead-in names, block names, num_chs, reduction, name)
+
+
 def _is_block(name: str) -> bool:
     """A block is an element of a stage container (its name ends in an index); only blocks are checkpointed."""
     return name.rsplit(".", 1)[-1].isdigit()
@@ -126,8 +132,9 @@ def _prefix_regex(names: Sequence[str]) -> str:
 class ClassifierModel(nn.Module):
     """Base of every zoo model: ``forward = forward_head(forward_features(x))``.
 
-    Attributes (timm names): ``num_classes``, ``num_features`` (channels entering the head), ``in_chans``,
-    ``global_pool``, ``drop_rate``, ``feature_info``, ``grad_checkpointing``; the classifier lives in the attribute
+    Attributes (timm names): ``num_classes``, ``num_features`` (channels entering the head), ``head_hidden_size``
+    (width of ``forward_head(x, pre_logits=True)``), ``in_chans``, ``global_pool``, ``drop_rate``, ``feature_info``,
+    ``grad_checkpointing``, ``output_fmt`` (alias of ``feature_fmt``); the classifier lives in the attribute
     named by ``head_name`` ("head", or "linear" for ResNets) so official checkpoints keep their keys.
     """
 
@@ -142,13 +149,18 @@ class ClassifierModel(nn.Module):
         self._check_head(num_classes, global_pool)
         if not 0.0 <= drop_rate < 1.0:
             raise InvalidValue(f"drop_rate must be in [0, 1), got {drop_rate}")
-        self.num_features = num_features
+        self.num_features = self.head_hidden_size = num_features  # the head pools and classifies: no hidden layer
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.drop_rate = drop_rate
         self.head_drop = nn.Dropout(drop_rate)
         setattr(self, self.head_name, self._make_classifier(num_classes))
+
+    @property
+    def output_fmt(self) -> str:
+        """timm's name for the layout of ``forward_features`` (``feature_fmt``)."""
+        return self.feature_fmt
 
     def _check_head(self, num_classes: int, global_pool: str) -> None:
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
@@ -203,10 +215,12 @@ class ClassifierModel(nn.Module):
                 if _within(name.rsplit(".", 1)[0], skip_modules) or name.rsplit(".", 1)[-1].startswith("gamma")}
 
     # ------------------------------------------------------------------------------------------ feature levels
-    def _init_features(self, stem: Sequence[str], levels: Sequence[tuple[Sequence[str], int, int, str]],
-                       norm: str | None) -> None:
+    def _init_features(self, stem: Sequence[str], levels: Sequence[Level], norm: str | None,
+                       stage_ends: Sequence[int] | None = None) -> None:
         """Declare the trunk: ``stem`` module names (run by :meth:`_forward_stem`), then per feature level
         ``(block names run in order, num_chs, reduction, module name)``, and the final norm's name (or None).
+        ``stage_ends`` are the levels that end a stage (default: every level of a pyramid, the last of a model whose
+        levels share one reduction); :meth:`default_out_indices` starts from them.
 
         Levels whose output shares the last level's channels and reduction are the ones ``norm=True`` normalises
         (every block of a single-stage model, the last stage of a pyramid).
@@ -217,6 +231,23 @@ class ClassifierModel(nn.Module):
         self._norm_name = norm
         last = (self.feature_info[-1]["num_chs"], self.feature_info[-1]["reduction"])
         self._normed_levels = {i for i, f in enumerate(self.feature_info) if (f["num_chs"], f["reduction"]) == last}
+        if stage_ends is None:
+            single_stage = len(set(self.feature_info.reduction())) == 1
+            stage_ends = [len(levels) - 1] if single_stage else range(len(levels))
+        self._stage_ends = sorted(stage_ends)
+
+    def _init_stages(self, stem: Sequence[str], stages: Sequence[Stage], norm: str | None) -> None:
+        """:meth:`_init_features` from stages ``(lead-in names, block names, num_chs, reduction, stage name)`` (the
+        lead-in downsamples; it may be empty): one level per stage, or, with fewer than :data:`MIN_FEATURE_LEVELS`
+        stages, one per block as timm does for single-stage models (a stage's lead-in joins its first block)."""
+        if len(stages) >= MIN_FEATURE_LEVELS:
+            self._init_features(stem, [([*lead, *blocks], chs, r, name) for lead, blocks, chs, r, name in stages],
+                                norm)
+            return
+        levels = [([*(lead if j == 0 else ()), block], chs, r, block)
+                  for lead, blocks, chs, r, _ in stages for j, block in enumerate(blocks)]
+        ends = list(itertools.accumulate(len(blocks) for _, blocks, *_ in stages))
+        self._init_features(stem, levels, norm, stage_ends=[end - 1 for end in ends])
 
     def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         """Check the input and run the stem (whatever precedes the first feature level's blocks)."""
@@ -323,11 +354,13 @@ class ClassifierModel(nn.Module):
         return {"stem": _prefix_regex(self._stem_names), "blocks": blocks}
 
     def default_out_indices(self) -> tuple[int, ...]:
-        """``features_only``'s default: every level of a pyramid; the last 3 blocks of a single-stage model (timm)."""
+        """``features_only``'s default: every stage end, topped up to :data:`MIN_FEATURE_LEVELS` with the latest
+        other levels (timm's rule: a pyramid's stages, a single-stage model's last 3 blocks)."""
         n = len(self.feature_info)
-        if len(set(self.feature_info.reduction())) == 1:
-            return tuple(range(max(0, n - 3), n))
-        return tuple(range(n))
+        ends = [i for i in self._stage_ends if i < n]
+        others = [i for i in range(n) if i not in ends]
+        missing = max(0, MIN_FEATURE_LEVELS - len(ends))
+        return tuple(sorted(ends + others[max(0, len(others) - missing):]))
 
 
 class FeatureListNet(nn.Module):

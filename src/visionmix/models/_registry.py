@@ -47,11 +47,17 @@ _ENTRIES: dict[str, ModelEntry] = {}
 
 
 def default_cfg(**overrides: Any) -> dict[str, Any]:
-    """A ``pretrained_cfg`` dict with timm's fields and defaults, updated by ``overrides``."""
+    """A ``pretrained_cfg`` dict with timm's fields and defaults, updated by ``overrides``.
+
+    Input-size constraints: ``fixed_input_size`` (only ``input_size``), ``min_input_size`` (the smallest input taken)
+    and visionmix's ``input_size_divisor`` (each side a multiple of it; 1 = any size). ``pool_size``, the grid of
+    ``forward_features`` at ``input_size``, is filled in by ``create_model``.
+    """
     cfg: dict[str, Any] = {
         "url": "", "architecture": None, "input_size": (3, 224, 224), "fixed_input_size": False,
-        "interpolation": "bicubic", "crop_pct": 0.875, "mean": IMAGENET_MEAN, "std": IMAGENET_STD,
-        "num_classes": 1000, "first_conv": None, "classifier": "head", "paper_ids": None,
+        "min_input_size": None, "input_size_divisor": 1, "pool_size": None, "interpolation": "bicubic",
+        "crop_pct": 0.875, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "num_classes": 1000,
+        "first_conv": None, "classifier": "head", "paper_ids": None,
     }
     cfg.update(overrides)
     return cfg
@@ -146,7 +152,6 @@ _UNSUPPORTED = {  # timm keyword arguments with no meaning here (None / False ar
     "scriptable": "visionmix layers have no TorchScript-specific forms",
     "exportable": "visionmix layers have no export-specific forms (see visionmix.export)",
     "no_jit": "visionmix layers have no TorchScript-specific forms",
-    "feature_cls": "features_only models always use forward_intermediates (timm's 'getter' kind)",
     "output_stride": "visionmix models have no dilated variants",
 }
 
@@ -154,16 +159,18 @@ _UNSUPPORTED = {  # timm keyword arguments with no meaning here (None / False ar
 def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict[str, Any] | None = None,
                  pretrained_cfg_overlay: dict[str, Any] | None = None, checkpoint_path: str | None = None, *,
                  features_only: bool = False, out_indices: int | Sequence[int] | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 feature_cls: str | None = None, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None,
                  **kwargs: Any) -> nn.Module:
     """Build a registered model (timm's signature). Keyword arguments whose value is ``None`` are dropped (timm's
     convention), so an unset CLI option means the model's default.
 
     ``checkpoint_path`` loads a local .pth/.safetensors; ``pretrained_cfg`` (a dict) replaces and
     ``pretrained_cfg_overlay`` updates the registered cfg; ``features_only`` returns a
-    :class:`~visionmix.models._base.FeatureListNet` of the levels ``out_indices``; ``device``/``dtype`` place the
-    model. ``model.pretrained_cfg`` describes the model built: ``input_size`` from ``in_chans``/``img_size``,
-    ``mean``/``std`` with ``in_chans`` entries, ``first_conv``/``classifier`` naming its modules.
+    :class:`~visionmix.models._base.FeatureListNet` of the levels ``out_indices`` (timm's ``feature_cls="getter"``
+    kind, built on ``forward_intermediates``; the only one); ``device``/``dtype`` place the model.
+    ``model.pretrained_cfg`` describes the model built: ``input_size`` from ``in_chans``/``img_size``, ``mean``/``std``
+    with ``in_chans`` entries, ``first_conv``/``classifier`` naming its modules, ``pool_size``.
     """
     entry = model_entry(model_name)
     if "." in model_name:
@@ -177,6 +184,9 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
     for key, value in (("pretrained_cfg", pretrained_cfg), ("pretrained_cfg_overlay", pretrained_cfg_overlay)):
         if value is not None and not isinstance(value, dict):
             raise InvalidType(f"{key} must be a dict of pretrained_cfg fields, got {type(value).__name__}")
+    if feature_cls is not None and feature_cls != "getter":
+        raise InvalidValue(f"feature_cls={feature_cls!r} is not supported: visionmix's features_only models are timm's "
+                           "'getter' kind (they call forward_intermediates); pass feature_cls='getter' or None")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     if "img_size" in kwargs:
         to_pair("img_size", kwargs["img_size"])  # a clear error for 28.0 or "28", before any family sees it
@@ -195,17 +205,25 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
 
         model = FeatureListNet(model, out_indices)
         model.pretrained_cfg = model.default_cfg = cfg
-    elif out_indices is not None:
-        raise InvalidValue("out_indices needs features_only=True")
+    elif out_indices is not None or feature_cls is not None:
+        raise InvalidValue(f"{'out_indices' if out_indices is not None else 'feature_cls'} needs features_only=True")
     return model
 
 
 def _model_cfg(model: nn.Module, cfg: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The registered cfg made true of ``model``: input size, per-channel mean/std, first conv, classifier."""
+    """The registered cfg made true of ``model``: input size, per-channel mean/std, first conv, classifier, the
+    feature grid at ``input_size`` (``pool_size``; None for (B, N, C) features or a size the last level's reduction
+    does not divide)."""
     in_chans = kwargs.get("in_chans", cfg["input_size"][0])
     img_size = kwargs.get("img_size", cfg["input_size"][1:])
     img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     cfg["input_size"] = (in_chans, *img_size)
+    if getattr(model, "feature_fmt", None) in ("NCHW", "NHWC"):  # a spatial map (not tokens) from a zoo model
+        reduction = model.feature_info[-1]["reduction"]
+        if not any(side % reduction for side in img_size):
+            cfg["pool_size"] = tuple(side // reduction for side in img_size)
+    if cfg["min_input_size"] is not None:
+        cfg["min_input_size"] = (in_chans, *cfg["min_input_size"][1:])
     cfg["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes", cfg["num_classes"]))
     for key in ("mean", "std"):
         cfg[key] = _per_channel(cfg[key], in_chans)

@@ -80,8 +80,9 @@ class S2MLPv2(ClassifierModel):
     """S2-MLPv2: patch conv, then stages of :class:`S2MLPv2Block` joined by k = s = ``merge_size`` patch-merge convs.
 
     ``embed_dims``/``depths`` give one entry per stage (the paper uses two). ``forward_features`` returns
-    (B, H, W, C); the stage ends are the feature levels. Stochastic depth rises linearly over all blocks. Inputs
-    must divide by the total stride (``patch_size * merge_size ** (stages - 1)``).
+    (B, H, W, C); the feature levels are the stage ends, or every block with fewer than 3 stages (timm's minimum).
+    Stochastic depth rises linearly over all blocks. Inputs must divide by the total stride
+    (``patch_size * merge_size ** (stages - 1)``).
     """
 
     feature_fmt = "NHWC"
@@ -111,8 +112,9 @@ class S2MLPv2(ClassifierModel):
         self._init_head(embed_dims[-1], num_classes, in_chans, global_pool, drop_rate)
         patch = self.stem.patch_size
         self.stride = (patch[0] * merge_size ** (len(depths) - 1), patch[1] * merge_size ** (len(depths) - 1))
-        self._init_features(["stem"], [
-            ([f"stages.{i}.{j}" for j in range(len(stage))], dim, patch[0] * merge_size ** i, f"stages.{i}")
+        self._init_stages(["stem"], [
+            ([f"stages.{i}.0"] if i else [], [f"stages.{i}.{j}" for j in range(bool(i), len(stage))], dim,
+             patch[0] * merge_size ** i, f"stages.{i}")
             for i, (stage, dim) in enumerate(zip(stages, embed_dims, strict=True))], norm="norm")
         self.init_weights()
 
@@ -135,8 +137,10 @@ class S2MLPv2(ClassifierModel):
         return self.stem(x)
 
 
-def _s2mlp_cfg(**overrides: object) -> dict:
-    return {"first_conv": "stem.proj", "classifier": "head", "paper_ids": "arXiv:2108.01072", **overrides}
+def _s2mlp_cfg(stride: int = 14, **overrides: object) -> dict:
+    """The cfg of a model whose input sides must be multiples of its total ``stride`` (so at least ``stride``)."""
+    return {"first_conv": "stem.proj", "classifier": "head", "paper_ids": "arXiv:2108.01072",
+            "min_input_size": (3, stride, stride), "input_size_divisor": stride, **overrides}
 
 
 @register_model(cfg=_s2mlp_cfg(), reference=Reference(params=25_110_000, gmacs=6.9, top1=82.0))
@@ -152,7 +156,8 @@ def s2mlpv2_medium(**kwargs: object) -> S2MLPv2:
 
 
 # Nano, 28x28 grey input: patch 2 -> 14x14 (C=64), merge -> 7x7 (C=128). Figures at 1x1x28x28 with 10 classes.
-@register_model(cfg=_s2mlp_cfg(input_size=(1, 28, 28), num_classes=10, mean=(0.5,), std=(0.5,)),
+@register_model(cfg=_s2mlp_cfg(4, input_size=(1, 28, 28), min_input_size=(1, 4, 4), num_classes=10, mean=(0.5,),
+                               std=(0.5,)),
                 reference=Reference(params=1_035_210, gmacs=0.0579))
 def s2mlpv2_nano(**kwargs: object) -> S2MLPv2:
     """S2-MLPv2 for 28x28 inputs: patch 2, 64 x 2 then 128 x 5."""

@@ -24,7 +24,7 @@ import torch
 from einops.layers.torch import Rearrange
 from torch import nn
 
-from visionmix.checks import check_choice, check_positive
+from visionmix.checks import check_choice, check_input, check_positive
 from visionmix.errors import InvalidValue
 from visionmix.layers import Attention, ConvPosEnc, DropPath, Mlp, PatchEmbed, TokenMixingMLP
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
@@ -132,8 +132,9 @@ class Spach(ClassifierModel):
     ``net_arch`` lists stages, each a list of ``(spatial type, depth)``: one stage gives the single-stage SPACH
     (``blocks``, stochastic depth constant over blocks as in the official code), several give SPACH-MS
     (``layer1..``, C doubling per stage, stochastic depth rising linearly). ``forward_features`` returns
-    (B, H, W, C). Feature levels: every block of a single-stage model, every stage end of SPACH-MS.
-    Input size is free unless a stage uses ``"mlp"``, which fixes it to ``img_size``.
+    (B, H, W, C). Feature levels: every stage end of SPACH-MS, every block with fewer than 3 stages (timm's rule).
+    Input sides must be multiples of the patch and at least ``min_size`` (one token in the last stage), unless a
+    stage uses ``"mlp"``, which fixes the size to ``img_size``.
     """
 
     feature_fmt = "NHWC"
@@ -163,7 +164,7 @@ class Spach(ClassifierModel):
                             init_values=init_values, drop=proj_drop_rate, attn_drop=attn_drop_rate)
         dim, (grid_h, grid_w) = hidden_dim, self.stem.grid_size
         stage_names = ["blocks"] if not multi_stage else [f"layer{i + 1}" for i in range(len(arch))]
-        levels = []  # multi-stage: one per stage; single-stage: one per block
+        stages = []  # (lead-in, blocks, num_chs, reduction, name) per stage
         reduction = self.stem.patch_size[0]
         for index, (stage_name, stage) in enumerate(zip(stage_names, arch, strict=True)):
             layers: list[nn.Module] = []
@@ -186,11 +187,11 @@ class Spach(ClassifierModel):
             )
             self.add_module(stage_name, nn.Sequential(*layers))
             names = [f"{stage_name}.{j}" for j in range(len(layers))]
-            levels.extend([(names, dim, reduction, stage_name)] if multi_stage else
-                          [([name], dim, reduction, name) for name in names])
+            stages.append((names[:bool(index)], names[bool(index):], dim, reduction, stage_name))
         self.norm2 = _LayerNorm(dim)
+        self.min_size = self.stem.patch_size[0] * 2 ** (len(arch) - 1), self.stem.patch_size[1] * 2 ** (len(arch) - 1)
         self._init_head(dim, num_classes, in_chans, global_pool, drop_rate)
-        self._init_features(["stem", "norm1"], levels, norm="norm2")
+        self._init_stages(["stem", "norm1"], stages, norm="norm2")
         self.init_weights()
 
     @torch.no_grad()
@@ -208,22 +209,27 @@ class Spach(ClassifierModel):
                     nn.init.zeros_(m.bias)
 
     def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans)
+        if x.shape[-2] < self.min_size[0] or x.shape[-1] < self.min_size[1]:
+            raise InvalidValue(f"input size {x.shape[-2]}x{x.shape[-1]} is below the model's smallest input "
+                               f"{self.min_size[0]}x{self.min_size[1]} (one token in the last stage)")
         return self.norm1(self.stem(x))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Registry: the official configs (models/registry.py of microsoft/SPACH) with SPEC.md's reference figures.
 
-def _spach_cfg(fixed: bool, **overrides: object) -> dict:
-    return {"fixed_input_size": fixed, "first_conv": "stem.proj", "classifier": "head",
-            "paper_ids": "arXiv:2108.13002", **overrides}
-
-
-def _register_spach(name: str, arch: list[list[tuple[str, int]]], ref: Reference, cfg: dict | None = None,
-                    **defaults: object) -> None:
+def _register_spach(name: str, arch: list[list[tuple[str, int]]], ref: Reference, cfg: dict | None = None, *,
+                    patch_size: int, **defaults: object) -> None:
     fixed = any(kind == "mlp" for stage in arch for kind, _ in stage)  # a token MLP fixes the input size
-    register_variant(name, Spach, {"net_arch": arch, **defaults}, cfg=_spach_cfg(fixed, **(cfg or {})), reference=ref,
-                     doc=f"SPACH {name}: net_arch={arch}, {defaults} (2108.13002).")
+    in_chans = (cfg or {}).get("input_size", (3,))[0]
+    smallest = patch_size * 2 ** (len(arch) - 1)  # one token in the last stage
+    # Input sides must be multiples of the patch (the stem checks it); each downsampling halves the grid, rounding down.
+    cfg = {"fixed_input_size": fixed, "min_input_size": None if fixed else (in_chans, smallest, smallest),
+           "input_size_divisor": patch_size, "first_conv": "stem.proj", "classifier": "head",
+           "paper_ids": "arXiv:2108.13002", **(cfg or {})}
+    register_variant(name, Spach, {"net_arch": arch, "patch_size": patch_size, **defaults}, cfg=cfg, reference=ref,
+                     doc=f"SPACH {name}: net_arch={arch}, patch_size={patch_size}, {defaults} (2108.13002).")
 
 
 # Single-stage, patch 16: (size, type) -> (C, heads, R, depth, params, GMACs, top-1)

@@ -108,7 +108,8 @@ class UniFormer(ClassifierModel):
     patch embeddings by :class:`ConvStem` (strides 4, 2, 2, ... only). ``layer_scale_init`` (e.g. 1e-6) adds layer
     scale to the SABlocks. ``drop_rate`` is dropout before the classifier (timm), ``proj_drop_rate`` inside the MLPs
     and attention output, ``attn_drop_rate`` on the attention weights. ``forward_features`` returns (B, C, H/s, W/s)
-    after the final BatchNorm; the head averages over space. The stage ends (``blocks{i}``) are the feature levels.
+    after the final BatchNorm; the head averages over space. The feature levels are the stage ends (``blocks{i}``), or
+    every block with fewer than 3 stages (timm's minimum).
     """
 
     def __init__(self, depths: Sequence[int] = (3, 4, 8, 3), embed_dims: Sequence[int] = (64, 128, 320, 512),
@@ -151,8 +152,8 @@ class UniFormer(ClassifierModel):
         self.norm = nn.BatchNorm2d(embed_dims[-1])
         self._init_head(embed_dims[-1], num_classes, in_chans, global_pool, drop_rate)
         reductions = [math.prod(patch_sizes[:i]) for i in range(1, len(depths) + 1)]
-        self._init_features(["patch_embed1"], [
-            ([f"patch_embed{i}", *(f"blocks{i}.{j}" for j in range(depth))], dim, reduction, f"blocks{i}")
+        self._init_stages(["patch_embed1"], [
+            ([f"patch_embed{i}"], [f"blocks{i}.{j}" for j in range(depth)], dim, reduction, f"blocks{i}")
             for i, (depth, dim, reduction) in enumerate(zip(depths, embed_dims, reductions, strict=True), start=1)
         ], norm="norm")
         self.apply(_init_weights)
@@ -180,9 +181,12 @@ def _init_weights(m: nn.Module) -> None:
 
 
 _SMALL = dict(embed_dims=(64, 128, 320, 512))
-_CFG = dict(first_conv="patch_embed1.proj", classifier="head", paper_ids="arXiv:2201.09450")
+# Input sides must be multiples of the total stride (32; 4 for the nano model), so at least that.
+_CFG = dict(first_conv="patch_embed1.proj", classifier="head", paper_ids="arXiv:2201.09450",
+            min_input_size=(3, 32, 32), input_size_divisor=32)
 _CONV_STEM_CFG = dict(_CFG, first_conv="patch_embed1.proj.0")
-_NANO_CFG = dict(_CFG, input_size=(1, 28, 28), num_classes=10, mean=(0.5,), std=(0.5,), crop_pct=1.0)
+_NANO_CFG = dict(_CFG, input_size=(1, 28, 28), min_input_size=(1, 4, 4), input_size_divisor=4, num_classes=10,
+                 mean=(0.5,), std=(0.5,), crop_pct=1.0)
 
 
 def _uniformer(defaults: dict, kwargs: dict) -> UniFormer:
