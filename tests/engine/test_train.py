@@ -244,7 +244,7 @@ def test_weights_that_do_not_fit_are_one_line(tmp_path: Path) -> None:
 
 
 def test_a_diverged_evaluation_stops_instead_of_writing_nan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine_train = importlib.import_module("visionmix.engine.train")  # the package re-exports train()
+    engine_train = importlib.import_module("visionmix.engine.trainer")  # where the loop calls evaluate
 
     real = engine_train.evaluate
     monkeypatch.setattr(engine_train, "evaluate", lambda *a, **k: {**real(*a, **k), "loss": math.inf})
