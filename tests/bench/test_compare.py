@@ -87,6 +87,9 @@ def test_a_broken_model_is_a_failed_row_and_the_others_finish(compared):
     assert [m["status"] for m in results["models"]] == ["ok", "ok", "failed"]
     assert results["meta"]["recipe"].items() >= RECIPE.items() and results["meta"]["data"] == "digits"
     assert results["meta"]["recipe"]["lr"] == 2e-3  # the engine's defaults complete the recipe
+    shown = results["meta"]["recipe"]  # what applies to this run only: the small recipe on in-memory data, on CPU
+    assert shown["amp"] == "off" and shown["augment"] == "crop-flip" and "max_train_samples" in shown
+    assert not {"mixup", "cutmix", "randaug_n", "reprob", "workers", "device", "seed", "val_fraction"} & shown.keys()
 
 
 def test_second_invocation_skips_finished_models(compared):

@@ -13,7 +13,15 @@ from PIL import Image
 
 from visionmix.data import load_digits
 from visionmix.engine import TrainConfig, load_run, read_meta, run_files, train
-from visionmix.engine.config import RECIPES, add_config_options, config_values, option_flag
+from visionmix.engine.config import (
+    GROUPS,
+    RECIPES,
+    Range,
+    add_config_options,
+    config_values,
+    option_flag,
+    report_fields,
+)
 from visionmix.engine.optim import freeze_backbone, layer_ids, param_groups
 from visionmix.models import create_model
 
@@ -157,3 +165,26 @@ def test_config_rejects_bad_new_fields() -> None:
             replace(BASE, **change).validate()
     assert TrainConfig.from_dict({"model": "m", "amp": False}).amp == "off"
     assert np.isclose(replace(BASE, lr_base_batch=32).peak_lr, BASE.lr * 2)
+
+
+def test_report_fields_list_what_applies_and_amp_as_used():
+    small = TrainConfig(model="resnet_nano", data="digits")
+    assert report_fields(small, "cpu")["amp"] == "off" and report_fields(small, "cuda:0")["amp"] == "bf16"
+    assert "augment" in report_fields(small, "cpu") and "mixup" not in report_fields(small, "cpu")
+    deit = TrainConfig.for_recipe("deit", model="resnet_nano", data="imagefolder", data_dir="x")
+    shown = report_fields(deit, "cpu")
+    assert {"mixup", "randaug_m", "val_fraction"} <= shown.keys()
+    assert not {"augment", "max_train_samples"} & shown.keys()
+
+
+def test_every_option_sits_in_a_help_section_and_every_range_is_checked():
+    parser = argparse.ArgumentParser()
+    sections = add_config_options(parser)
+    assert list(sections) == list(GROUPS)
+    assert sum(len(s._group_actions) for s in sections.values()) == len(fields(TrainConfig))
+    for f in fields(TrainConfig):
+        valid = f.metadata["valid"]
+        if isinstance(valid, Range):  # just outside each closed or open end is refused, naming the field
+            below = valid.low if valid.low_open else valid.low - 1e-9
+            with pytest.raises(ValueError, match=f"^{f.name} must be in "):
+                replace(TrainConfig(model="resnet_nano"), **{f.name: below}).validate()

@@ -85,10 +85,6 @@ def _bench_run(name: str, run_dir: Path, bench_path: Path, batch_size: int, repe
     return record
 
 
-# TrainConfig fields that are not part of the recipe shown in the report (they do not change what is learnt)
-_NOT_RECIPE = ("model", "data", "seed", "data_dir", "device", "save_every", "eval_batch_size", "workers")
-
-
 def _outcome_line(outcome: RunOutcome) -> str:
     if outcome.error:
         return f"failed: {outcome.error}"
@@ -112,6 +108,8 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     its paired difference to the baseline (pairs, delta, ci_low, ci_high, verdict).
     """
     from visionmix.engine import TrainConfig
+    from visionmix.engine.config import report_fields
+    from visionmix.engine.distributed import resolve_device
     from visionmix.models import model_entry
 
     if not models:
@@ -136,7 +134,7 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     recipe_name = recipe.pop("recipe", "small")
     base = TrainConfig.for_recipe(recipe_name, model=models[0], data=data, **recipe)
     base.validate()  # a bad recipe fails once, here, not once per model
-    shown = {k: v for k, v in asdict(base).items() if k not in _NOT_RECIPE}
+    shown = report_fields(base, str(resolve_device(base.device)))
     meta = {"data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note, "command": command,
             "bench_batch_size": bench_batch_size, "baseline": baseline, "on_par_margin": ON_PAR_MARGIN,
             "environment": environment()}

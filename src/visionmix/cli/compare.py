@@ -31,21 +31,26 @@ presets:
 {presets}
 
 example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist --epochs 3 --seeds 3 --out runs/cmp""")
-    p.add_argument("--preset", choices=tuple(PRESETS), help="a predefined comparison")
-    p.add_argument("--models", help="comma-separated registered model names (required without --preset)")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output directory: new, empty, or a comparison visionmix wrote (re-use it to resume)")
-    p.add_argument("--force", action="store_true",
-                   help="write into a non-empty DIR that is not a visionmix comparison, replacing files there named "
-                        "like its report (results.*, claims.csv, the plots); nothing else is touched")
-    p.add_argument("--baseline", metavar="MODEL",
-                   help="model the others are compared with seed by seed (default: the preset's baseline if it is "
-                        "compared, else the first of --models)")
-    p.add_argument("--seeds", type=count_arg, help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
-    add_config_options(p, skip=("model", "seed"))
-    p.add_argument("--bench-batch-size", type=count_arg, default=64, help="batch size of the throughput measurement")
-    p.add_argument("--bench-repeats", type=count_arg, default=10, help="timed samples per speed measurement (>= 2)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines and notices still print)")
+    sections = add_config_options(p, skip=("model", "seed"))
+    chosen, output = sections["model and data"], sections["output"]
+    chosen.add_argument("--preset", choices=tuple(PRESETS), help="a predefined comparison")
+    chosen.add_argument("--models", help="comma-separated registered model names (required without --preset)")
+    chosen.add_argument("--baseline", metavar="MODEL",
+                        help="model the others are compared with seed by seed (default: the preset's baseline if it "
+                             "is compared, else the first of --models)")
+    chosen.add_argument("--seeds", type=count_arg,
+                        help="train each model with seeds 0..N-1 (default: 1, or the preset's)")
+    output.add_argument("--out", required=True, metavar="DIR",
+                        help="output directory: new, empty, or a comparison visionmix wrote (re-use it to resume)")
+    output.add_argument("--force", action="store_true",
+                        help="write into a non-empty DIR that is not a visionmix comparison, replacing files there "
+                             "named like its report (results.*, claims.csv, the plots); nothing else is touched")
+    output.add_argument("--bench-batch-size", type=count_arg, default=64,
+                        help="batch size of the throughput measurement")
+    output.add_argument("--bench-repeats", type=count_arg, default=10,
+                        help="timed samples per speed measurement (>= 2)")
+    output.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (epoch lines and notices still print, and go to each run's train.log)")
     p.set_defaults(run=run)
 
 

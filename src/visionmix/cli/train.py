@@ -25,17 +25,19 @@ from disk by --workers processes. --init fine-tunes from a checkpoint (--freeze 
 --nnodes=M --node_rank=I --rdzv_backend=c10d --rdzv_endpoint=HOST:PORT --nproc_per_node=N -m visionmix train ...
 
 example: visionmix train --model mixer_nano --data fashion-mnist --epochs 3 --out runs/mixer""")
-    p.add_argument("--out", metavar="RUN_DIR", help="new run directory (must not exist or be empty, unless --force)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings (only "
-                                                       "--device and --no-progress may be given beside it)")
-    p.add_argument("--from-previous", action="store_true",
-                   help="with --resume: continue from the run's previous checkpoint (kept for when the latest one "
-                        "is damaged)")
-    p.add_argument("--force", action="store_true",
-                   help="replace the visionmix run already in --out (only its own files are removed), or write into "
-                        "a non-empty directory that holds no run (nothing there is deleted or overwritten)")
-    add_config_options(p)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (epoch lines and notices still print)")
+    output = add_config_options(p)["output"]
+    output.add_argument("--out", metavar="RUN_DIR",
+                        help="new run directory (must not exist or be empty, unless --force)")
+    output.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR with its saved settings "
+                                                            "(only --device and --no-progress may be given beside it)")
+    output.add_argument("--from-previous", action="store_true",
+                        help="with --resume: continue from the run's previous checkpoint (kept for when the latest "
+                             "one is damaged)")
+    output.add_argument("--force", action="store_true",
+                        help="replace the visionmix run already in --out (only its own files are removed), or write "
+                             "into a non-empty directory that holds no run (nothing there is deleted or overwritten)")
+    output.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (epoch lines and notices still print, and go to RUN_DIR/train.log)")
     p.set_defaults(run=run)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-from visionmix.checks import check_choice, check_positive
+from visionmix.checks import check_choice
 from visionmix.data import AUGMENTATIONS, DATASETS
 from visionmix.errors import InvalidType, InvalidValue
 
@@ -87,12 +87,58 @@ def _off_if_zero(text: str) -> float | None:
     return value or None
 
 
-def option(default: Any, help: str, *, flag: str | None = None, type: Callable[[str], Any] | None = None,
+@dataclass(frozen=True)
+class Range:
+    """A number in ``[low, high]``, an end excluded where it is ``open`` (``Range(0, 1, high_open=True)``: [0, 1))."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidType(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+        too_low = value <= self.low if self.low_open else value < self.low
+        too_high = value >= self.high if self.high_open else value > self.high
+        if too_low or too_high or math.isnan(value):
+            low, high = float(self.low), float(self.high)
+            bounds = f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+            raise InvalidValue(f"{name} must be in {bounds}, got {value}")
+
+
+@dataclass(frozen=True)
+class Whole:
+    """A whole number of at least ``low`` (``None``: any)."""
+
+    low: int | None = 0
+
+    def check(self, name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or (self.low is not None and value < self.low):
+            kind = "an int" if self.low is None else f"an int >= {self.low}"
+            raise InvalidValue(f"{name} must be {kind}, got {value!r}")
+
+
+GROUPS = ("model and data", "recipe", "augmentation", "optimisation", "hardware", "output")
+APPLIES = {  # when a field matters (the report's recipe line shows only those): a predicate of the config
+    "deit": lambda cfg: cfg.recipe == "deit", "small": lambda cfg: cfg.recipe == "small",
+    "streamed": lambda cfg: cfg.data in STREAMED, "in-memory": lambda cfg: cfg.data not in STREAMED,
+    "imagefolder": lambda cfg: cfg.data == "imagefolder",
+}
+
+
+def option(default: Any, help: str, *, group: str, valid: Range | Whole | None = None, applies: str | None = None,
+           in_report: bool = True, flag: str | None = None, type: Callable[[str], Any] | None = None,
            choices: tuple[str, ...] | None = None, metavar: str | None = None, const: Any = None,
            factory: Callable[[], Any] | None = None) -> Any:
     """A :class:`TrainConfig` field with its command-line option: ``--name-with-dashes`` unless ``flag``; a bool
-    field is a switch; ``const`` makes the value optional (``--ema`` alone means 0.999)."""
-    meta = {"help": help, "flag": flag, "type": type, "choices": choices, "metavar": metavar, "const": const}
+    field is a switch; ``const`` makes the value optional (``--ema`` alone means 0.999). ``group`` is its section
+    of ``--help`` (:data:`GROUPS`), ``valid`` the values it takes (``None`` passes for an optional field),
+    ``applies`` when it matters (:data:`APPLIES`), ``in_report`` whether it changes what is learnt (a comparison's
+    recipe line shows it)."""
+    check_choice("group", group, GROUPS)
+    meta = {"help": help, "flag": flag, "type": type, "choices": choices, "metavar": metavar, "const": const,
+            "group": group, "valid": valid, "applies": applies, "in_report": in_report}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -104,91 +150,123 @@ class TrainConfig:
     ``accum_steps`` K each optimizer step accumulates K micro-batches of ``batch_size / K``, so the same command
     follows the same optimisation with or without torchrun or accumulation."""
 
-    model: str = option(MISSING, "registered model name (see 'visionmix models'); required unless --resume")
+    model: str = option(MISSING, "registered model name (see 'visionmix models'); required unless --resume",
+                        group="model and data", in_report=False)
     recipe: str = option("small", "field defaults: small (28-32 px data, from scratch) or deit (DeiT/SPACH/"
                                   "UniFormer ImageNet recipe: random-resized crop, RandAugment, erasing, mixup/"
                                   "cutmix, lr 5e-4 x batch/512, 5 warmup epochs); explicit options override it",
-                         choices=("small", "deit"))
-    data: str = option("fashion-mnist", "dataset", choices=DATASETS)
+                         choices=("small", "deit"), group="recipe")
+    data: str = option("fashion-mnist", "dataset", choices=DATASETS, group="model and data", in_report=False)
     data_dir: str | None = option(None, "dataset directory (default /usr/share/datasets/fashion-mnist for "
                                         "fashion-mnist; cifar10/cifar100/imagefolder need it, webdataset takes a "
-                                        "shard pattern DIR/train-{000000..000009}.tar; digits is built in)")
+                                        "shard pattern DIR/train-{000000..000009}.tar; digits is built in)",
+                                  group="model and data", in_report=False)
     epochs: int | float = option(3, "training epochs; a fraction ends the run part-way into the last epoch, the "
-                                    "cosine schedule spanning exactly that many steps (e.g. 4.5)", type=epochs_arg)
-    batch_size: int = option(128, "global batch size (split evenly across torchrun processes)", type=count_arg)
+                                    "cosine schedule spanning exactly that many steps (e.g. 4.5)", type=epochs_arg,
+                                 group="optimisation", valid=Range(0, low_open=True))
+    batch_size: int = option(128, "global batch size (split evenly across torchrun processes)", type=count_arg,
+                             group="optimisation", valid=Whole(1))
     accum_steps: int = option(1, "accumulate gradients over K micro-batches of batch-size/K per optimizer step",
-                              type=count_arg, metavar="K")
+                              type=count_arg, metavar="K", group="hardware", valid=Whole(1))
     lr: float = option(2e-3, f"peak learning rate of AdamW, in (0, {MAX_LR:g}] (scaled by batch-size / "
-                             f"--lr-base-batch when that is set)")
+                             f"--lr-base-batch when that is set)",
+                       group="optimisation", valid=Range(0, MAX_LR, low_open=True, high_open=False))
     lr_base_batch: int | None = option(None, "the batch size --lr is given for: the peak LR is lr x batch-size / "
-                                             "this (DeiT's linear scaling; default: --lr as given)", type=count_arg)
-    weight_decay: float = option(0.05, "AdamW weight decay (not on biases, norms and no_weight_decay() parameters)")
+                                             "this (DeiT's linear scaling; default: --lr as given)", type=count_arg,
+                                       group="optimisation", valid=Whole(1))
+    weight_decay: float = option(0.05, "AdamW weight decay (not on biases, norms and no_weight_decay() parameters)",
+                                 group="optimisation", valid=Range(0))
     layer_decay: float | None = option(None, "layer-wise LR decay: group g of G (the model's group_matcher) gets "
-                                             "lr x DECAY^(G-1-g) (default: off)", metavar="DECAY")
-    warmup_epochs: float = option(0.5, "linear warmup length, in epochs")
-    min_lr_ratio: float = option(0.01, "final LR of the cosine decay, relative to --lr")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (also of mixup's soft targets)")
-    clip_grad: float | None = option(5.0, "clip the global gradient norm to this; 0 = off", type=_off_if_zero)
+                                             "lr x DECAY^(G-1-g) (default: off)", metavar="DECAY",
+                                       group="optimisation", valid=Range(0, 1, low_open=True, high_open=False))
+    warmup_epochs: float = option(0.5, "linear warmup length, in epochs", group="optimisation", valid=Range(0))
+    min_lr_ratio: float = option(0.01, "final LR of the cosine decay, relative to --lr",
+                                 group="optimisation", valid=Range(0, 1, high_open=False))
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (also of mixup's soft targets)",
+                                    group="optimisation", valid=Range(0, 1))
+    clip_grad: float | None = option(5.0, "clip the global gradient norm to this; 0 = off", type=_off_if_zero,
+                                     group="optimisation", valid=Range(0, low_open=True))
     drop_path_rate: float | None = option(None, "stochastic depth rate (default: the model's own)",
-                                          flag="--drop-path")
+                                          flag="--drop-path", group="optimisation", valid=Range(0, 1))
     ema_decay: float | None = option(None, "keep and evaluate an exponential moving average of the weights "
                                            "(DECAY 0.999 if no value; default: off)", flag="--ema", const=0.999,
-                                     metavar="DECAY")
-    seed: int = option(0, "seed of initialisation, batch order and augmentation")
+                                     metavar="DECAY", group="optimisation", valid=Range(0, 1, low_open=True))
+    seed: int = option(0, "seed of initialisation, batch order and augmentation",
+                       group="model and data", valid=Whole(None), in_report=False)
     init: str | None = option(None, "fine-tune from these weights: an official .pth/.safetensors or a visionmix "
                                     "run directory; every key loads strictly except a classifier of another "
-                                    "class count, which is re-initialised", metavar="CHECKPOINT")
-    freeze: str = option("none", "backbone: train only the classifier (a linear probe)", choices=FREEZE_MODES)
+                                    "class count, which is re-initialised", metavar="CHECKPOINT",
+                              group="model and data")
+    freeze: str = option("none", "backbone: train only the classifier (a linear probe)", choices=FREEZE_MODES,
+                         group="optimisation")
     max_train_samples: int | None = option(None, "use a fixed random subset of this many training images "
-                                                 "(in-memory data; default: all)", type=count_arg)
+                                                 "(in-memory data; default: all)", type=count_arg,
+                                           group="model and data", valid=Whole(1), applies="in-memory")
     max_eval_samples: int | None = option(None, "evaluate on a fixed subset of this many test images "
-                                                "(in-memory data; default: all)", type=count_arg)
+                                                "(in-memory data; default: all)", type=count_arg,
+                                          group="model and data", valid=Whole(1), applies="in-memory")
     val_fraction: float | None = option(None, "imagefolder with one tree: hold out this stratified fraction as the "
-                                              "validation split (the same files every time)")
+                                              "validation split (the same files every time)",
+                                        group="model and data", valid=Range(0, 1, low_open=True),
+                                        applies="imagefolder")
     image_size: int | None = option(None, "train at this square size (default: in-memory data keep their own, "
                                           "digits 28; streamed data take the model's pretrained_cfg size)",
-                                    type=count_arg)
+                                    type=count_arg, group="model and data", valid=Whole(1))
     augment: str = option("crop-flip", "small recipe's augmentation: random crop (zero padding 2 px at 28 px, 4 at "
                                        "32) + horizontal flip where it keeps the label, the flip only, or none",
-                          choices=AUGMENTATIONS)
-    crop_scale_min: float = option(0.08, "deit: smallest area share of RandomResizedCrop")
+                          choices=AUGMENTATIONS, group="augmentation", applies="small")
+    crop_scale_min: float = option(0.08, "deit: smallest area share of RandomResizedCrop",
+                                   group="augmentation", valid=Range(0, 1, low_open=True, high_open=False),
+                                   applies="deit")
     crop_pct: float | None = option(None, "deit: evaluation centre crop share (default: the model's "
-                                          "pretrained_cfg crop_pct)")
-    randaug_n: int = option(2, "deit: RandAugment operations per image (0 = off)")
-    randaug_m: float = option(9.0, "deit: RandAugment magnitude (of 10)")
-    randaug_mstd: float = option(0.5, "deit: standard deviation of the RandAugment magnitude")
-    reprob: float = option(0.25, "deit: random erasing probability")
-    mixup: float = option(0.8, "deit: mixup alpha (0 = off)")
-    cutmix: float = option(1.0, "deit: cutmix alpha (0 = off)")
-    mix_switch_prob: float = option(0.5, "deit: probability of cutmix instead of mixup when both are on")
+                                          "pretrained_cfg crop_pct)",
+                                    group="augmentation", valid=Range(0, 1, low_open=True, high_open=False),
+                                    applies="deit")
+    randaug_n: int = option(2, "deit: RandAugment operations per image (0 = off)",
+                            group="augmentation", valid=Whole(0), applies="deit")
+    randaug_m: float = option(9.0, "deit: RandAugment magnitude (of 10)",
+                              group="augmentation", valid=Range(0, 10, high_open=False), applies="deit")
+    randaug_mstd: float = option(0.5, "deit: standard deviation of the RandAugment magnitude",
+                                 group="augmentation", valid=Range(0), applies="deit")
+    reprob: float = option(0.25, "deit: random erasing probability",
+                           group="augmentation", valid=Range(0, 1, high_open=False), applies="deit")
+    mixup: float = option(0.8, "deit: mixup alpha (0 = off)", group="augmentation", valid=Range(0), applies="deit")
+    cutmix: float = option(1.0, "deit: cutmix alpha (0 = off)", group="augmentation", valid=Range(0), applies="deit")
+    mix_switch_prob: float = option(0.5, "deit: probability of cutmix instead of mixup when both are on",
+                                    group="augmentation", valid=Range(0, 1, high_open=False), applies="deit")
     repeated_aug: int = option(1, "deit: repeated augmentation (DeiT's RASampler): an epoch takes 1/R of the "
                                   "images, each R times with its own augmentation (DeiT: 3; 1 = off; not on "
-                                  "webdataset shards)", metavar="R")
+                                  "webdataset shards)", metavar="R",
+                               group="augmentation", valid=Whole(1), applies="deit")
     workers: int = option(2, "streamed data (imagefolder, webdataset): decoding worker processes (0 = in the "
-                             "training process)")
+                             "training process)", group="hardware", valid=Whole(0), applies="streamed", in_report=False)
     max_bad_images: int | None = option(None, "streamed data: stop after this many unreadable images in a split "
-                                              f"(default: {100 * BAD_IMAGE_SHARE:g}% of it)")
+                                              f"(default: {100 * BAD_IMAGE_SHARE:g}% of it)",
+                                        group="model and data", valid=Whole(0),
+                                        applies="streamed", in_report=False)
     model_kwargs: dict[str, Any] = option(None, "extra model keyword argument, VALUE read as JSON if it parses "
                                                 "(repeatable), e.g. --model-arg conv_layer=dbb", flag="--model-arg",
-                                          metavar="KEY=VALUE", factory=dict)
-    device: str = option("auto", "auto = cuda when available", choices=DEVICES)
+                                          metavar="KEY=VALUE", factory=dict, group="model and data")
+    device: str = option("auto", "auto = cuda when available", choices=DEVICES, group="hardware", in_report=False)
     amp: str = option("bf16", "mixed precision on CUDA: bf16 autocast, fp16 with a gradient scaler, or off (CPU "
-                              "always trains in fp32)", choices=AMP_MODES)
-    channels_last: bool = option(False, "keep model and inputs in channels-last memory format")
-    compile: bool = option(False, "torch.compile the model for training")
-    sync_bn: bool = option(False, "under torchrun: synchronise BatchNorm statistics across processes")
-    eval_batch_size: int = option(500, "evaluation batch size", type=count_arg)
+                              "always trains in fp32)", choices=AMP_MODES, group="hardware")
+    channels_last: bool = option(False, "keep model and inputs in channels-last memory format",
+                                 group="hardware", in_report=False)
+    compile: bool = option(False, "torch.compile the model for training", group="hardware", in_report=False)
+    sync_bn: bool = option(False, "under torchrun: synchronise BatchNorm statistics across processes", group="hardware")
+    eval_batch_size: int = option(500, "evaluation batch size", type=count_arg,
+                                  group="hardware", valid=Whole(1), in_report=False)
     time_budget_min: float | None = option(
         None, "train for at most this long (evaluation and checkpoint writes excluded; --epochs is then an upper "
               f"bound): the warmup is timed and the run fixed at the steps that fill {100 * BUDGET_FILL:g}%% of the "
               "budget at that speed, ending early if the machine slows down (default: off)",
-        flag="--time-budget", type=minutes_arg, metavar="MINUTES")
+        flag="--time-budget", type=minutes_arg, metavar="MINUTES", group="optimisation", valid=Range(0, low_open=True))
     recompute_bn: str = option("auto", f"at the end, recompute BatchNorm statistics from the final weights on "
                                        f"{RECOMPUTE_BN_IMAGES:,} training images (after a short run the running "
                                        f"averages lag the weights); auto = for runs of under "
-                                       f"{RECOMPUTE_BN_BELOW_STEPS} steps", choices=RECOMPUTE_BN)
+                                       f"{RECOMPUTE_BN_BELOW_STEPS} steps", choices=RECOMPUTE_BN, group="optimisation")
     save_every: int = option(0, "also checkpoint every N optimizer steps (0: at epoch ends and on SIGINT/SIGTERM "
-                                "only)")
+                                "only)", group="output", valid=Whole(0), in_report=False)
 
     @property
     def peak_lr(self) -> float:
@@ -196,43 +274,22 @@ class TrainConfig:
         return self.lr if self.lr_base_batch is None else self.lr * self.batch_size / self.lr_base_batch
 
     def validate(self) -> None:
-        """Raise ``ValueError``/``TypeError`` naming the first bad field."""
+        """Raise ``ValueError``/``TypeError`` naming the first bad field: each field against its ``choices`` and
+        ``valid`` metadata, then the rules between fields."""
         if not isinstance(self.model, str) or not self.model:
             raise InvalidValue(f"model must be a registered model name, got {self.model!r}")
-        for name, choices in (("recipe", RECIPES), ("data", DATASETS), ("augment", AUGMENTATIONS),
-                              ("recompute_bn", RECOMPUTE_BN), ("amp", AMP_MODES), ("freeze", FREEZE_MODES)):
-            check_choice(name, getattr(self, name), choices)
-        check_choice("device", self.device.split(":")[0], DEVICES)
-        for name in ("batch_size", "eval_batch_size", "accum_steps", "repeated_aug"):
-            check_positive(name, getattr(self, name))
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                if "None" not in str(f.type):  # the annotation says whether None (off, the model's own) is a value
+                    raise InvalidValue(f"{f.name} must be set (it has no 'off' value), got None")
+                continue
+            if meta["choices"] is not None:
+                check_choice(f.name, value.split(":")[0] if f.name == "device" else value, meta["choices"])
+            if meta["valid"] is not None:
+                meta["valid"].check(f.name, value)
         if self.batch_size % self.accum_steps:
             raise InvalidValue(f"batch_size={self.batch_size} must be divisible by accum_steps={self.accum_steps}")
-        _check_range("epochs", self.epochs, 0.0, math.inf, low_open=True, high_open=True)
-        for name in ("max_train_samples", "max_eval_samples", "image_size", "lr_base_batch"):
-            if getattr(self, name) is not None:
-                check_positive(name, getattr(self, name))
-        for name in ("seed", "save_every", "workers", "randaug_n", "max_bad_images"):
-            value = getattr(self, name)
-            if value is None and name == "max_bad_images":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or (name != "seed" and value < 0):
-                raise InvalidValue(f"{name} must be {'an int' if name == 'seed' else 'an int >= 0'}, got {value!r}")
-        _check_range("lr", self.lr, 0.0, MAX_LR, low_open=True)
-        for name, low, high, low_open, high_open in (
-                ("weight_decay", 0.0, math.inf, False, True), ("warmup_epochs", 0.0, math.inf, False, True),
-                ("label_smoothing", 0.0, 1.0, False, True), ("min_lr_ratio", 0.0, 1.0, False, False),
-                ("crop_scale_min", 0.0, 1.0, True, False), ("randaug_m", 0.0, 10.0, False, False),
-                ("randaug_mstd", 0.0, math.inf, False, True), ("reprob", 0.0, 1.0, False, False),
-                ("mixup", 0.0, math.inf, False, True), ("cutmix", 0.0, math.inf, False, True),
-                ("mix_switch_prob", 0.0, 1.0, False, False)):
-            _check_range(name, getattr(self, name), low, high, low_open=low_open, high_open=high_open)
-        for name, low, high, low_open, high_open in (
-                ("clip_grad", 0.0, math.inf, True, True), ("drop_path_rate", 0.0, 1.0, False, True),
-                ("ema_decay", 0.0, 1.0, True, True), ("layer_decay", 0.0, 1.0, True, False),
-                ("val_fraction", 0.0, 1.0, True, True), ("crop_pct", 0.0, 1.0, True, False),
-                ("time_budget_min", 0.0, math.inf, True, True)):
-            if getattr(self, name) is not None:
-                _check_range(name, getattr(self, name), low, high, low_open=low_open, high_open=high_open)
         if self.peak_lr > MAX_LR:
             raise InvalidValue(f"lr x batch_size / lr_base_batch = {self.peak_lr:g} exceeds {MAX_LR:g}")
         if self.time_budget_min is not None and self.warmup_epochs == 0:
@@ -281,17 +338,6 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
-                 high_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidType(f"{name} must be a number, got {type(value).__name__} ({value!r})")
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high or math.isnan(value):
-        bounds = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise InvalidValue(f"{name} must be in {bounds}, got {value}")
-
-
 # ------------------------------------------------------------------------------------------- the CLI side
 def _model_arg(text: str) -> tuple[str, Any]:
     import json
@@ -317,15 +363,17 @@ def option_flag(f: Field) -> str:
     return f.metadata["flag"] or "--" + f.name.replace("_", "-")
 
 
-def add_config_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...] = ()) -> None:
-    """One option per :class:`TrainConfig` field (but ``skip``). An option not given is absent from the parsed
-    namespace (``argparse.SUPPRESS``), so :func:`config_values` can tell what was given (``--clip-grad 0`` sets
-    None); the help shows the small recipe's default and,
-    where it differs, deit's."""
+def add_config_options(parser: argparse.ArgumentParser, *,
+                       skip: tuple[str, ...] = ()) -> dict[str, argparse._ArgumentGroup]:
+    """One option per :class:`TrainConfig` field (but ``skip``), in ``--help`` sections by the fields' groups
+    (:data:`GROUPS`, returned so a command adds its own options to them). An option not given is absent from the
+    parsed namespace (``argparse.SUPPRESS``), so :func:`config_values` can tell what was given (``--clip-grad 0``
+    sets None); the help shows the small recipe's default and, where it differs, deit's."""
+    sections = {name: parser.add_argument_group(name) for name in GROUPS}
     for f in fields(TrainConfig):
         if f.name in skip:
             continue
-        meta = f.metadata
+        meta, section = f.metadata, sections[f.metadata["group"]]
         default = f.default if f.default is not MISSING else None
         shown = [] if default in (None, False) or isinstance(default, dict) else [f"(default: {default})"]
         if f.name in RECIPES["deit"] and RECIPES["deit"][f.name] != default:
@@ -334,15 +382,30 @@ def add_config_options(parser: argparse.ArgumentParser, *, skip: tuple[str, ...]
         text = text.replace("%", "%%").replace("%%%%", "%%")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
         if isinstance(default, bool):
-            parser.add_argument(option_flag(f), action="store_const", const=True, **kwargs)
+            section.add_argument(option_flag(f), action="store_const", const=True, **kwargs)
             continue
         if f.name == "model_kwargs":
-            parser.add_argument(option_flag(f), type=_model_arg, action="append", metavar=meta["metavar"], **kwargs)
+            section.add_argument(option_flag(f), type=_model_arg, action="append", metavar=meta["metavar"], **kwargs)
             continue
         if meta["const"] is not None:
             kwargs.update(nargs="?", const=meta["const"])
-        parser.add_argument(option_flag(f), type=_field_type(f), choices=meta["choices"], metavar=meta["metavar"],
-                            **kwargs)
+        section.add_argument(option_flag(f), type=_field_type(f), choices=meta["choices"], metavar=meta["metavar"],
+                             **kwargs)
+    return sections
+
+
+def report_fields(cfg: TrainConfig, device: str) -> dict[str, Any]:
+    """The fields of ``cfg`` that change what is learnt and apply to it (no RandAugment under the small recipe, no
+    worker count for in-memory data), ``amp`` as used on ``device`` (CPU trains in fp32): a comparison's recipe
+    line."""
+    shown = {}
+    for f in fields(TrainConfig):
+        applies = f.metadata["applies"]
+        if f.metadata["in_report"] and (applies is None or APPLIES[applies](cfg)):
+            shown[f.name] = getattr(cfg, f.name)
+    if not device.startswith("cuda"):
+        shown["amp"] = "off"
+    return shown
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:
