@@ -29,7 +29,8 @@ from torch import nn
 
 from visionmix.data.pack import pack_fashion_mnist
 from visionmix.data.recipe import DeitAugment, DeitBatchTransform, RandomResizedCropTransform
-from visionmix.data.streaming import ImageFolderSource, StreamingLoader
+from visionmix.data.sources import ImageFolderSource
+from visionmix.data.streaming import StreamingLoader
 from visionmix.engine.optim import param_groups
 from visionmix.models import create_model
 
@@ -37,7 +38,9 @@ EPOCH_SCRIPT = """
 import json
 import resource
 import sys
-from visionmix.data.streaming import StreamingLoader, WebDatasetSource, resize_to
+from visionmix.data.sources import WebDatasetSource
+from visionmix.data.streaming import StreamingLoader
+from visionmix.data.transforms import resize_to
 source = WebDatasetSource(sys.argv[1], "train")
 loader = StreamingLoader(source, 64, train=True, transform=resize_to(28), workers=2)
 seen = sum(len(labels) for _, labels in loader.epoch(0))

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from visionmix.data.datasets import IMAGE_EXTENSIONS, decode_image
+from visionmix.data.decode import IMAGE_EXTENSIONS, decode_image
 from visionmix.data.transforms import normalize
 from visionmix.errors import InvalidValue, UnreadableImage
 
@@ -115,7 +115,7 @@ class EvalTransform:
 
 def find_images(inputs: Sequence[str | Path]) -> Iterator[Path]:
     """The image files named by ``inputs``, lazily: a file as given, a directory's files with an image suffix
-    (:data:`~visionmix.data.datasets.IMAGE_EXTENSIONS`) recursively in sorted order (symlinked sub-directories are
+    (:data:`~visionmix.data.decode.IMAGE_EXTENSIONS`) recursively in sorted order (symlinked sub-directories are
     not followed). Every input must exist (``FileNotFoundError`` at once, before anything is read)."""
     missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:

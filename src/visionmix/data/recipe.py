@@ -30,7 +30,7 @@ from kornia.geometry.transform import get_rotation_matrix2d, resize, warp_affine
 from torch import nn
 
 from visionmix.checks import check_choice
-from visionmix.data.loader import stable_seed
+from visionmix.data.seeds import stable_seed
 from visionmix.errors import InvalidValue
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")

@@ -146,13 +146,16 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
         train = BatchLoader(train_ds, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
                             rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
         return Pipeline(info, train, test, bn, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
-    from visionmix.data.streaming import MemorySource
+    from visionmix.data.sources import MemorySource
 
     return _deit(cfg, ctx, MemorySource(train_ds), info, test, bn)
 
 
 def _streamed(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
-    from visionmix.data.streaming import StreamingLoader, estimate_stats, open_source, resize_to
+    from visionmix.data.sources import open_source
+    from visionmix.data.stats import estimate_stats
+    from visionmix.data.streaming import StreamingLoader
+    from visionmix.data.transforms import resize_to
 
     train_src = open_source(cfg.data, cfg.data_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed)
     test_src = open_source(cfg.data, cfg.data_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -180,7 +183,8 @@ def streamed_eval_loader(cfg: TrainConfig, source: Any, info: DataInfo, *, rank:
                          device: torch.device | str = "cpu", batch_size: int | None = None) -> Any:
     """Normalised, un-augmented batches of a streamed ``source`` through the recipe's evaluation transform (deit:
     resize + centre crop at ``crop_pct``; small: a resize to the training size), rank ``rank``'s shard."""
-    from visionmix.data.streaming import StreamingLoader, resize_to
+    from visionmix.data.streaming import StreamingLoader
+    from visionmix.data.transforms import resize_to
 
     size = info.image_size[0]
     transform = _eval_transform(cfg, size, model_input(cfg)) if cfg.recipe == "deit" else resize_to(size)
