@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import pickle
-import time
 
 import pytest
 import torch
@@ -249,36 +248,3 @@ def test_soft_target_cross_entropy() -> None:
     torch.testing.assert_close(loss(logits, F.one_hot(labels, 7).float()), F.cross_entropy(logits, labels))
     smoothed = mixup_target(labels, 7, 1.0, 0.1)
     torch.testing.assert_close(loss(logits, smoothed), F.cross_entropy(logits, labels, label_smoothing=0.1))
-
-
-def test_timing(capsys: pytest.CaptureFixture[str]) -> None:
-    """Measured, not asserted: (64, 3, 224, 224) batch transform on CPU, 2 threads; RRC of a 448 px image, 1 thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        g = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (64, 3, 224, 224), dtype=torch.uint8, generator=g)
-        labels = torch.randint(0, 1000, (64,), generator=g)
-        t = DeitBatchTransform(1000, MEAN, STD, DeitAugment())
-        t(images, labels, 0)
-        start = time.perf_counter()
-        for seed in range(1, 4):
-            t(images, labels, seed)
-        batch_s = (time.perf_counter() - start) / 3
-        torch.set_num_threads(1)
-        start = time.perf_counter()
-        t(images, labels, 4)
-        batch1_s = time.perf_counter() - start
-        rrc, big = RandomResizedCropTransform(224), image(3, 448, 448)
-        torch.set_num_threads(1)  # as in a DataLoader worker
-        rrc(big, g)
-        start = time.perf_counter()
-        for _ in range(20):
-            rrc(big, g)
-        rrc_s = (time.perf_counter() - start) / 20
-    finally:
-        torch.set_num_threads(threads)
-    with capsys.disabled():
-        print(f"\nDeitBatchTransform (64,3,224,224) CPU: {batch_s * 1e3:.0f} ms/batch with 2 threads, "
-              f"{batch1_s * 1e3:.0f} ms with 1; "
-              f"RRC 448->224, 1 thread: {rrc_s * 1e3:.1f} ms/sample")
