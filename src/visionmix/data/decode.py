@@ -2,7 +2,8 @@
 
 :func:`decode_image` guards against decompression bombs (:func:`decode_pixel_limit`) and turns every decoding
 failure into an :class:`~visionmix.errors.UnreadableImage`; :func:`to_tensor` makes the decoded image a uint8
-(C, H, W) tensor; :func:`resize_uint8` is the bilinear resize of uint8 batches.
+(C, H, W) tensor; :func:`resize_uint8` resizes uint8 batches (how the datasets and the small recipe resize) and
+:func:`resample_uint8` one image through kornia (how the deit recipe's crops and evaluation resize).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from visionmix.errors import UnreadableImage
+from visionmix.errors import InvalidValue, UnreadableImage
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -24,6 +25,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".
 MIN_DECODE_PIXELS = 64_000_000  # decode_pixel_limit's floor: any ordinary photo
 RESIZE_CHUNK_BYTES = 256 * 2**20
 DEFAULT_DECODE_SIZE = 256  # JPEG draft size when the transform declares no size (see the sources' ``load``)
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 def decode_pixel_limit(image_size: int) -> int:
@@ -77,13 +79,35 @@ def to_tensor(image: Any) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
 
 
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Bilinear resize of uint8 (N, C, H, W) images to (size, size), in chunks of at most ~256 MB of float
-    input and output to bound memory (callers check first that the result fits:
+def check_uint8_image(image: torch.Tensor) -> None:
+    """:class:`InvalidValue` unless ``image`` is a uint8 (C, H, W) tensor (what per-sample transforms take)."""
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3:
+        raise InvalidValue(f"expected a uint8 (C, H, W) image, got {getattr(image, 'dtype', type(image).__name__)} "
+                           f"{tuple(getattr(image, 'shape', ()))}")
+
+
+def resize_uint8(images: torch.Tensor, size: int | tuple[int, int], interpolation: str = "bilinear") -> torch.Tensor:
+    """Resize of uint8 (N, C, H, W) images to ``size`` (an int: square; else (height, width)) by
+    ``torch.nn.functional.interpolate`` (antialiased when the width shrinks), rounded; in chunks of at most ~256 MB
+    of float input and output to bound memory (callers check first that the result fits:
     :func:`~visionmix.data.memory.check_fits_in_memory`)."""
+    height, width = (size, size) if isinstance(size, int) else size
     n, c, h, w = images.shape
-    chunk = max(1, RESIZE_CHUNK_BYTES // (4 * c * (h * w + size * size)))
-    out = [F.interpolate(part.float(), size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=part.shape[-1] > size).round_().clamp_(0, 255).to(torch.uint8)
+    chunk = max(1, RESIZE_CHUNK_BYTES // (4 * c * (h * w + height * width)))
+    smooth = interpolation != "nearest"
+    out = [F.interpolate(part.float(), size=(height, width), mode=interpolation,
+                         **({"align_corners": False, "antialias": part.shape[-1] > width} if smooth else {}))
+           .round_().clamp_(0, 255).to(torch.uint8)
            for part in images.split(chunk)]
     return torch.cat(out)
+
+
+def resample_uint8(image: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
+    """uint8 (C, h, w) -> uint8 (C, *size) through kornia's resize (antialiased when shrinking), rounded; a copy
+    when the size is already ``size``."""
+    from kornia.geometry.transform import resize
+
+    if tuple(image.shape[-2:]) == size:
+        return image.clone()
+    out = resize(image[None].float(), size, interpolation=interpolation, antialias=True)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)

@@ -54,8 +54,11 @@ from visionmix.errors import BadImageWarning, DataError, InvalidType, InvalidVal
 
 
 def _decode_size(transform: Transform) -> int | None:
-    """The output size a transform declares (``.size``, an int), used to draft JPEGs; ``None`` if it declares none."""
+    """The output size a transform declares (``.size``, an int or (height, width): the larger side), used to draft
+    JPEGs; ``None`` if it declares none."""
     size = getattr(transform, "size", None)
+    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        size = max(size)
     return size if isinstance(size, int) and size > 0 else None
 
 
