@@ -5,7 +5,8 @@ Modules, in the order imports run (each imports only modules above it): :mod:`.s
 files), :mod:`.shards` (the ``info.json`` format); :mod:`.memory` (an in-memory split), :mod:`.transforms`;
 :mod:`.sources` (one module per source, one ``Source`` protocol); :mod:`.stats` (channel statistics);
 :mod:`.builtin` (Fashion-MNIST, CIFAR, digits); :mod:`.loader` (in-memory batches), :mod:`.streaming` (streamed
-batches), :mod:`.recipe` (the DeiT recipe), :mod:`.pack` (``visionmix data pack``).
+batches), :mod:`.evaluation` (the evaluation transform), :mod:`.recipe` (the DeiT recipe), :mod:`.pack`
+(``visionmix data pack``).
 """
 
 from visionmix.data.builtin import (
