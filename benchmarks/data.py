@@ -3,7 +3,9 @@
 1. Decoded + augmented images/s at --size (default 224) from a JPEG ImageFolder that ``visionmix data pack --from
    fashion-mnist`` writes: per worker (decode + RandomResizedCrop, in-process, 1 thread), the batch stage of the
    deit recipe (flip, RandAugment, random erasing, mixup/cutmix on the training device), and the whole loader with
-   --workers processes; next to one training step's images/s of each --models at the same size.
+   --workers processes; next to one training step's images/s of each --models at the same size. Also the deit
+   batch stage on random RGB images with 1 thread, and RandomResizedCrop of a 2 x --size image (1 thread, as in a
+   DataLoader worker).
 2. Peak memory of a streamed epoch over --small vs --large images (shards written by ``visionmix data pack``): the
    main process's and the largest worker's peak RSS must not grow with the dataset.
 
@@ -29,7 +31,8 @@ from torch import nn
 
 from visionmix.data.pack import pack_fashion_mnist
 from visionmix.data.recipe import DeitAugment, DeitBatchTransform, RandomResizedCropTransform
-from visionmix.data.streaming import ImageFolderSource, StreamingLoader
+from visionmix.data.sources import ImageFolderSource
+from visionmix.data.streaming import StreamingLoader
 from visionmix.engine.optim import param_groups
 from visionmix.models import create_model
 
@@ -37,7 +40,9 @@ EPOCH_SCRIPT = """
 import json
 import resource
 import sys
-from visionmix.data.streaming import StreamingLoader, WebDatasetSource, resize_to
+from visionmix.data.sources import WebDatasetSource
+from visionmix.data.streaming import StreamingLoader
+from visionmix.data.transforms import resize_to
 source = WebDatasetSource(sys.argv[1], "train")
 loader = StreamingLoader(source, 64, train=True, transform=resize_to(28), workers=2)
 seen = sum(len(labels) for _, labels in loader.epoch(0))
@@ -76,6 +81,21 @@ def pipeline_rates(root: Path, size: int, batch: int, workers: int, rounds: int)
     streamed = iter(loader.epoch(0))
     whole = rate(lambda: next(streamed), batch, rounds)
     return {"decode_rrc_per_worker": per_worker, "batch_augment": batch_stage, f"loader_{workers}_workers": whole}
+
+
+def recipe_rates(size: int, batch: int, rounds: int) -> dict[str, float]:
+    """The deit recipe's two stages alone on random RGB images: the batch transform with 1 thread, and
+    RandomResizedCrop of a ``2 * size`` image to ``size`` with 1 thread (as in a DataLoader worker)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 1000, (batch,), generator=g)
+    augment = DeitBatchTransform(1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), DeitAugment())
+    seeds = iter(range(10**6))
+    crop = RandomResizedCropTransform(size)
+    big = torch.randint(0, 256, (3, 2 * size, 2 * size), dtype=torch.uint8, generator=g)
+    torch.set_num_threads(1)
+    return {"batch_augment_rgb_1_thread": rate(lambda: augment(images, labels, next(seeds)), batch, rounds),
+            f"rrc_{2 * size}_to_{size}_1_thread": rate(lambda: crop(big, g), 1, 2 * rounds)}
 
 
 def training_rates(names: list[str], size: int, batch: int, rounds: int) -> dict[str, float]:
@@ -130,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         images = args.batch_size * (2 * args.rounds + 4)
         pack_fashion_mnist(root / "jpeg", image_size=args.size, image_format="jpeg", max_samples=images)
         speeds = pipeline_rates(root / "jpeg", args.size, args.batch_size, args.workers, args.rounds)
+        speeds |= recipe_rates(args.size, args.batch_size, args.rounds)
         speeds |= {f"train step {n}": v for n, v in
                    training_rates(args.models.split(","), args.size, args.batch_size, max(3, args.rounds // 2)).items()}
         print(f"images/s at {args.size} px, batch {args.batch_size} (deit recipe; training steps at 2 threads):")

@@ -22,7 +22,8 @@ import torch
 
 from visionmix.data.pack import pack_fashion_mnist
 from visionmix.data.recipe import DeitAugment, DeitBatchTransform, RandomResizedCropTransform, SoftTargetCrossEntropy
-from visionmix.data.streaming import ImageFolderSource, StreamingLoader
+from visionmix.data.sources import ImageFolderSource
+from visionmix.data.streaming import StreamingLoader
 from visionmix.engine.optim import param_groups
 from visionmix.models import create_model
 

@@ -13,15 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import resize as kornia_resize
 from PIL import Image
 from safetensors.torch import save_file
 
 from visionmix.cli import main
 from visionmix.data import ImageDataset, build_dataset, normalize
+from visionmix.data.evaluation import EvalTransform, resolve_eval_transform
 from visionmix.engine import TrainConfig, train
 from visionmix.engine.run_files import load_run, state_dict_tensors
 from visionmix.models import create_model
-from visionmix.predict import EvalTransform, Prediction, find_images, predict
+from visionmix.predict import Prediction, find_images, predict, run_transform
 
 NUM_IMAGES = 16
 RUN = TrainConfig(model="resnet_nano", data="digits", epochs=2, batch_size=32, max_train_samples=512,
@@ -92,7 +95,7 @@ def corrupt_files(directory: Path, png: Path) -> list[Path]:
 def test_png_files_give_the_training_tensors_bit_exactly(run_dir: Path, digits: ImageDataset, image_dir: Path,
                                                          dataset_top1: list[int]) -> None:
     model, meta = load_run(run_dir)
-    transform = EvalTransform.from_run(meta)
+    transform = run_transform(meta)
     files = sorted((image_dir / "png").iterdir())
     expected = normalize(digits.images, meta["data"]["mean"], meta["data"]["std"])
     assert torch.equal(torch.stack([transform.read(f) for f in files]), expected)
@@ -102,33 +105,40 @@ def test_png_files_give_the_training_tensors_bit_exactly(run_dir: Path, digits: 
 
 
 def test_run_transform_resizes_bilinear_and_normalises_like_a_direct_computation() -> None:
+    """The small recipe's resize: torch's bilinear interpolation (antialiased when shrinking), as the datasets and
+    the streaming loader resize."""
     mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
     transform = EvalTransform(3, (20, 30), mean, std)
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (33, 47, 3), dtype=np.uint8))
-    pixels = np.asarray(image.resize((30, 20), Image.Resampling.BILINEAR), dtype=np.float64) / 255
-    direct = torch.from_numpy((pixels - mean) / std).permute(2, 0, 1).float()
-    assert transform(image).shape == (3, 20, 30)
-    torch.testing.assert_close(transform(image), direct, rtol=0, atol=1e-5)
+    pixels = np.random.default_rng(0).integers(0, 256, (33, 47, 3), dtype=np.uint8)
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].double()
+    resized = F.interpolate(x, size=(20, 30), mode="bilinear", align_corners=False, antialias=True).round()
+    direct = ((resized[0].clamp(0, 255) / 255 - torch.tensor(mean)[:, None, None].double())
+              / torch.tensor(std)[:, None, None].double()).float()
+    out = transform.input(Image.fromarray(pixels))
+    assert out.shape == (3, 20, 30)
+    torch.testing.assert_close(out, direct, rtol=0, atol=1e-5)
 
 
 def test_pretrained_transform_is_timms_resize_and_centre_crop() -> None:
     cfg = {"input_size": (3, 24, 24), "mean": (0.5, 0.4, 0.3), "std": (0.2, 0.3, 0.4), "crop_pct": 0.875,
            "interpolation": "bicubic"}
-    transform = EvalTransform.from_pretrained_cfg(cfg)
-    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    transform = resolve_eval_transform(cfg)
+    pixels = np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8)
     # shorter side 40 -> floor(24 / 0.875) = 27, longer 50 -> int(27 * 50 / 40) = 33; crop 24 from round(1.5),
-    # round(4.5) (Python's round, as torchvision's CenterCrop)
-    resized = np.asarray(image.resize((33, 27), Image.Resampling.BICUBIC), dtype=np.float64)[2:26, 4:28] / 255
-    direct = torch.from_numpy((resized - cfg["mean"]) / cfg["std"]).permute(2, 0, 1).float()
-    torch.testing.assert_close(transform(image), direct, rtol=0, atol=1e-5)
-    assert EvalTransform.from_pretrained_cfg(create_model("resnet_nano").pretrained_cfg) == EvalTransform(
+    # round(4.5) (Python's round, as torchvision's CenterCrop); kornia resamples, as the deit recipe's crops
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float()
+    resized = kornia_resize(x, (27, 33), interpolation="bicubic", antialias=True)[0].round().clamp(0, 255)
+    crop = resized[:, 2:26, 4:28].double() / 255
+    direct = ((crop - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[:, None, None]).float()
+    torch.testing.assert_close(transform.input(Image.fromarray(pixels)), direct, rtol=0, atol=1e-5)
+    assert resolve_eval_transform(create_model("resnet_nano").pretrained_cfg) == EvalTransform(
         1, (28, 28), (0.5,), (0.5,), crop_pct=1.0, interpolation="bicubic")
 
 
 def test_a_colour_image_is_made_grey_for_a_grey_model() -> None:
     transform = EvalTransform(1, (4, 4), (0.0,), (1.0,))
     image = Image.new("RGB", (4, 4), (255, 0, 0))
-    assert torch.allclose(transform(image), torch.full((1, 4, 4), round(0.299 * 255) / 255))
+    assert torch.allclose(transform.input(image), torch.full((1, 4, 4), round(0.299 * 255) / 255))
 
 
 # ------------------------------------------------------------------------------------------------- the command
@@ -203,7 +213,7 @@ def test_paths_are_read_lazily_one_batch_at_a_time_by_any_callable(run_dir: Path
         batches.append(len(x))
         return model(x)
 
-    results = predict(backend, paths(), transform=EvalTransform.from_run(meta), classes=meta["data"]["classes"],
+    results = predict(backend, paths(), transform=run_transform(meta), classes=meta["data"]["classes"],
                       topk=3, batch_size=3)
     first = next(results)
     assert len(pulled) == 3 and batches == [2]
@@ -270,10 +280,10 @@ def test_a_deit_run_predicts_through_its_evaluation_crop() -> None:
     """A --recipe deit run evaluated by resize + centre crop at crop_pct: predict applies the same transform."""
     data = {"in_chans": 3, "image_size": [224, 224], "mean": [0.5] * 3, "std": [0.25] * 3}
     meta = {"model": "uniformer_small", "data": data, "config": {"recipe": "deit", "crop_pct": None}}
-    transform = EvalTransform.from_run(meta)
+    transform = run_transform(meta)
     assert (transform.crop_pct, transform.interpolation) == (0.875, "bicubic")  # uniformer_small's pretrained_cfg
-    assert transform.resized_size(448, 300) == (382, 256)  # shorter side to floor(224 / 0.875), then the crop
+    assert transform.resized_shape(300, 448) == (256, 382)  # shorter side to floor(224 / 0.875), then the crop
     meta["config"]["crop_pct"] = 0.9
-    assert EvalTransform.from_run(meta).crop_pct == 0.9
+    assert run_transform(meta).crop_pct == 0.9
     meta["config"]["recipe"] = "small"
-    assert EvalTransform.from_run(meta).crop_pct is None  # the small recipe resizes straight to the size
+    assert run_transform(meta).crop_pct is None  # the small recipe resizes straight to the size

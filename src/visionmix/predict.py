@@ -9,113 +9,36 @@ images. The model may be any callable that maps a float (B, C, H, W) tensor to l
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
-from visionmix.data.datasets import IMAGE_EXTENSIONS, decode_image
-from visionmix.data.transforms import normalize
+from visionmix.data.decode import IMAGE_EXTENSIONS
+from visionmix.data.evaluation import EvalTransform, resolve_eval_transform
 from visionmix.errors import InvalidValue, UnreadableImage
 
 Model = Callable[[torch.Tensor], torch.Tensor]
-MODES = {1: "L", 3: "RGB"}  # the images Pillow decodes, by the model's input channels
 
 
-@dataclass(frozen=True)
-class EvalTransform:
-    """A model's evaluation transform, from a decoded image to its float (C, H, W) input.
+def run_transform(meta: dict[str, Any]) -> EvalTransform:
+    """The evaluation transform of a visionmix run (its ``checkpoint.json`` ``meta``), resolved as the run resolved
+    it (:func:`~visionmix.engine.pipeline.eval_transform`): its model's ``pretrained_cfg``, its recipe, its image
+    size, channels and training statistics and its ``crop_pct``."""
+    from visionmix.models import model_entry
 
-    The image is converted to grey (1 channel) or RGB (3), resized, centre-cropped to ``size`` (H, W) and
-    normalised by ``mean``/``std`` exactly as training normalised its uint8 batches. ``crop_pct=None`` resizes
-    straight to ``size`` (how visionmix's datasets resize); a number is timm's evaluation resize: the shorter side
-    to ``floor(size / crop_pct)`` (both sides to their own for a non-square ``size``), then the centre crop.
-    ``interpolation`` names a Pillow resampling filter (``bilinear``, ``bicubic``, ...).
-    """
-
-    in_chans: int
-    size: tuple[int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    crop_pct: float | None = None
-    interpolation: str = "bilinear"
-
-    def __post_init__(self) -> None:
-        if self.in_chans not in MODES:
-            raise InvalidValue(f"predict decodes grey (1 channel) or RGB (3 channels) images; this model takes "
-                               f"{self.in_chans} channels")
-        if self.interpolation.upper() not in Image.Resampling.__members__:
-            raise InvalidValue(f"unknown interpolation {self.interpolation!r}; expected one of "
-                               f"{', '.join(m.lower() for m in Image.Resampling.__members__)}")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise InvalidValue(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-
-    @classmethod
-    def from_run(cls, meta: dict[str, Any]) -> EvalTransform:
-        """The transform of a visionmix run: its image size and its training data's mean/std; resized straight to
-        the size (bilinear), or for a ``--recipe deit`` run as it evaluated: resize + centre crop at its crop_pct
-        (default the model's ``pretrained_cfg``'s) with the model's interpolation."""
-        from visionmix.models import model_entry
-
-        data, config = meta["data"], meta["config"]
-        shape = (data["in_chans"], tuple(data["image_size"]), tuple(data["mean"]), tuple(data["std"]))
-        if config.get("recipe", "small") != "deit":
-            return cls(*shape)
-        pretrained = model_entry(meta["model"]).cfg
-        crop_pct = config.get("crop_pct") or float(pretrained["crop_pct"])
-        return cls(*shape, crop_pct, pretrained["interpolation"])
-
-    @classmethod
-    def from_pretrained_cfg(cls, cfg: dict[str, Any]) -> EvalTransform:
-        """timm's evaluation transform of a model's ``pretrained_cfg``: resize, centre crop, mean/std."""
-        in_chans, height, width = cfg["input_size"]
-        return cls(in_chans, (height, width), tuple(cfg["mean"]), tuple(cfg["std"]), cfg["crop_pct"],
-                   cfg["interpolation"])
-
-    def resized_size(self, width: int, height: int) -> tuple[int, int]:
-        """(width, height) an image of ``width`` x ``height`` pixels is resized to before the centre crop."""
-        h, w = self.size
-        if self.crop_pct is None:
-            return w, h
-        if h != w:
-            return math.floor(w / self.crop_pct), math.floor(h / self.crop_pct)
-        short = math.floor(h / self.crop_pct)
-        if width <= height:
-            return short, int(short * height / width)
-        return int(short * width / height), short
-
-    @property
-    def decode_size(self) -> tuple[int, int]:
-        """(width, height) an image needs at least: what a JPEG is decoded to (:func:`decode_image`)."""
-        return self.resized_size(self.size[1], self.size[0])
-
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        """The model input for ``image``: float32 (C, H, W)."""
-        if image.mode != MODES[self.in_chans]:
-            image = image.convert(MODES[self.in_chans])
-        width, height = self.resized_size(*image.size)
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling[self.interpolation.upper()])
-        h, w = self.size
-        top, left = int(round((height - h) / 2)), int(round((width - w) / 2))
-        pixels = np.array(image, dtype=np.uint8).reshape(height, width, -1)[top:top + h, left:left + w]
-        uint8 = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
-        return normalize(uint8.unsqueeze(0), self.mean, self.std)[0]
-
-    def read(self, path: str | Path) -> torch.Tensor:
-        """Decode the image file ``path`` and transform it; :class:`UnreadableImage` if it cannot be decoded."""
-        return self(decode_image(path, MODES[self.in_chans], self.decode_size))
+    data, config = meta["data"], meta["config"]
+    return resolve_eval_transform(model_entry(meta["model"]).cfg, config.get("recipe", "small"),
+                                  in_chans=data["in_chans"], image_size=tuple(data["image_size"]), mean=data["mean"],
+                                  std=data["std"], crop_pct=config.get("crop_pct"))
 
 
 def find_images(inputs: Sequence[str | Path]) -> Iterator[Path]:
     """The image files named by ``inputs``, lazily: a file as given, a directory's files with an image suffix
-    (:data:`~visionmix.data.datasets.IMAGE_EXTENSIONS`) recursively in sorted order (symlinked sub-directories are
+    (:data:`~visionmix.data.decode.IMAGE_EXTENSIONS`) recursively in sorted order (symlinked sub-directories are
     not followed). Every input must exist (``FileNotFoundError`` at once, before anything is read)."""
     missing = [str(p) for p in inputs if not Path(p).exists()]
     if missing:
@@ -233,7 +156,7 @@ def load_predictor(source: str | Path, *, model_name: str | None = None,
         if classes_file is not None:
             raise InvalidValue(f"--classes applies to a checkpoint file; the run {source} has its own class names")
         model, meta = load_run(source)
-        return model, EvalTransform.from_run(meta), tuple(meta["data"]["classes"])
+        return model, run_transform(meta), tuple(meta["data"]["classes"])
     if source.is_dir():
         raise InvalidValue(f"--model {model_name} takes a checkpoint file, and {source} is a directory (a run "
                            f"directory needs no --model)")
@@ -243,4 +166,4 @@ def load_predictor(source: str | Path, *, model_name: str | None = None,
 
     classes = read_classes(classes_file)
     model = create_model(model_name, num_classes=len(classes), checkpoint_path=str(source)).eval()
-    return model, EvalTransform.from_pretrained_cfg(model.pretrained_cfg), classes
+    return model, resolve_eval_transform(model.pretrained_cfg), classes

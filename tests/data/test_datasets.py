@@ -15,8 +15,9 @@ import torch
 from PIL import Image
 
 from visionmix.data import FASHION_MNIST_DIR, build_dataset, read_cifar_batch, read_idx
-from visionmix.data.datasets import _digits_arrays, decode_image
-from visionmix.data.streaming import ImageFolderSource
+from visionmix.data.builtin import digits_arrays
+from visionmix.data.decode import decode_image
+from visionmix.data.sources import ImageFolderSource
 from visionmix.errors import DataError, UnreadableImage
 
 
@@ -285,7 +286,7 @@ def test_digits_split_and_size() -> None:
     from sklearn.datasets import load_digits
 
     reference = load_digits()
-    pixels, targets = _digits_arrays()  # read from the CSV without importing scikit-learn
+    pixels, targets = digits_arrays()  # read from the CSV without importing scikit-learn
     assert np.array_equal(pixels, reference.images) and np.array_equal(targets, reference.target)
     pool = {tuple(np.rint(im * 255 / 16).astype(np.uint8).ravel()) for im in reference.images}
     assert all(tuple(im.ravel().tolist()) in pool for im in small.images.numpy())  # 8 -> 8 is the raw data

@@ -14,7 +14,9 @@ from PIL import Image
 
 from visionmix.data import FASHION_MNIST_DIR, build_dataset
 from visionmix.data.pack import pack_fashion_mnist, pack_shards, safe_class_names
-from visionmix.data.streaming import ImageFolderSource, StreamingLoader, WebDatasetSource, resize_to
+from visionmix.data.sources import ImageFolderSource, WebDatasetSource
+from visionmix.data.streaming import StreamingLoader
+from visionmix.data.transforms import resize_to
 from visionmix.errors import BadImageWarning
 
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),

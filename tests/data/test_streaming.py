@@ -16,9 +16,12 @@ import pytest
 import torch
 from PIL import Image
 
-from visionmix.data.loader import stable_seed
 from visionmix.data.pack import pack_shards
-from visionmix.data.streaming import ImageFolderSource, StreamingLoader, WebDatasetSource, estimate_stats, resize_to
+from visionmix.data.seeds import stable_seed
+from visionmix.data.sources import ImageFolderSource, WebDatasetSource
+from visionmix.data.stats import estimate_stats
+from visionmix.data.streaming import StreamingLoader
+from visionmix.data.transforms import resize_to
 from visionmix.errors import BadImageWarning, DataError
 
 
@@ -257,3 +260,18 @@ def test_repeated_augmentation_draws_each_image_several_times_with_its_own_augme
     pack_shards(tmp_path, shards, shard_size=4)
     with pytest.raises(ValueError, match="indexable source"):
         StreamingLoader(WebDatasetSource(shards, "train"), 4, train=True, transform=Tagged(), workers=0, repeats=3)
+
+
+def test_every_source_is_a_source(tmp_path: Path, shards: Path) -> None:
+    """ImageFolder, WebDataset and in-memory sources all answer the one Source protocol; the indexable ones the
+    IndexedSource protocol the streaming loader reads them through."""
+    from visionmix.data import load_digits
+    from visionmix.data.sources import IndexedSource, MemorySource, Source
+
+    imagefolder = ImageFolderSource(tmp_path / "tree", "train")
+    webdataset = WebDatasetSource(shards, "train")
+    memory = MemorySource(load_digits("test"))
+    for source in (imagefolder, webdataset, memory):
+        assert isinstance(source, Source)
+    assert isinstance(imagefolder, IndexedSource) and isinstance(memory, IndexedSource)
+    assert not isinstance(webdataset, IndexedSource)

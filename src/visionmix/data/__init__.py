@@ -1,9 +1,17 @@
-"""In-memory image datasets, batched loading and batched augmentation (SPEC.md section 4)."""
+"""Image classification data: built-in datasets loaded into memory, sources streamed from disk (ImageFolder trees,
+WebDataset shards), the loaders that batch them, batched augmentation and the evaluation transform.
 
-from visionmix.data.datasets import (
+Modules, in the order imports run (each imports only modules above it): :mod:`.seeds`, :mod:`.decode` (image
+files), :mod:`.shards` (the ``info.json`` format); :mod:`.memory` (an in-memory split), :mod:`.transforms`;
+:mod:`.sources` (one module per source, one ``Source`` protocol); :mod:`.stats` (channel statistics);
+:mod:`.builtin` (Fashion-MNIST, CIFAR, digits); :mod:`.loader` (in-memory batches), :mod:`.streaming` (streamed
+batches), :mod:`.evaluation` (the evaluation transform), :mod:`.recipe` (the DeiT recipe), :mod:`.pack`
+(``visionmix data pack``).
+"""
+
+from visionmix.data.builtin import (
     DATASETS,
     FASHION_MNIST_DIR,
-    ImageDataset,
     build_dataset,
     load_cifar,
     load_digits,
@@ -11,7 +19,9 @@ from visionmix.data.datasets import (
     read_cifar_batch,
     read_idx,
 )
-from visionmix.data.loader import BatchLoader, stable_seed
+from visionmix.data.loader import BatchLoader
+from visionmix.data.memory import ImageDataset
+from visionmix.data.seeds import stable_seed
 from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Batches of an in-memory :class:`~visionmix.data.datasets.ImageDataset`, sharded like a DistributedSampler.
+"""Batches of an in-memory :class:`~visionmix.data.memory.ImageDataset`, sharded like a DistributedSampler.
 
 Epoch ``e`` visits ``randperm(N)`` drawn from ``stable_seed(seed, e)``; global batch ``k`` is positions
 ``[k*B, (k+1)*B)`` of it and rank ``r`` of ``W`` takes every W-th of those rows, so the union of the W shards is
@@ -9,20 +9,15 @@ state beyond (epoch, step) is needed to resume in the middle of an epoch.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator
 
 import torch
 
 from visionmix.checks import check_choice
-from visionmix.data.datasets import ImageDataset
+from visionmix.data.memory import ImageDataset
+from visionmix.data.seeds import stable_seed
 from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
 from visionmix.errors import InvalidValue
-
-
-def stable_seed(*parts: int | str) -> int:
-    """A 63-bit seed that is a fixed function of ``parts``, the same on every machine and Python run."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
 
 
 class BatchLoader:

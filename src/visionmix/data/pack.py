@@ -27,14 +27,10 @@ import torch
 
 from visionmix.checks import check_choice, check_positive
 from visionmix.data import shards
-from visionmix.data.datasets import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
-    build_dataset,
-    channel_stats,
-)
-from visionmix.data.loader import stable_seed
-from visionmix.data.streaming import ImageFolderSource
+from visionmix.data.builtin import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, build_dataset
+from visionmix.data.seeds import stable_seed
+from visionmix.data.sources import ImageFolderSource
+from visionmix.data.stats import channel_stats
 from visionmix.errors import BadImageWarning, DataError, InvalidValue
 from visionmix.files import atomic_write_json, entries, hold_directory, staged, temporary_target, write_new
 

@@ -3,7 +3,8 @@
 Two stages, as timm runs them:
 
 * per sample, in DataLoader workers, on uint8 (C, H, W) images of any size: :class:`RandomResizedCropTransform`
-  (train) and :class:`ResizeCenterCropTransform` (eval); all randomness from an explicit ``torch.Generator``;
+  (train; evaluation is :class:`~visionmix.data.evaluation.EvalTransform`'s resize + centre crop); all randomness
+  from an explicit ``torch.Generator``;
 * per batch, on the training device, on uint8 (B, C, S, S): :class:`DeitBatchTransform` = horizontal flip ->
   RandAugment (arXiv:1909.13719) -> normalise -> Random Erasing (arXiv:1708.04896) -> mixup (arXiv:1710.09412) or
   CutMix (arXiv:1905.04899) -> label-smoothed soft targets; all randomness from an integer ``seed``, so the same
@@ -26,30 +27,17 @@ import kornia
 import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
-from kornia.geometry.transform import get_rotation_matrix2d, resize, warp_affine
+from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 from torch import nn
 
 from visionmix.checks import check_choice
-from visionmix.data.loader import stable_seed
+from visionmix.data.decode import INTERPOLATIONS, check_uint8_image, resample_uint8
+from visionmix.data.seeds import stable_seed
 from visionmix.errors import InvalidValue
 
-INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 # timm's RandAugment operations (auto_augment._RAND_TRANSFORMS), in its order.
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
             "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
-
-
-def _resample(image: torch.Tensor, size: tuple[int, int], interpolation: str) -> torch.Tensor:
-    """uint8 (C, h, w) -> uint8 (C, *size) through kornia's resize (antialiased when shrinking), rounded."""
-    if tuple(image.shape[-2:]) == size:
-        return image.clone()
-    out = resize(image[None].float(), size, interpolation=interpolation, antialias=True)[0]
-    return out.round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _check_image(image: torch.Tensor) -> None:
-    if image.dtype != torch.uint8 or image.ndim != 3:
-        raise InvalidValue(f"expected a uint8 (C, H, W) image, got {image.dtype} {tuple(image.shape)}")
 
 
 @dataclass(frozen=True)
@@ -101,44 +89,10 @@ class RandomResizedCropTransform:
         return (height - h) // 2, (width - w) // 2, h, w
 
     def __call__(self, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        _check_image(image)
+        check_uint8_image(image)
         top, left, h, w = self.sample(image.shape[1], image.shape[2], generator)
         crop = image[:, top: top + h, left: left + w]
-        return _resample(crop, (self.size, self.size), self.interpolation)
-
-
-@dataclass(frozen=True)
-class ResizeCenterCropTransform:
-    """timm's evaluation transform: shorter side to ``floor(size / crop_pct)``, then the centre ``size`` x ``size``.
-
-    The longer side becomes ``int(short_new * long / short)`` and the crop starts at ``round((side - size) / 2)``,
-    as torchvision's ``Resize`` and ``CenterCrop``. uint8 (C, H, W) -> uint8 (C, size, size); ``generator`` unused.
-    """
-
-    size: int
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-
-    def __post_init__(self) -> None:
-        if self.size <= 0:
-            raise InvalidValue(f"size must be positive, got {self.size}")
-        if not 0 < self.crop_pct <= 1:
-            raise InvalidValue(f"crop_pct must be in (0, 1], got {self.crop_pct}")
-        check_choice("interpolation", self.interpolation, INTERPOLATIONS)
-
-    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
-        """(H, W) after the shorter-side resize."""
-        short = math.floor(self.size / self.crop_pct)
-        if height <= width:
-            return short, int(short * width / height)
-        return int(short * height / width), short
-
-    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        _check_image(image)
-        h, w = self.resized_shape(image.shape[1], image.shape[2])
-        image = _resample(image, (h, w), self.interpolation)
-        top, left = round((h - self.size) / 2), round((w - self.size) / 2)
-        return image[:, top: top + self.size, left: left + self.size].contiguous()
+        return resample_uint8(crop, (self.size, self.size), self.interpolation)
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,9 @@
-"""Streamed image datasets: decoded batch by batch in DataLoader workers, so memory does not grow with the dataset.
+"""The streaming loader: a dataset decoded batch by batch in DataLoader workers, so memory does not grow with it.
 
-Two sources and one loader:
-
-- :class:`ImageFolderSource`: ``root/{train,val}/<class>/<image>`` (``test`` accepted for ``val``), read file by
-  file; or a single tree (``root/<class>/*`` or ``root/train``) split by ``val_fraction``.
-- :class:`WebDatasetSource`: tar shards (``shards/train-{000000..000099}.tar``) with an ``info.json`` beside them.
-- :class:`StreamingLoader`: ``BatchLoader``'s interface (``len()`` = steps per epoch, ``epoch(e, start_step)``)
-  yielding **uint8** ``(b, C, S, S)`` images and int64 labels; the caller normalises and augments on its device.
-
-``info.json`` (written by ``visionmix data pack``) is described in :mod:`visionmix.data.shards`.
+:class:`StreamingLoader` has ``BatchLoader``'s interface (``len()`` = steps per epoch, ``epoch(e, start_step)``)
+and yields **uint8** ``(b, C, S, S)`` images and int64 labels from a source of :mod:`visionmix.data.sources`
+(ImageFolder, WebDataset shards, in-memory); the caller normalises and augments on its device. Indexable sources are
+read through a batch sampler (:class:`_FolderSteps`), shard sources by one reader per DataLoader worker and rank.
 
 Sharding (WebDataset): ``S = world_size * max(workers, 1)`` readers; reader ``slot = rank * workers + worker``
 reads shards ``order[slot::S]``, where ``order`` is ``randperm(num_shards)`` from ``stable_seed(seed, epoch)`` when
@@ -40,352 +35,33 @@ step, skipping one would desynchronise DDP); such an evaluation batch is left ou
 
 from __future__ import annotations
 
-import io
 import itertools
 import math
 import random
-import tarfile
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from visionmix.checks import check_positive
-from visionmix.data import shards
-from visionmix.data.datasets import (
-    IMAGE_EXTENSIONS,
-    ImageDataset,
-    decode_image,
-    image_mode,
-    resize_uint8,
-)
-from visionmix.data.loader import stable_seed
+from visionmix.data.seeds import stable_seed
+from visionmix.data.sources import IndexedSource, WebDatasetSource
+from visionmix.data.transforms import Transform
 from visionmix.errors import BadImageWarning, DataError, InvalidType, InvalidValue, UnreadableImage
-
-DEFAULT_DECODE_SIZE = 256  # JPEG draft size when the transform says none (see _decode_size)
-DEFAULT_SHUFFLE_BUFFER = 1000
-GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-IMAGE_KEYS = tuple(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
-
-Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
-
-
-def _split_name(split: str) -> str:
-    if split not in ("train", "val", "test"):
-        raise InvalidValue(f"split must be 'train' or 'val' ('test' is accepted for 'val'), got {split!r}")
-    return "train" if split == "train" else "val"
-
-
-def _to_tensor(image: Any) -> torch.Tensor:
-    """A PIL image (mode L or RGB) -> uint8 (C, H, W)."""
-    array = np.asarray(image, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-
-
-# ------------------------------------------------------------------------------------------------- ImageFolder
-def _images_in(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def _classes_of(tree: Path) -> tuple[str, ...]:
-    classes = tuple(sorted(p.name for p in tree.iterdir() if p.is_dir()))
-    if len(classes) < 2:
-        found = f"only one, {classes[0]!r}" if classes else "none"
-        raise DataError(f"imagefolder: {tree} needs a sub-folder per class, at least two; it has {found}")
-    return classes
-
-
-class ImageFolderSource:
-    """Files of ``root/{train,val}/<class>/<image>`` as a list of (path, label); images are decoded on demand.
-
-    Classes are the sorted sub-folders of ``train``; a class in ``val`` that ``train`` lacks is a DataError. With
-    ``val_fraction`` and a single tree (``root/<class>/*`` or ``root/train/<class>/*``), each class's files are
-    split by a fixed permutation drawn from ``stable_seed(seed, "val", class)``: keep ``seed`` fixed (it is the
-    split's seed, not the training seed) and the same files are ``val`` every time. ``channels`` is 1 if the first
-    training image is greyscale, else 3; every image is converted to that mode.
-    """
-
-    hflip = True
-
-    def __init__(self, root: str | Path, split: str, *, val_fraction: float | None = None, seed: int = 0) -> None:
-        root = Path(root)
-        self.root, self.split, self.name = root, _split_name(split), "imagefolder"
-        if not root.is_dir():
-            raise DataError(f"imagefolder: {root} is not a directory")
-        train_dir = root / "train"
-        val_dir = next((root / n for n in ("val", "test") if (root / n).is_dir()), None)
-        if val_fraction is None:
-            if not train_dir.is_dir():
-                raise DataError(f"imagefolder: {root} has no train folder (expected {root}/train/<class>/<image>; "
-                                f"for a single tree {root}/<class>/<image> pass val_fraction)")
-            tree, self.classes = train_dir, _classes_of(train_dir)
-            if self.split == "train":
-                self._files = self._list(train_dir)
-            else:
-                if val_dir is None:
-                    raise DataError(f"imagefolder: {root} has no val or test folder (expected {root}/val/<class>/"
-                                    f"<image>, or pass val_fraction to split the training tree)")
-                unknown = sorted({p.name for p in val_dir.iterdir() if p.is_dir()} - set(self.classes))
-                if unknown:
-                    raise DataError(f"imagefolder: {val_dir} has classes missing from {train_dir}: "
-                                    f"{', '.join(unknown)}")
-                self._files = self._list(val_dir)
-        else:
-            if not 0 < val_fraction < 1:
-                raise InvalidValue(f"val_fraction must be in (0, 1), got {val_fraction}")
-            if val_dir is not None:
-                raise DataError(f"imagefolder: {root} has its own {val_dir.name} folder; drop val_fraction to use it")
-            tree = train_dir if train_dir.is_dir() else root
-            self.classes = _classes_of(tree)
-            self._files = self._split(tree, val_fraction, seed)
-        if not self._files:
-            raise DataError(f"imagefolder: no {self.split} images ({', '.join(IMAGE_EXTENSIONS)}) under "
-                            f"{tree if val_fraction is not None or self.split == 'train' else val_dir}/<class>/")
-        self.channels = self._first_channels(tree)
-        self._mode = "L" if self.channels == 1 else "RGB"
-        info = shards.read_info(root)
-        if shards.is_incomplete(info):
-            raise DataError(f"imagefolder: {root} is a pack that was interrupted (its {shards.INFO_NAME} says so); "
-                            f"run the 'visionmix data pack' that wrote it again")
-        self.mean, self.std = shards.stats(info, self.channels)
-        self.class_names = shards.class_names(info, self.classes)
-
-    def _list(self, directory: Path) -> list[tuple[Path, int]]:
-        return [(path, label) for label, cls in enumerate(self.classes) if (directory / cls).is_dir()
-                for path in _images_in(directory / cls)]
-
-    def _split(self, tree: Path, val_fraction: float, seed: int) -> list[tuple[Path, int]]:
-        files = []
-        for label, cls in enumerate(self.classes):
-            paths = _images_in(tree / cls)
-            n = len(paths)
-            n_val = min(n - 1, max(1, round(val_fraction * n))) if n > 1 else 0
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(seed, "val", cls)))
-            chosen = set(perm[:n_val].tolist())
-            files += [(p, label) for j, p in enumerate(paths) if (j in chosen) == (self.split == "val")]
-        return files
-
-    def _first_channels(self, tree: Path, tries: int = 10) -> int:
-        """1 if the first readable training image (of the first ``tries``) is greyscale, else 3."""
-        first = list(itertools.islice((p for cls in self.classes for p in _images_in(tree / cls)), tries))
-        for path in first:
-            try:
-                return 1 if image_mode(path) in GRAY_MODES else 3
-            except UnreadableImage:
-                continue  # the loaders skip and report it
-        raise DataError(f"imagefolder: none of the first {len(first)} training images under {tree}/<class>/ can be "
-                        f"read, so the channel count is unknown")
-
-    def __len__(self) -> int:
-        return len(self._files)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def path(self, i: int) -> Path:
-        return self._files[i][0]
-
-    def label(self, i: int) -> int:
-        return self._files[i][1]
-
-    def load(self, i: int, size: int | None = None) -> torch.Tensor:
-        """Image ``i`` as uint8 (C, H, W); ``size`` is the decode hint (a JPEG is drafted to at least that size).
-        Raises :class:`UnreadableImage` for a file that cannot be decoded."""
-        s = size or DEFAULT_DECODE_SIZE
-        return _to_tensor(decode_image(self.path(i), self._mode, (s, s)))
-
-
-class MemorySource:
-    """An in-memory :class:`~visionmix.data.datasets.ImageDataset` as a source, so the per-sample transforms of a
-    recipe (RandomResizedCrop) apply to it too; workers share its tensor (fork)."""
-
-    def __init__(self, dataset: ImageDataset) -> None:
-        self.dataset, self.name, self.split = dataset, dataset.name, dataset.split
-        self.classes = self.class_names = dataset.classes
-        self.channels, self.hflip = dataset.channels, dataset.hflip
-        self.mean, self.std = dataset.mean, dataset.std
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def path(self, i: int) -> str:
-        return f"{self.name} {self.split} image {i}"
-
-    def label(self, i: int) -> int:
-        return int(self.dataset.labels[i])
-
-    def load(self, i: int, size: int | None = None) -> torch.Tensor:
-        return self.dataset.images[i]
-
-
-def open_source(name: str, data_dir: str | Path | None, split: str, *, val_fraction: float | None = None,
-                seed: int = 0) -> ImageFolderSource | WebDatasetSource:
-    """The streamed ``split`` (``train``/``val``) of ``name`` (``imagefolder``: a directory; ``webdataset``: a shard
-    pattern or the directory ``visionmix data pack`` wrote)."""
-    if data_dir is None:
-        expected = ("DIR with DIR/train/<class>/<image>" if name == "imagefolder" else
-                    "'shards/train-{000000..000009}.tar' or the directory visionmix data pack wrote")
-        raise DataError(f"{name} needs --data-dir ({expected})")
-    if name == "imagefolder":
-        return ImageFolderSource(data_dir, split, val_fraction=val_fraction, seed=seed)
-    if name == "webdataset":  # a training pattern names the directory whose info.json lists the val shards
-        from braceexpand import braceexpand
-
-        given = Path(data_dir)
-        directory = given if given.is_dir() else Path(next(iter(braceexpand(str(data_dir))))).parent
-        return WebDatasetSource(data_dir if _split_name(split) == "train" else directory, split)
-    raise DataError(f"{name!r} is not a streamed dataset; choose imagefolder or webdataset")
-
-
-# --------------------------------------------------------------------------------------------------- WebDataset
-class _NamedBytes(io.BytesIO):
-    """Encoded image bytes that print as ``shard.tar:key.ext`` in decode_image's messages."""
-
-    def __init__(self, data: bytes, name: str) -> None:
-        super().__init__(data)
-        self.label = name
-
-    def __str__(self) -> str:
-        return self.label
-
-
-class WebDatasetSource:
-    """Tar shards (``pattern`` a brace pattern, or the directory ``visionmix data pack`` wrote) read with
-    ``webdataset``: per sample ``__key__``, the image under ``png``/``jpg``/``jpeg``/... and the label under ``cls``.
-
-    Sample counts and classes come from ``info.json`` beside the shards (format in the module docstring); without
-    it this is a DataError (``visionmix data pack`` writes one). ``shuffle_buffer`` raw (still encoded) samples are
-    held per reader when training.
-    """
-
-    hflip = True
-
-    def __init__(self, pattern: str | Path, split: str, *, shuffle_buffer: int = DEFAULT_SHUFFLE_BUFFER) -> None:
-        from braceexpand import braceexpand
-
-        self.split, self.name = _split_name(split), "webdataset"
-        self.shuffle_buffer = check_positive("shuffle_buffer", shuffle_buffer)
-        directory = Path(pattern) if Path(pattern).is_dir() else Path(next(iter(braceexpand(str(pattern))))).parent
-        info = shards.read_info(directory)
-        if info is None:
-            raise DataError(f"webdataset: {directory / shards.INFO_NAME} not found (or not written by visionmix): the "
-                            f"sample counts and classes come from it; pack the data with 'visionmix data pack' or "
-                            f"write one (format: see visionmix.data.shards)")
-        entry = info.get("splits", {}).get(self.split)
-        if entry is None:
-            raise DataError(f"webdataset: {directory / shards.INFO_NAME} has no {self.split!r} split "
-                            f"(it has {', '.join(info.get('splits', {})) or 'none'})")
-        if entry.get("incomplete"):
-            raise DataError(f"webdataset: the {self.split} split in {directory} was being packed when the pack "
-                            f"stopped; run that 'visionmix data pack' again")
-        if Path(pattern).is_dir():
-            pattern = directory / entry["pattern"]
-        counts = {s["name"]: int(s["count"]) for s in entry["shards"]}
-        urls = list(braceexpand(str(pattern)))
-        unknown = [u for u in urls if Path(u).name not in counts]
-        if unknown:
-            raise DataError(f"webdataset: {unknown[0]} is not a {self.split} shard listed in "
-                            f"{directory / shards.INFO_NAME}")
-        missing = [u for u in urls if not Path(u).is_file()]
-        if missing:
-            raise DataError(f"webdataset: shard {missing[0]} not found ({len(missing)} of {len(urls)} missing)")
-        broken = [u for u in urls if not tarfile.is_tarfile(u)]
-        if broken:
-            raise DataError(f"webdataset: shard {broken[0]} is not a tar file ({len(broken)} of {len(urls)}); re-run "
-                            f"'visionmix data pack'")
-        self.shards = urls
-        self.shard_counts = [counts[Path(u).name] for u in urls]
-        self.offsets = [0, *itertools.accumulate(self.shard_counts)][:-1]
-        self.classes = tuple(map(str, info["classes"]))
-        self.class_names = shards.class_names(info, self.classes)
-        self.channels = int(info.get("channels", 3))
-        self._mode = "L" if self.channels == 1 else "RGB"
-        self.mean, self.std = shards.stats(info, self.channels)
-
-    def __len__(self) -> int:
-        return sum(self.shard_counts)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def raw_samples(self, shards: Iterable[int]) -> Iterator[dict[str, Any]]:
-        """Undecoded samples of the given shards in order, each with ``__index__`` (its position in the source);
-        a shard that is not a readable tar file, or holds another count than info.json lists, is a DataError."""
-        import webdataset as wds
-
-        for i in shards:
-            url, offset, count = self.shards[i], self.offsets[i], self.shard_counts[i]
-            position = 0
-            try:
-                for sample in wds.tarfile_to_samples()(iter([{"url": url}])):
-                    if position >= count:
-                        raise DataError(f"webdataset: {url} holds more samples than the {count} its info.json "
-                                        f"lists; re-run 'visionmix data pack'")
-                    sample["__index__"] = offset + position
-                    position += 1
-                    yield sample
-            except tarfile.TarError as exc:
-                raise DataError(f"webdataset: {url} is not a readable tar file ({exc}); re-run 'visionmix data "
-                                f"pack'") from exc
-            if position != count:
-                raise DataError(f"webdataset: {url} holds {position} samples, its info.json lists {count}; re-run "
-                                f"'visionmix data pack'")
-
-    @staticmethod
-    def sample_name(sample: dict[str, Any]) -> str:
-        ext = next((k for k in IMAGE_KEYS if k in sample), "?")
-        return f"{sample.get('__url__')}:{sample.get('__key__')}.{ext}"
-
-    def decode(self, sample: dict[str, Any], size: int | None = None) -> tuple[torch.Tensor, int]:
-        """(uint8 (C, H, W), label) of a raw sample; :class:`UnreadableImage` if its image cannot be decoded."""
-        name = self.sample_name(sample)
-        try:
-            label = int(sample["cls"])
-        except (KeyError, ValueError, TypeError) as exc:
-            raise DataError(f"webdataset: {name} has no integer label under 'cls'") from exc
-        if not 0 <= label < len(self.classes):
-            raise DataError(f"webdataset: {name} has label {label}, expected [0, {len(self.classes) - 1}]")
-        ext = next((k for k in IMAGE_KEYS if k in sample), None)
-        if ext is None:
-            raise UnreadableImage(f"{name} has no image (expected one of {', '.join(IMAGE_KEYS)})")
-        s = size or DEFAULT_DECODE_SIZE
-        return _to_tensor(decode_image(_NamedBytes(sample[ext], name), self._mode, (s, s))), label  # type: ignore
-
-
-# --------------------------------------------------------------------------------------------------- transforms
-@dataclass(frozen=True)
-class Resize:
-    """Deterministic bilinear (antialiased when shrinking) resize of a uint8 (C, H, W) image to (size, size)."""
-
-    size: int
-
-    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if tuple(image.shape[-2:]) == (self.size, self.size):
-            return image
-        return resize_uint8(image[None], self.size)[0]
-
-
-def resize_to(size: int) -> Resize:
-    """The plain transform of :class:`StreamingLoader`: resize the whole image to ``size`` x ``size``."""
-    return Resize(check_positive("size", size))
 
 
 def _decode_size(transform: Transform) -> int | None:
-    """The output size a transform declares (``.size``, an int), used to draft JPEGs; ``None`` if it declares none."""
+    """The output size a transform declares (``.size``, an int or (height, width): the larger side), used to draft
+    JPEGs; ``None`` if it declares none."""
     size = getattr(transform, "size", None)
+    if isinstance(size, tuple) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        size = max(size)
     return size if isinstance(size, int) and size > 0 else None
 
 
-# ------------------------------------------------------------------------------------------------------- batches
 Batch = tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]
 
 
@@ -415,7 +91,7 @@ class _FolderBatches:
     ``index * repeats + copy``: image ``index``, its ``copy``-th draw of the epoch (repeated augmentation), and the
     seed of that draw's augmentation."""
 
-    def __init__(self, source: ImageFolderSource, transform: Transform, seed: int, repeats: int = 1) -> None:
+    def __init__(self, source: IndexedSource, transform: Transform, seed: int, repeats: int = 1) -> None:
         self.source, self.transform, self.seed, self.repeats = source, transform, seed, repeats
         self.size = _decode_size(transform)
 
@@ -530,7 +206,6 @@ def _identity(batch: Batch | _ReaderFailure) -> Batch | _ReaderFailure:
     return batch
 
 
-# -------------------------------------------------------------------------------------------------------- loader
 class StreamingLoader:
     """Yields ``(images, labels)``: uint8 (b, C, S, S) and int64 (b,) on ``device``, decoded in ``workers``
     DataLoader processes (0: in this process), at most ``workers * prefetch`` batches ahead.
@@ -541,7 +216,7 @@ class StreamingLoader:
     ``repeats`` > 1: repeated augmentation when training (see :class:`_FolderSteps`; indexable sources only).
     """
 
-    def __init__(self, source: ImageFolderSource | MemorySource | WebDatasetSource, batch_size: int, *, train: bool,
+    def __init__(self, source: IndexedSource | WebDatasetSource, batch_size: int, *, train: bool,
                  transform: Transform, seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 2,
                  device: torch.device | str = "cpu", prefetch: int = 2, max_bad_images: int | None = None,
                  repeats: int = 1) -> None:
@@ -663,44 +338,3 @@ class StreamingLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.epoch(0)
-
-
-# ---------------------------------------------------------------------------------------------------- statistics
-def _stat_images(source: ImageFolderSource | WebDatasetSource, max_images: int,
-                 size: int) -> Iterator[torch.Tensor]:
-    if isinstance(source, WebDatasetSource):  # pack shuffles before sharding: the first samples are a fair subset
-        for sample in itertools.islice(source.raw_samples(range(len(source.shards))), max_images):
-            try:
-                yield source.decode(sample, size)[0]
-            except UnreadableImage:
-                continue  # the loaders count and report unreadable images
-        return
-    pick = torch.randperm(len(source), generator=torch.Generator().manual_seed(0))[:max_images].sort().values
-    for i in pick.tolist():
-        try:
-            yield source.load(i, size)
-        except UnreadableImage:
-            continue  # the loaders count and report unreadable images
-
-
-def estimate_stats(source: ImageFolderSource | WebDatasetSource, transform_size: int,
-                   max_images: int = 2000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of images in [0, 1]: the ones ``info.json`` stores, else estimated from a fixed
-    subset of at most ``max_images`` images resized to ``transform_size`` (the same subset every call)."""
-    if source.mean is not None and source.std is not None:
-        return source.mean, source.std
-    check_positive("max_images", max_images)
-    resize = resize_to(transform_size)
-    total = torch.zeros(source.channels, dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    count = 0
-    for image in _stat_images(source, max_images, transform_size):
-        x = resize(image).reshape(source.channels, -1).double() / 255.0
-        total += x.sum(1)
-        squares += (x * x).sum(1)
-        count += x.shape[1]
-    if count == 0:
-        raise DataError(f"{source.name} {source.split}: no readable image to estimate the statistics from")
-    mean = total / count
-    std = (squares / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-3)
-    return tuple(mean.tolist()), tuple(std.tolist())

@@ -1,4 +1,5 @@
-"""Batched augmentation and normalisation of uint8 image batches (N, C, H, W): no per-sample Python.
+"""Batched augmentation and normalisation of uint8 image batches (N, C, H, W): no per-sample Python; and the
+per-sample :data:`Transform` contract of the streaming loader with its plain :class:`Resize`.
 
 Random crop with zero padding and horizontal flip are one gather: output pixel (b, c, i, j) reads padded pixel
 (b, c, i + dy_b, j' + dx_b) with j' = W - 1 - j for flipped samples. Their random parameters are drawn by
@@ -7,16 +8,21 @@ Random crop with zero padding and horizontal flip are one gather: output pixel (
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from visionmix.checks import check_positive
+from visionmix.data.decode import resize_uint8
 from visionmix.errors import InvalidValue
 
 # What BatchLoader's ``augment`` can ask for: random crop + flip, the flip alone, nothing.
 AUGMENTATIONS = ("crop-flip", "flip", "none")
+
+# A per-sample transform of the streaming loader: ``transform(image_uint8_chw, generator) -> uint8 (C, S, S)``.
+Transform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -61,3 +67,21 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(1, c, 1, 1).to(images.device)
     shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).to(torch.float32).view(1, c, 1, 1).to(images.device)
     return images.float().mul_(scale).add_(shift)
+
+
+@dataclass(frozen=True)
+class Resize:
+    """Deterministic bilinear (antialiased when shrinking) resize of a uint8 (C, H, W) image to (size, size)."""
+
+    size: int
+
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        if tuple(image.shape[-2:]) == (self.size, self.size):
+            return image
+        return resize_uint8(image[None], self.size)[0]
+
+
+def resize_to(size: int) -> Resize:
+    """The plain transform of :class:`~visionmix.data.streaming.StreamingLoader`: resize the whole image to
+    ``size`` x ``size``."""
+    return Resize(check_positive("size", size))

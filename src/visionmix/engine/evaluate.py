@@ -214,7 +214,7 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
 def _streamed_split(meta: dict[str, Any], split: str, data_dir: str | None, batch_size: int,
                     device: str | torch.device) -> Any:
     """A streamed run's ``split`` (test = the val tree or shards) through its recipe's evaluation transform."""
-    from visionmix.data.streaming import open_source
+    from visionmix.data.sources import open_source
     from visionmix.engine.config import TrainConfig
     from visionmix.engine.pipeline import DataInfo, streamed_eval_loader
 

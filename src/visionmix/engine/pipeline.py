@@ -10,9 +10,10 @@ Two kinds of data, one interface (``len(loader)`` steps per epoch, ``loader.epoc
 Recipes: ``small`` augments whole batches with the random crop + flip of :class:`~visionmix.data.CropFlip` and
 trains with label-smoothed cross-entropy; ``deit`` crops each sample with RandomResizedCrop in the workers, then
 augments each batch on the training device (flip, RandAugment, random erasing, mixup/cutmix:
-:class:`~visionmix.data.recipe.DeitBatchTransform`) and trains with soft-target cross-entropy; it evaluates at the
-model's ``crop_pct`` (resize + centre crop). In-memory data under ``deit`` goes through the streaming loader too
-(its images are the source), so every recipe runs on every dataset.
+:class:`~visionmix.data.recipe.DeitBatchTransform`) and trains with soft-target cross-entropy; streamed data is
+evaluated through :func:`eval_transform` (deit: resize + centre crop at the model's ``crop_pct``). In-memory data
+under ``deit`` goes through the streaming loader too (its images are the source), so every recipe runs on every
+dataset.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from visionmix.data import BatchLoader, CropFlip, build_dataset, normalize, stable_seed
+from visionmix.data.evaluation import EvalTransform, resolve_eval_transform
 from visionmix.engine.config import BAD_IMAGE_SHARE, STREAMED, TrainConfig
 from visionmix.engine.distributed import DistContext
 
@@ -88,13 +90,13 @@ class _Augmented:
 
 
 class _Normalize:
-    """uint8 batch -> normalised float32, labels unchanged (evaluation)."""
+    """uint8 batch -> normalised float32 by the evaluation transform, labels unchanged (evaluation)."""
 
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-        self.mean, self.std = mean, std
+    def __init__(self, transform: EvalTransform) -> None:
+        self.transform = transform
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(images, self.mean, self.std), labels
+        return self.transform.normalize(images), labels
 
 
 class _SmallRecipe:
@@ -146,13 +148,16 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
         train = BatchLoader(train_ds, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
                             rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
         return Pipeline(info, train, test, bn, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
-    from visionmix.data.streaming import MemorySource
+    from visionmix.data.sources import MemorySource
 
     return _deit(cfg, ctx, MemorySource(train_ds), info, test, bn)
 
 
 def _streamed(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
-    from visionmix.data.streaming import StreamingLoader, estimate_stats, open_source, resize_to
+    from visionmix.data.sources import open_source
+    from visionmix.data.stats import estimate_stats
+    from visionmix.data.streaming import StreamingLoader
+    from visionmix.data.transforms import resize_to
 
     train_src = open_source(cfg.data, cfg.data_dir, "train", val_fraction=cfg.val_fraction, seed=cfg.seed)
     test_src = open_source(cfg.data, cfg.data_dir, "val", val_fraction=cfg.val_fraction, seed=cfg.seed)
@@ -176,18 +181,25 @@ def _streamed(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
     return Pipeline(info, train, test, bn, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
 
 
+def eval_transform(cfg: TrainConfig, info: DataInfo) -> EvalTransform:
+    """The run's evaluation transform (:func:`~visionmix.data.evaluation.resolve_eval_transform` of its model,
+    recipe, data and ``--crop-pct``; deit: resize + centre crop at ``crop_pct``; small: a resize to the training
+    size), the one ``predict`` resolves from the run's files too."""
+    return resolve_eval_transform(model_input(cfg), cfg.recipe, in_chans=info.channels, image_size=info.image_size,
+                                  mean=info.mean, std=info.std, crop_pct=cfg.crop_pct)
+
+
 def streamed_eval_loader(cfg: TrainConfig, source: Any, info: DataInfo, *, rank: int = 0, world_size: int = 1,
                          device: torch.device | str = "cpu", batch_size: int | None = None) -> Any:
-    """Normalised, un-augmented batches of a streamed ``source`` through the recipe's evaluation transform (deit:
-    resize + centre crop at ``crop_pct``; small: a resize to the training size), rank ``rank``'s shard."""
-    from visionmix.data.streaming import StreamingLoader, resize_to
+    """Normalised, un-augmented batches of a streamed ``source`` through the run's :func:`eval_transform`, rank
+    ``rank``'s shard."""
+    from visionmix.data.streaming import StreamingLoader
 
-    size = info.image_size[0]
-    transform = _eval_transform(cfg, size, model_input(cfg)) if cfg.recipe == "deit" else resize_to(size)
+    transform = eval_transform(cfg, info)
     loader = StreamingLoader(source, batch_size or cfg.eval_batch_size, train=False, transform=transform,
                              rank=rank, world_size=world_size, workers=cfg.workers, device=device,
                              max_bad_images=_bad_limit(cfg, len(source)))
-    return _Augmented(loader, _Normalize(info.mean, info.std), cfg.seed, rank, info.num_classes)
+    return _Augmented(loader, _Normalize(transform), cfg.seed, rank, info.num_classes)
 
 
 def _deit(cfg: TrainConfig, ctx: DistContext, train_src: Any, info: DataInfo, test: Any, bn: Any) -> Pipeline:
@@ -212,13 +224,6 @@ def _deit(cfg: TrainConfig, ctx: DistContext, train_src: Any, info: DataInfo, te
                                    allow_hflip=getattr(train_src, "hflip", True))
     train = _Augmented(loader, transform, cfg.seed, ctx.rank, info.num_classes)
     return Pipeline(info, train, test, bn, SoftTargetCrossEntropy())
-
-
-def _eval_transform(cfg: TrainConfig, size: int, pretrained: dict[str, Any]) -> Any:
-    from visionmix.data.recipe import ResizeCenterCropTransform
-
-    crop_pct = cfg.crop_pct if cfg.crop_pct is not None else float(pretrained["crop_pct"])
-    return ResizeCenterCropTransform(size, crop_pct=crop_pct, interpolation=pretrained["interpolation"])
 
 
 def _bad_limit(cfg: TrainConfig, samples: int) -> int:
