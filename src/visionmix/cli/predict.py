@@ -48,7 +48,7 @@ example: visionmix predict runs/mixer photos/ --topk 3 --json""")
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from visionmix.data.datasets import IMAGE_EXTENSIONS
+    from visionmix.data.decode import IMAGE_EXTENSIONS
     from visionmix.deployment import deploy
     from visionmix.predict import find_images, load_predictor, predict
 
