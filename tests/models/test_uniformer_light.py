@@ -113,7 +113,7 @@ def light_ref(model: UniFormerLight, x):
 def _randomize(model):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _name, p in model.named_parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * (0.2 if p.ndim > 1 else 0.5))
         for m in model.modules():
             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):

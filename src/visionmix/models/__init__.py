@@ -1,6 +1,13 @@
 """Model zoo: importing this package registers every family (SPEC.md section 2)."""
 
-from visionmix.models import mlp_mixer, resnet, s2mlp, spach, uniformer, uniformer_light  # noqa: F401  (registers the families)
+from visionmix.models import (  # noqa: F401  (registers the families)
+    mlp_mixer,
+    resnet,
+    s2mlp,
+    spach,
+    uniformer,
+    uniformer_light,
+)
 from visionmix.models._registry import (
     Reference,
     create_model,

@@ -24,8 +24,14 @@ from torch import nn
 from visionmix.checks import check_input, check_positive
 from visionmix.layers.basic import DropPath, Mlp
 from visionmix.layers.mixing import Attention, ConvPosEnc, LocalMHRA
-from visionmix.models._base import LAST_GROUP, ClassifierModel, _checkpoint, _is_block, _prefix_regex, \
-    stochastic_depth_rates
+from visionmix.models._base import (
+    LAST_GROUP,
+    ClassifierModel,
+    _checkpoint,
+    _is_block,
+    _prefix_regex,
+    stochastic_depth_rates,
+)
 from visionmix.models._registry import Reference, register_variant
 from visionmix.models.uniformer import ConvStem, PatchStem, _init_weights
 
@@ -266,10 +272,9 @@ class UniFormerLight(ClassifierModel):
     def group_matcher(self, coarse: bool = False) -> dict:
         """The base grouping with the class token in the stem and the class-token head after the final norm."""
         groups = super().group_matcher(coarse)
-        groups["stem"] = r"^(?:cls_token$|" + groups["stem"][len("^(?:"):]
         blocks = [(r, i) for r, i in groups["blocks"] if i != (LAST_GROUP,)]
         last = ["norm_cls", "head_cls"] + (["norm"] if self._norm_name else [])
-        return {"stem": groups["stem"], "blocks": [*blocks, (_prefix_regex(last), (LAST_GROUP,))]}
+        return {"stem": r"^cls_token$|" + groups["stem"], "blocks": [*blocks, (_prefix_regex(last), (LAST_GROUP,))]}
 
 
 def two_head_loss(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
