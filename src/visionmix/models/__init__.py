@@ -7,6 +7,7 @@ from visionmix.models import (  # noqa: F401  (registers the families)
     spach,
     uniformer,
     uniformer_light,
+    uniformer_video,
 )
 from visionmix.models._registry import (
     Reference,
