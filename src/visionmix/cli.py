@@ -183,7 +183,7 @@ def _model_row(name: str) -> tuple[str, str, str, str, str]:
     from visionmix.models import create_model, model_entry
 
     entry = model_entry(name)
-    c, h, w = entry.cfg["input_size"]
+    h, w = entry.cfg["input_size"][-2:]  # (C, H, W), or (C, T, H, W) for video models
     small = h * w <= 64 * 64
     kwargs = {"num_classes": entry.cfg["num_classes"]}
     params = macs = "?"
@@ -192,13 +192,13 @@ def _model_row(name: str) -> tuple[str, str, str, str, str]:
             model = create_model(name, **kwargs)
             params = si_format(count_params(model))
             if small:
-                macs = si_format(count_macs(model, torch.empty(1, c, h, w)))
+                macs = si_format(count_macs(model, torch.empty(1, *entry.cfg["input_size"])))
     except Exception:  # a model that cannot be built on the meta device still gets its row
         pass
     if not small:
         macs = si_format(entry.reference.gmacs * 1e9 if entry.reference.gmacs is not None else None)
     top1 = f"{entry.reference.top1:.1f}" if entry.reference.top1 is not None else "-"
-    return name, params, macs, f"{c}x{h}x{w}", top1
+    return name, params, macs, "x".join(map(str, entry.cfg["input_size"])), top1
 
 
 def _run_models(args: argparse.Namespace) -> int:

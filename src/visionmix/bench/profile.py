@@ -205,7 +205,7 @@ class BenchResult:
     form: str
     compiled: str | None
     device: str
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]
     batch_size: int
     params: int
     macs: int
@@ -231,8 +231,9 @@ def profile_model(model: nn.Module, *, name: str, form: str = "train", input_siz
     check_choice("form", form, FORMS)
     check_positive("batch_size", batch_size)
     input_size = tuple(input_size)
-    if len(input_size) != 3:
-        raise ValueError(f"input_size must be (channels, height, width), got {input_size!r}")
+    if len(input_size) not in (3, 4):
+        raise ValueError(f"input_size must be (channels, height, width) or, for a video model, (channels, frames, "
+                         f"height, width), got {input_size!r}")
     device = torch.device(device)
     model = on_device(model, device)  # the caller's model stays where it is, in its own mode
     one = torch.randn(1, *input_size, device=device)

@@ -62,6 +62,7 @@ from visionmix.engine.optim import ModelEma, freeze_backbone, frozen_norms_eval,
 from visionmix.engine.pipeline import DataInfo, build_pipeline
 from visionmix.engine.rundir import clear_run, finished_summary, prepare_out_dir, run_summary, verify_run
 from visionmix.files import atomic_write, atomic_write_json, hold_directory
+from visionmix.models.uniformer_light import two_head_loss
 
 
 class TrainingError(RuntimeError):
@@ -180,6 +181,7 @@ class _Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model_kwargs = _model_kwargs(cfg, self.data.info)
         self.raw_model = _create_model(cfg.model, self.model_kwargs)
+        self.two_heads = hasattr(self.raw_model, "head_cls")  # UniFormer-light's class-token classifier
         self.init = {"source": cfg.init, "dropped": ckpt.init_from(self.raw_model, cfg.init)} if cfg.init else None
         if self.init and self.init["dropped"] and meta is None:
             self._log(f"--init {cfg.init}: loaded every key but the classifier's ({', '.join(self.init['dropped'])}: "
@@ -400,8 +402,14 @@ class _Trainer:
             sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self.autocast:
-                    logits = self.model(x)
-                loss = self.criterion(logits.float(), y) * (len(y) / n)
+                    if self.two_heads:
+                        logits, cls_logits = self.model(x, both_heads=True)
+                    else:
+                        logits = self.model(x)
+                if self.two_heads:  # UniFormer-light: both classifiers train, as officially
+                    loss = two_head_loss(self.criterion, logits.float(), cls_logits.float(), y) * (len(y) / n)
+                else:
+                    loss = self.criterion(logits.float(), y) * (len(y) / n)
                 (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             loss_total += loss.detach()
             labels = y.argmax(1) if y.dim() == 2 else y  # soft targets (mixup): their largest share
