@@ -234,6 +234,10 @@ class UniFormerVideo(ClassifierModel):
         """A level's (B, C, T', H', W') map, or (B, T', H', W', C) for ``"NHWC"``."""
         return x.permute(0, 2, 3, 4, 1) if output_fmt == "NHWC" else x
 
+    def no_weight_decay(self) -> set[str]:
+        """The base set (norms) and every 3x3x3 position encoding, as UniFormer's 2D DPE."""
+        return super().no_weight_decay() | {n for n, _ in self.named_parameters() if ".pos_embed." in n}
+
     def inflate(self, image_state_dict: Mapping[str, torch.Tensor], *, center: bool = False
                 ) -> dict[str, torch.Tensor]:
         """This model's state dict from an image UniFormer's: every 2D kernel whose key is a 3D kernel here is
