@@ -318,5 +318,5 @@ register_variant(
     dict(depths=(2, 4), embed_dims=(64, 128), patch_sizes=(4, 1), num_conv_stages=1, head_dim=32, num_classes=10,
          in_chans=1, num_frames=4),
     cfg=dict(_CFG, input_size=(1, 4, 28, 28), num_classes=10, mean=(0.5,), std=(0.5,)),
-    reference=Reference(),
+    reference=Reference(params=923_850, gmacs=0.099300),
     doc="UniFormer video for 4x28x28 clips: stem to 2x7x7, local MHRA (dim 64), then 4 MHSA blocks over 2x7x7 tokens.")
