@@ -23,7 +23,8 @@ from visionmix.bench.profile import count_macs, count_params, matmul_workload
 from visionmix.timing import time_alternately
 
 MODELS = ("mixer_s16_224", "mixer_b16_224", "s2mlpv2_small", "spach_ms_s_patch4_224_conv",
-          "spach_ms_s_patch4_224_attn", "spach_ms_s_patch4_224_mlp", "uniformer_small", "resnet18", "dbb_resnet18")
+          "spach_ms_s_patch4_224_attn", "spach_ms_s_patch4_224_mlp", "uniformer_small", "uniformer_xxs", "uniformer_xs",
+          "uniformer_small_k400_8x8", "resnet18", "dbb_resnet18")  # video rows: clips of 8x224x224 per second
 REPARAM = ("dbb_resnet18",)  # also timed deployed, alternately with the training form
 MIXER_B_TARGET = 0.8
 

@@ -23,6 +23,7 @@ from visionmix.engine import TrainConfig, evaluate, load_run, read_meta, resume_
 from visionmix.engine.config import BUDGET_FILL
 from visionmix.engine.optim import ModelEma, param_groups, warmup_cosine
 from visionmix.errors import CheckpointError, TrainingError
+from visionmix.models import create_model
 
 pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
 
@@ -470,3 +471,24 @@ def test_a_short_run_ends_with_bn_statistics_of_its_final_weights(tmp_path: Path
     assert on["history"][1]["eval_loss"] != off["history"][1]["eval_loss"]
     with pytest.raises(ValueError, match="recompute_bn must be one of 'auto', 'on', 'off'; got 'yes'"):
         train(replace(CFG, recompute_bn="yes"), tmp_path / "x", progress=False)
+
+
+def test_a_two_headed_model_trains_both_heads_with_the_official_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """UniFormer-light trains its class-token head beside the pooled one (engine_light.py: 0.5 / 0.5 of the loss)."""
+    trainer = importlib.import_module("visionmix.engine.trainer")
+    seen: list[tuple[torch.Size, torch.Size]] = []
+    real = trainer.two_head_loss
+
+    def spy(criterion, logits, cls_logits, target):
+        seen.append((logits.shape, cls_logits.shape))
+        return real(criterion, logits, cls_logits, target)
+
+    monkeypatch.setattr(trainer, "two_head_loss", spy)
+    cfg = TrainConfig(model="uniformer_light_nano", data="digits", epochs=1, batch_size=32, max_train_samples=64,
+                      max_eval_samples=32, recompute_bn="off", seed=0)
+    train(cfg, tmp_path / "run", progress=False)
+    assert seen == [(torch.Size([32, 10]), torch.Size([32, 10]))] * 2  # every step, both heads
+    trained, _ = load_run(tmp_path / "run")
+    torch.manual_seed(0)
+    fresh = create_model("uniformer_light_nano", num_classes=10, in_chans=1, img_size=28)
+    assert not torch.equal(trained.head_cls.weight, fresh.head_cls.weight)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from visionmix.models import create_model, list_models
+from visionmix.models import create_model, list_models, model_entry
 
 ALL = list_models()
 NANOS = list_models("*nano*")
@@ -24,7 +24,7 @@ def test_cfg_names_real_keys(name):
     model = _meta(name)
     cfg, keys = model.pretrained_cfg, set(model.state_dict())
     assert f"{cfg['first_conv']}.weight" in keys
-    assert isinstance(model.get_submodule(cfg["first_conv"]), nn.Conv2d)
+    assert isinstance(model.get_submodule(cfg["first_conv"]), nn.Conv2d | nn.Conv3d)  # Conv3d: video models
     assert f"{cfg['classifier']}.weight" in keys and model.get_submodule(cfg["classifier"]) is model.get_classifier()
     assert cfg["num_classes"] == model.num_classes and len(cfg["mean"]) == len(cfg["std"]) == cfg["input_size"][0]
     assert model.default_cfg is cfg
@@ -109,6 +109,8 @@ def test_no_weight_decay_per_family():
 def test_every_model_converts_to_channels_last(name):
     """``model.to(memory_format=torch.channels_last)`` converts every 4-D/5-D tensor a model holds: a parameter that
     is not an image (CondConv's bank of expert kernels) must not be 5-D."""
-    model = _meta(name).to(memory_format=torch.channels_last)
-    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
-    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    video = len(model_entry(name).cfg["input_size"]) == 4  # (C, T, H, W): 5-D kernels, channels_last_3d
+    fmt = torch.channels_last_3d if video else torch.channels_last
+    model = _meta(name).to(memory_format=fmt)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv3d if video else nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=fmt) for w in convs)

@@ -141,7 +141,7 @@ class BenchResult:
     form: str
     compiled: str | None
     device: str
-    input_size: tuple[int, int, int]
+    input_size: tuple[int, ...]
     batch_size: int
     params: int
     macs: int
@@ -167,8 +167,9 @@ def profile_model(model: nn.Module, *, name: str, form: str = "train", input_siz
     check_choice("form", form, FORMS)
     check_positive("batch_size", batch_size)
     input_size = tuple(input_size)
-    if len(input_size) != 3:
-        raise InvalidValue(f"input_size must be (channels, height, width), got {input_size!r}")
+    if len(input_size) not in (3, 4):
+        raise InvalidValue(f"input_size must be (channels, height, width) or, for a video model, (channels, "
+                           f"frames, height, width), got {input_size!r}")
     device = torch.device(device)
     model = on_device(model, device)  # the caller's model stays where it is, in its own mode
     one = torch.randn(1, *input_size, device=device)
@@ -349,7 +350,7 @@ def describe_model(name: str) -> ModelCard:
 
     entry = model_entry(name)
     input_size = tuple(entry.cfg["input_size"])
-    small = math.prod(input_size[1:]) <= 64 * 64
+    small = math.prod(input_size[-2:]) <= 64 * 64  # (C, H, W), or (C, T, H, W) for a video model
     params = macs = None
     try:
         with torch.device("meta"):

@@ -1,6 +1,14 @@
 """Model zoo: importing this package registers every family (SPEC.md section 2)."""
 
-from visionmix.models import mlp_mixer, resnet, s2mlp, spach, uniformer  # noqa: F401  (registers the families)
+from visionmix.models import (  # noqa: F401  (registers the families)
+    mlp_mixer,
+    resnet,
+    s2mlp,
+    spach,
+    uniformer,
+    uniformer_light,
+    uniformer_video,
+)
 from visionmix.models._registry import (
     Reference,
     create_model,

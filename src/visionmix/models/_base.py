@@ -83,12 +83,12 @@ Level = tuple[Sequence[str], int, int, str]  # (module names run in order, num_c
 Stage = tuple[Sequence[str], Sequence[str], int, int, str]  # (lead-in names, block names, num_chs, reduction, name)
 
 
-def _is_block(name: str) -> bool:
+def is_block(name: str) -> bool:
     """A block is an element of a stage container (its name ends in an index); only blocks are checkpointed."""
     return name.rsplit(".", 1)[-1].isdigit()
 
 
-def _grad_checkpoint(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def grad_checkpoint(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``torch.utils.checkpoint`` (non-reentrant) whose recomputation replays the forward exactly: a training block's
     buffers (BN running statistics, which DBB's padding also reads) are seen as the forward saw them and are not
     updated a second time."""
@@ -125,7 +125,7 @@ def _within(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _prefix_regex(names: Sequence[str]) -> str:
+def prefix_regex(names: Sequence[str]) -> str:
     return r"^(?:" + "|".join(re.escape(n) for n in names) + r")\."
 
 
@@ -260,7 +260,7 @@ class ClassifierModel(nn.Module):
         use_checkpoint = self.grad_checkpointing and torch.is_grad_enabled()
         for name in self._level_blocks[index]:
             block = self.get_submodule(name)
-            x = _grad_checkpoint(block, x) if use_checkpoint and _is_block(name) else block(x)
+            x = grad_checkpoint(block, x) if use_checkpoint and is_block(name) else block(x)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -347,11 +347,11 @@ class ClassifierModel(nn.Module):
                 if _within(name, self._stem_names):
                     continue
                 if any(True for _ in self.get_submodule(name).parameters()):
-                    blocks.append((_prefix_regex([name]), (level if coarse else block_index,)))
-                block_index += _is_block(name)
+                    blocks.append((prefix_regex([name]), (level if coarse else block_index,)))
+                block_index += is_block(name)
         if self._norm_name is not None:
-            blocks.append((_prefix_regex([self._norm_name]), (LAST_GROUP,)))
-        return {"stem": _prefix_regex(self._stem_names), "blocks": blocks}
+            blocks.append((prefix_regex([self._norm_name]), (LAST_GROUP,)))
+        return {"stem": prefix_regex(self._stem_names), "blocks": blocks}
 
     def default_out_indices(self) -> tuple[int, ...]:
         """``features_only``'s default: every stage end, topped up to :data:`MIN_FEATURE_LEVELS` with the latest

@@ -215,9 +215,12 @@ def _model_cfg(model: nn.Module, cfg: dict[str, Any], kwargs: dict[str, Any]) ->
     feature grid at ``input_size`` (``pool_size``; None for (B, N, C) features or a size the last level's reduction
     does not divide)."""
     in_chans = kwargs.get("in_chans", cfg["input_size"][0])
-    img_size = kwargs.get("img_size", cfg["input_size"][1:])
+    frames = cfg["input_size"][1:-2]  # (T,) for video models, whose input_size is (C, T, H, W)
+    if frames and "num_frames" in kwargs:
+        frames = (kwargs["num_frames"],)
+    img_size = kwargs.get("img_size", cfg["input_size"][-2:])
     img_size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    cfg["input_size"] = (in_chans, *img_size)
+    cfg["input_size"] = (in_chans, *frames, *img_size)
     if getattr(model, "feature_fmt", None) in ("NCHW", "NHWC"):  # a spatial map (not tokens) from a zoo model
         reduction = model.feature_info[-1]["reduction"]
         if not any(side % reduction for side in img_size):
@@ -227,7 +230,7 @@ def _model_cfg(model: nn.Module, cfg: dict[str, Any], kwargs: dict[str, Any]) ->
     cfg["num_classes"] = getattr(model, "num_classes", kwargs.get("num_classes", cfg["num_classes"]))
     for key in ("mean", "std"):
         cfg[key] = _per_channel(cfg[key], in_chans)
-    first = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)), None)
+    first = next((name for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Conv3d)), None)
     cfg["first_conv"] = first
     cfg["classifier"] = getattr(model, "head_name", cfg["classifier"])
     return cfg

@@ -156,7 +156,7 @@ class UniFormer(ClassifierModel):
             ([f"patch_embed{i}"], [f"blocks{i}.{j}" for j in range(depth)], dim, reduction, f"blocks{i}")
             for i, (depth, dim, reduction) in enumerate(zip(depths, embed_dims, reductions, strict=True), start=1)
         ], norm="norm")
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def _check_size(self, height: int, width: int) -> None:
         if height % self.stride or width % self.stride:
@@ -169,7 +169,7 @@ class UniFormer(ClassifierModel):
         return x  # the patch embeddings open each feature level
 
 
-def _init_weights(m: nn.Module) -> None:
+def init_weights(m: nn.Module) -> None:
     """The official initialisation: truncated normal (std 0.02) Linear weights, zero biases, unit LayerNorms."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=0.02)
