@@ -10,8 +10,8 @@ for the models timm's ``NON_STD_FILTERS`` name: the Mixers, whose features are (
 ``test_model_forward_features``, ``test_model_forward_intermediates_features`` and
 ``test_model_forward_intermediates``; on every image model (the UniFormer video models have their own tests), the
 backward test asking UniFormer-light for both heads. ``timm.models.FeatureInfo(model.feature_info, n)`` is read
-through our own ``feature_info`` getters. Stricter than timm: every test runs on every model (timm skips ``test_model_forward_features``
-for its non-standard models); ``EXCLUDE_FILTERS`` match none of ours. Out of scope: timm's TorchScript and FX tests
+through our own ``feature_info`` getters. Stricter than timm: every test runs on every model (timm skips
+``test_model_forward_features`` for its non-standard models); ``EXCLUDE_FILTERS`` match none of ours. Out of scope: timm's TorchScript and FX tests
 (no model passes them: ``torch.jit.script`` rejects keyword-only layer arguments, FX tracing the input checks'
 Python control flow; ``torch.export`` is this project's path), ``test_model_inference`` and the pretrained-weight
 tests (visionmix downloads nothing).
