@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: demo test bench bench-quick lint install fashion-mnist clean
+.PHONY: demo test test-fast bench bench-quick lint install fashion-mnist clean
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: install fashion-mnist
 
 test: install fashion-mnist lint
 	$(PY) -m pytest -n 2 -q
+
+# The tier to run after each change: everything but the tests marked slow (under 2 minutes on 2 cores).
+test-fast: install fashion-mnist lint
+	$(PY) -m pytest -n 2 -q -m "not slow"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -19,7 +19,7 @@ from visionmix.cli import build_parser, main
 from visionmix.data import FASHION_MNIST_DIR, build_dataset
 from visionmix.models import create_model, model_entry
 
-pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, for this module
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -100,6 +100,7 @@ def test_train_then_eval_deploy(capsys: pytest.CaptureFixture[str], tmp_path: Pa
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_int8_is_evaluated_benchmarked_and_predicts_through_the_command_line(capsys: pytest.CaptureFixture[str],
                                                                             tmp_path: Path) -> None:
     """A mixer trained on digits (its token and channel MLPs are Linear layers): eval --quantize int8 scores within
@@ -149,6 +150,7 @@ def test_models_listing(capsys: pytest.CaptureFixture[str]) -> None:
     assert macs == f"{counter.get_total_flops() / 2 / 1e6:.2f}M"  # computed on the meta device, same count
 
 
+@pytest.mark.slow
 def test_main_sets_omp_wait_policy_before_torch_and_importing_changes_nothing() -> None:
     code = ("import sys, os, visionmix.cli as cli; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules); "
             "parse = cli.build_parser; cli.build_parser = lambda: (print(os.environ['OMP_WAIT_POLICY'], "

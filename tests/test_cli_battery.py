@@ -26,6 +26,8 @@ from PIL import Image
 from visionmix.engine import TrainConfig, train
 from visionmix.files import LOCK_FILE
 
+pytestmark = pytest.mark.slow  # real processes: the test tier of make test, not of make test-fast
+
 TINY = ["--data", "digits", "--max-train-samples", "64", "--max-eval-samples", "32", "--batch-size", "32",
         "--no-progress", "--device", "cpu"]
 USER_FILES = {"summary.json": b"{}", "metrics.jsonl": b"mine\n", "eval.json": b"[]",

@@ -15,6 +15,8 @@ from visionmix.errors import DeployError
 from visionmix.export import randomize_weights
 from visionmix.layers import DiverseBranchBlock
 
+pytestmark = pytest.mark.slow  # builds every inference backend (ONNX export, inductor compiles)
+
 ONE_PER_FAMILY = ["resnet_nano", "dbb_resnet_nano", "mixer_nano", "s2mlpv2_nano", "spach_ms_nano_attn",
                   "spach_nano_mlp", "uniformer_nano"]
 

@@ -16,6 +16,8 @@ from visionmix.engine import TrainConfig, load_run, train
 from visionmix.errors import ExportError
 from visionmix.export import export_onnx, export_program, randomize_weights
 
+pytestmark = pytest.mark.slow  # ONNX and torch.export exports of real models
+
 # The dynamo exporter takes ~15-40 s on these (many small shift/slice or masked-group ops).
 SLOW_TO_EXPORT = ("s2mlpv2_nano", "psresnet_nano")
 # One grouped conv with groups = batch (per-sample kernels); ONNX's Conv ``group`` is a constant, so the batch

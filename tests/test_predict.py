@@ -27,6 +27,7 @@ from visionmix.models import create_model
 from visionmix.predict import Prediction, find_images, predict, run_transform
 
 NUM_IMAGES = 16
+pytestmark = pytest.mark.slow  # a trained run and real decoding for every test
 RUN = TrainConfig(model="resnet_nano", data="digits", epochs=2, batch_size=32, max_train_samples=512,
                   max_eval_samples=64, device="cpu", lr=1e-2, warmup_epochs=0.2, augment="none")  # ~90% top-1
 
@@ -92,6 +93,7 @@ def corrupt_files(directory: Path, png: Path) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------------------------ the transform
+@pytest.mark.slow
 def test_png_files_give_the_training_tensors_bit_exactly(run_dir: Path, digits: ImageDataset, image_dir: Path,
                                                          dataset_top1: list[int]) -> None:
     model, meta = load_run(run_dir)

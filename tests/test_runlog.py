@@ -82,6 +82,7 @@ def test_run_log_holds_its_lines_until_the_directory_is_the_runs(tmp_path: Path)
         "building the model", "epoch 1/1"]
 
 
+@pytest.mark.slow  # a real training process
 def test_no_progress_removes_the_bar_and_nothing_else(tmp_path: Path):
     """A real ``train --no-progress`` process (as a cluster or CI starts it) still says what it did."""
     run = tmp_path / "run"

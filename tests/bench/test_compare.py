@@ -21,6 +21,8 @@ from visionmix.bench.stats import t_quantile
 from visionmix.cli import main
 from visionmix.data import FASHION_MNIST_DIR
 
+pytestmark = pytest.mark.slow  # real comparisons: several models trained and benchmarked
+
 MODELS = ["mixer_nano", "resnet_nano", "mixer_s32_224"]  # the last cannot take 28 px: it fails at training
 RECIPE = {"epochs": 1, "batch_size": 32, "max_train_samples": 64, "max_eval_samples": 32}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -25,7 +25,8 @@ from visionmix.engine import TrainConfig, train
 from visionmix.engine.distributed import init_distributed, wrap_model
 from visionmix.models import create_model
 
-pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
+# slow: real processes; tiny_test_net / tiny_test_dbb registered for this module
+pytestmark = [pytest.mark.usefixtures("tiny_models"), pytest.mark.slow]
 
 STEPS, BATCH = 3, 32
 CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=1, batch_size=BATCH, max_train_samples=128,

@@ -25,7 +25,7 @@ from visionmix.engine.config import (
 from visionmix.engine.optim import freeze_backbone, layer_ids, param_groups
 from visionmix.models import create_model
 
-pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, for this module
 
 BASE = TrainConfig(model="resnet_nano", data="digits", epochs=3, batch_size=64, max_train_samples=640,
                    max_eval_samples=200, lr=3e-3, warmup_epochs=0.2, device="cpu", recompute_bn="on")
@@ -52,6 +52,7 @@ def three_digit_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_init_loads_every_key_but_a_resized_classifier(digits_run: Path) -> None:
     source = run_files.read_weights(digits_run / read_meta(digits_run)["files"]["weights"])
     model = create_model("resnet_nano", num_classes=3)
@@ -68,6 +69,7 @@ def test_init_loads_every_key_but_a_resized_classifier(digits_run: Path) -> None
     torch.testing.assert_close(same.state_dict()[f"{same.head_name}.weight"], source[f"{same.head_name}.weight"])
 
 
+@pytest.mark.slow  # trains the digits run it starts from
 def test_init_rejects_a_checkpoint_of_another_architecture(digits_run: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"does not fit MlpMixer \(beyond its classifier\)"):
         run_files.init_from(create_model("mixer_nano", num_classes=3), digits_run)
@@ -75,6 +77,7 @@ def test_init_rejects_a_checkpoint_of_another_architecture(digits_run: Path, tmp
         run_files.init_from(create_model("resnet_nano"), tmp_path)
 
 
+@pytest.mark.slow  # trains the digits run it starts from
 def test_finetuning_starts_from_the_loaded_features(digits_run: Path, three_digit_tree: Path,
                                                     tmp_path: Path) -> None:
     """A linear probe on 3 digit classes: on the features learnt from 10 digits it scores far above the same probe

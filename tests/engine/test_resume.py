@@ -18,6 +18,8 @@ from safetensors.torch import load_file
 
 from processes import start, wait_for_checkpoint
 
+pytestmark = pytest.mark.slow  # real processes killed and resumed
+
 TRAIN_ARGS = ["--model", "tiny_test_net", "--data", "digits", "--max-train-samples", "480", "--batch-size", "16",
               "--epochs", "2", "--lr", "0.01", "--save-every", "4", "--device", "cpu", "--no-progress",
               "--model-arg", "step_delay=0.04"]  # 30 steps per epoch, >= 40 ms each

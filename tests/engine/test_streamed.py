@@ -18,7 +18,8 @@ from visionmix.data import load_digits
 from visionmix.data.pack import pack_shards
 from visionmix.engine.evaluate import evaluate_run
 
-pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
+# slow: real processes; tiny_test_net / tiny_test_dbb registered for this module
+pytestmark = [pytest.mark.usefixtures("tiny_models"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

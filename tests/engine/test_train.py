@@ -25,7 +25,7 @@ from visionmix.engine.optim import ModelEma, param_groups, warmup_cosine
 from visionmix.errors import CheckpointError, TrainingError
 from visionmix.models import create_model
 
-pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, registered for this module
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, for this module
 
 CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=2, batch_size=32, max_train_samples=192,
                   max_eval_samples=100, lr=1e-2, device="cpu")

@@ -35,6 +35,7 @@ def test_head_api(name):
     assert model.get_classifier() is model.get_submodule(cfg["classifier"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NANOS)
 def test_compiles_without_graph_breaks(name):
     model, x = _nano(name)

@@ -56,6 +56,7 @@ def test_intermediates_224(name):
         _check_intermediates(model, _input(model, batch=1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", IMAGES)
 def test_every_registered_model_has_feature_levels_that_match_its_intermediates(name):
     """Shapes only, on the meta device (no memory, no arithmetic), so the whole registry is cheap."""
@@ -156,6 +157,7 @@ def test_features_only_deploys(name):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ONE_PER_FAMILY)
 def test_features_only_compiles(name):
     features = create_model(name, features_only=True, out_indices=(-2, -1)).eval()
@@ -182,6 +184,7 @@ def test_features_only_info_and_defaults():
         create_model("resnet_nano", out_indices=(1,))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NANOS)
 def test_grad_checkpointing_changes_nothing(name, monkeypatch):
     torch.manual_seed(0)

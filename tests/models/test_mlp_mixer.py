@@ -145,6 +145,7 @@ def test_drop_path_rises_linearly():
     assert [b.drop_path.drop_prob for b in model.blocks] == pytest.approx([0.0, 0.05, 0.1, 0.15, 0.2])
 
 
+@pytest.mark.slow  # a short training run
 def test_nano_trains(toy_training_losses):
     losses = toy_training_losses("mixer_nano")
     assert losses[-1] < 0.5 * losses[0], losses

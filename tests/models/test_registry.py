@@ -51,6 +51,7 @@ def test_pretrained_download_is_refused():
         create_model("mixer_nano", pretrained=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for m in OUR_MODULES for n in list_models(module=m)])
 def test_every_model_has_the_timm_api(name):
     with torch.device("meta"):
@@ -77,6 +78,7 @@ def test_nano_reference_figures_are_measured(name, model_stats):
     assert stats.macs / 1e9 == pytest.approx(ref.gmacs, abs=5e-5)
 
 
+@pytest.mark.slow  # builds every nano model
 def test_nano_zoo_budget(model_stats):
     """Every family's nano (at its default 1x1x28x28, 10 classes): 0.5-1.5M parameters, MACs within 2x."""
     assert len(NANOS) >= 8

@@ -138,6 +138,7 @@ def test_bad_arguments():
         S2MLPv2(embed_dims=(8, 16), depths=(1,))
 
 
+@pytest.mark.slow  # a short training run
 def test_nano_trains(toy_training_losses):
     losses = toy_training_losses("s2mlpv2_nano")
     assert losses[-1] < 0.5 * losses[0], losses

@@ -166,6 +166,7 @@ def test_hybrid_s_full_layout():
     assert len(_hybrid_s_layout()) == 291  # the official key count
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SPACH_224)
 def test_params_and_macs_match_spec(name, model_stats):
     ref = model_entry(name).reference
@@ -242,6 +243,7 @@ def test_nanos_are_a_fair_comparison(model_stats):
             assert max(values) / min(values) < 1.1, (prefix, key, values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NANOS)
 def test_nano_trains(name, toy_training_losses):
     losses = toy_training_losses(name)

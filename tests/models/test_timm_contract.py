@@ -2,19 +2,19 @@
 huggingface/pytorch-image-models@aa4b5850c1543fa488abf260f18390eda46cf85d (2026-08-08; timm does not import beside
 this torch, so the bodies are ported, not loaded).
 
-Ported unchanged: the input sizes (``_get_input_size`` with timm's targets: forward at up to 384 px, so 224 px models
-run at 224; backward at 128, feature extraction at 96; fixed-size models at their size, and models whose cfg states a
-``min_input_size`` - S2-MLPv2, UniFormer, SPACH - at that size, as timm does), batch sizes, tolerances and
+Ported unchanged: the input sizes (``_get_input_size`` with timm's targets: forward at up to 384 px, so 224 px
+models run at 224; backward at 128, feature extraction at 96; fixed-size models at their size, and models whose cfg
+states a ``min_input_size`` - S2-MLPv2, UniFormer, SPACH - at that size, as timm does), batch sizes, tolerances and
 assertions of ``test_model_forward``, ``test_model_backward``, ``test_model_default_cfgs`` (the ``_non_std`` variant
 for the models timm's ``NON_STD_FILTERS`` name: the Mixers, whose features are (B, N, C)),
 ``test_model_forward_features``, ``test_model_forward_intermediates_features`` and
 ``test_model_forward_intermediates``; on every image model (the UniFormer video models have their own tests), the
 backward test asking UniFormer-light for both heads. ``timm.models.FeatureInfo(model.feature_info, n)`` is read
 through our own ``feature_info`` getters. Stricter than timm: every test runs on every model (timm skips
-``test_model_forward_features`` for its non-standard models); ``EXCLUDE_FILTERS`` match none of ours. Out of scope: timm's TorchScript and FX tests
-(no model passes them: ``torch.jit.script`` rejects keyword-only layer arguments, FX tracing the input checks'
-Python control flow; ``torch.export`` is this project's path), ``test_model_inference`` and the pretrained-weight
-tests (visionmix downloads nothing).
+``test_model_forward_features`` for its non-standard models); ``EXCLUDE_FILTERS`` match none of ours. Out of scope:
+timm's TorchScript and FX tests (no model passes them: ``torch.jit.script`` rejects keyword-only layer arguments, FX
+tracing the input checks' Python control flow; ``torch.export`` is this project's path), ``test_model_inference``
+and the pretrained-weight tests (visionmix downloads nothing).
 """
 
 from __future__ import annotations
@@ -30,18 +30,10 @@ from visionmix.models._base import FeatureListNet
 
 # Every image model of the zoo. The UniFormer video models are left out on purpose: timm has no video models and its
 # tests feed (B, C, H, W) images; tests/models/test_uniformer_video.py holds their checks.
-ALL = [name for name in list_models() if len(model_entry(name).cfg["input_size"]) == 3]
-# Models above 3 GMACs at their default input (or of unknown cost) take ~2-45 s for the six tests on one core: marked
-# slow, they still run in `make test`; -m "not slow" keeps the nano and small 224 px models (~30 s in all).
-HEAVY_GMACS = 3.0
+MODELS = [name for name in list_models() if len(model_entry(name).cfg["input_size"]) == 3]
+pytestmark = pytest.mark.slow  # ~20 min of CPU over the zoo: make test runs it, make test-fast does not
 
 
-def _param(name: str):
-    gmacs = model_entry(name).reference.gmacs
-    return pytest.param(name, marks=pytest.mark.slow) if gmacs is None or gmacs > HEAVY_GMACS else name
-
-
-MODELS = [_param(name) for name in ALL]
 
 NON_STD_FILTERS = [
     'vit_*', 'naflexvit*', 'tnt_*', 'pit_*', 'coat_*', 'cait_*', '*mixer_*', 'gmlp_*', 'resmlp_*', 'twins_*',
@@ -394,7 +386,7 @@ def test_model_forward_intermediates(model_name, batch_size):
 
 
 # ------------------------------------------------------------------ what those tests take for granted, checked here
-@pytest.mark.parametrize('name', ALL)
+@pytest.mark.parametrize('name', MODELS)
 def test_cfg_states_every_input_size_constraint(name):
     """timm's tests pick their input sizes from ``pretrained_cfg``, so it must state every constraint: a fixed-size
     model takes only ``input_size``; any other takes ``min_input_size`` and larger multiples of

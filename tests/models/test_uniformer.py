@@ -252,6 +252,7 @@ def test_bad_arguments():
         create_model("uniformer_nano", drop_path_rate=1.0)
 
 
+@pytest.mark.slow  # a short training run
 def test_nano_trains(toy_training_losses):
     losses = toy_training_losses("uniformer_nano")
     assert losses[-1] < 0.5 * losses[0], losses

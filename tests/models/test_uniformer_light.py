@@ -299,6 +299,7 @@ def test_sizes_other_than_the_default(size):
         assert model(torch.randn(1, 3, size, size)).shape == (1, 5)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiles():
     model = create_model("uniformer_light_nano").eval()
     x = torch.randn(2, 1, 28, 28)

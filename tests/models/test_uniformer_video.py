@@ -90,6 +90,7 @@ def _randomize(model):
 
 
 # ------------------------------------------------------------------------------------------------ sizes, layout
+@pytest.mark.slow
 @pytest.mark.parametrize("name", VIDEO)
 def test_params_and_flops_per_view_equal_official(name, model_stats):
     """Params as the official module counts them (small 21,400,400 and base 49,813,200 at 400 classes); MACs of
@@ -258,6 +259,7 @@ def test_features_are_5d_maps_and_checkpointing_changes_nothing():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow  # torch.compile of a 3D model
 def test_cfg_and_compile():
     model = create_model("uniformer_small_k400_16x4", num_frames=8, img_size=160, num_classes=7)
     assert model.pretrained_cfg["input_size"] == (3, 8, 160, 160) and model.pretrained_cfg["num_classes"] == 7
