@@ -119,15 +119,7 @@ class UniFormer(ClassifierModel):
                  img_size: int | tuple[int, int] | None = None, global_pool: str = "avg", drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        depths, embed_dims, patch_sizes = tuple(depths), tuple(embed_dims), tuple(patch_sizes)
-        if not len(depths) == len(embed_dims) == len(patch_sizes) or not depths:
-            raise InvalidValue(f"depths, embed_dims and patch_sizes need one entry per stage, got {len(depths)}, "
-                               f"{len(embed_dims)} and {len(patch_sizes)}")
-        for name, values in (("depths", depths), ("embed_dims", embed_dims), ("patch_sizes", patch_sizes)):
-            for v in values:
-                check_positive(name, v)
-        if not 0 <= num_conv_stages <= len(depths):
-            raise InvalidValue(f"num_conv_stages must be in [0, {len(depths)}], got {num_conv_stages}")
+        depths, embed_dims, patch_sizes = check_stages(depths, embed_dims, patch_sizes, num_conv_stages)
         check_positive("in_chans", in_chans)
         if conv_stem and patch_sizes != (4,) + (2,) * (len(depths) - 1):
             raise InvalidValue(f"conv_stem=True needs patch_sizes (4, 2, 2, ...), got {patch_sizes}")
@@ -167,6 +159,22 @@ class UniFormer(ClassifierModel):
         check_input(x, self.in_chans)
         self._check_size(x.shape[-2], x.shape[-1])
         return x  # the patch embeddings open each feature level
+
+
+def check_stages(depths: Sequence[int], embed_dims: Sequence[int], patch_sizes: Sequence[int],
+                 num_conv_stages: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """UniFormer's stage layout, image or video: one positive depth, width and patch size per stage and at most as
+    many convolutional (local MHRA) stages as stages; returned as tuples."""
+    depths, embed_dims, patch_sizes = tuple(depths), tuple(embed_dims), tuple(patch_sizes)
+    if not len(depths) == len(embed_dims) == len(patch_sizes) or not depths:
+        raise InvalidValue(f"depths, embed_dims and patch_sizes need one entry per stage, got {len(depths)}, "
+                           f"{len(embed_dims)} and {len(patch_sizes)}")
+    for name, values in (("depths", depths), ("embed_dims", embed_dims), ("patch_sizes", patch_sizes)):
+        for v in values:
+            check_positive(name, v)
+    if not 0 <= num_conv_stages <= len(depths):
+        raise InvalidValue(f"num_conv_stages must be in [0, {len(depths)}], got {num_conv_stages}")
+    return depths, embed_dims, patch_sizes
 
 
 def init_weights(m: nn.Module) -> None:

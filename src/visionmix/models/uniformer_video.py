@@ -23,7 +23,7 @@ from visionmix.layers.basic import DropPath, Mlp
 from visionmix.layers.mixing import Attention
 from visionmix.models._base import ClassifierModel, stochastic_depth_rates
 from visionmix.models._registry import Reference, register_variant
-from visionmix.models.uniformer import init_weights
+from visionmix.models.uniformer import check_stages, init_weights
 
 __all__ = ["LocalMHRA3d", "PatchEmbed3d", "SABlock3d", "SplitSABlock3d", "UniFormerVideo", "inflate_weight"]
 
@@ -172,15 +172,7 @@ class UniFormerVideo(ClassifierModel):
                  img_size: int | tuple[int, int] | None = None, global_pool: str = "avg", drop_rate: float = 0.0,
                  proj_drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        depths, embed_dims, patch_sizes = tuple(depths), tuple(embed_dims), tuple(patch_sizes)
-        if not len(depths) == len(embed_dims) == len(patch_sizes) or not depths:
-            raise InvalidValue(f"depths, embed_dims and patch_sizes need one entry per stage, got {len(depths)}, "
-                               f"{len(embed_dims)} and {len(patch_sizes)}")
-        for name, values in (("depths", depths), ("embed_dims", embed_dims), ("patch_sizes", patch_sizes)):
-            for v in values:
-                check_positive(name, v)
-        if not 0 <= num_conv_stages <= len(depths):
-            raise InvalidValue(f"num_conv_stages must be in [0, {len(depths)}], got {num_conv_stages}")
+        depths, embed_dims, patch_sizes = check_stages(depths, embed_dims, patch_sizes, num_conv_stages)
         check_positive("in_chans", in_chans)
         self.num_frames = check_positive("num_frames", num_frames)
         self.stride = math.prod(patch_sizes)
