@@ -93,7 +93,7 @@ def one_line(exc: BaseException | Warning | str, limit: int = 0) -> str:
 
 
 def first_line(exc: BaseException) -> str:
-    """``Type: first line`` of a third-party error whose message runs on with its own traceback (TorchScript,
-    ONNX, inductor), cut to 300 characters."""
+    """``Type: first line`` of a third-party error whose message runs on with its own traceback (ONNX,
+    onnxruntime, inductor), cut to 300 characters."""
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     return f"{type(exc).__name__}: {first[:300]}"

@@ -24,6 +24,7 @@ from visionmix.engine.config import BUDGET_FILL
 from visionmix.engine.optim import ModelEma, param_groups, warmup_cosine
 from visionmix.errors import CheckpointError, TrainingError
 from visionmix.models import create_model
+from visionmix.models.uniformer_light import UniFormerLight
 
 pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net / tiny_test_dbb, for this module
 
@@ -475,15 +476,14 @@ def test_a_short_run_ends_with_bn_statistics_of_its_final_weights(tmp_path: Path
 
 def test_a_two_headed_model_trains_both_heads_with_the_official_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """UniFormer-light trains its class-token head beside the pooled one (engine_light.py: 0.5 / 0.5 of the loss)."""
-    trainer = importlib.import_module("visionmix.engine.trainer")
     seen: list[tuple[torch.Size, torch.Size]] = []
-    real = trainer.two_head_loss
+    real = UniFormerLight.combine_head_losses
 
     def spy(criterion, logits, cls_logits, target):
         seen.append((logits.shape, cls_logits.shape))
         return real(criterion, logits, cls_logits, target)
 
-    monkeypatch.setattr(trainer, "two_head_loss", spy)
+    monkeypatch.setattr(UniFormerLight, "combine_head_losses", staticmethod(spy))
     cfg = TrainConfig(model="uniformer_light_nano", data="digits", epochs=1, batch_size=32, max_train_samples=64,
                       max_eval_samples=32, recompute_bn="off", seed=0)
     train(cfg, tmp_path / "run", progress=False)

@@ -38,7 +38,6 @@ from visionmix.engine.pipeline import DataInfo, build_pipeline
 from visionmix.engine.run_setup import clear_run, run_summary
 from visionmix.errors import CheckpointError, InvalidValue, TrainingError, TrainingInterrupted
 from visionmix.files import atomic_write, atomic_write_json
-from visionmix.models.uniformer_light import two_head_loss
 from visionmix.runlog import logger
 
 _LOG = logger("train")
@@ -57,7 +56,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model_kwargs = _model_kwargs(cfg, self.data.info)
         self.raw_model = _create_model(cfg.model, self.model_kwargs)
-        self.two_heads = hasattr(self.raw_model, "head_cls")  # UniFormer-light's class-token classifier
+        # a model with an auxiliary head (UniFormer-light's class-token classifier) says how its heads' losses
+        # combine; it returns every head's logits for forward(x, both_heads=True)
+        self.combine_losses = getattr(self.raw_model, "combine_head_losses", None)
         self.init = {"source": cfg.init, "dropped": run_files.init_from(self.raw_model, cfg.init)} if cfg.init else None
         if self.init and self.init["dropped"] and meta is None:
             self._log(f"--init {cfg.init}: loaded every key but the classifier's ({', '.join(self.init['dropped'])}: "
@@ -279,10 +280,10 @@ class Trainer:
             sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
                 with self.autocast:
-                    outputs = self.model(x, both_heads=True) if self.two_heads else self.model(x)
-                if self.two_heads:  # UniFormer-light: both classifiers train, as its official engine_light.py does
+                    outputs = self.model(x, both_heads=True) if self.combine_losses else self.model(x)
+                if self.combine_losses:
                     logits = outputs[0]
-                    loss = two_head_loss(self.criterion, logits.float(), outputs[1].float(), y) * (len(y) / n)
+                    loss = self.combine_losses(self.criterion, *(o.float() for o in outputs), y) * (len(y) / n)
                 else:
                     logits = outputs
                     loss = self.criterion(logits.float(), y) * (len(y) / n)

@@ -147,6 +147,13 @@ class UniFormerLight(ClassifierModel):
     attention outputs). Any size whose stage-4 grid is not empty works (the official floors; 32 px at least).
     """
 
+    @staticmethod
+    def combine_head_losses(criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], logits: torch.Tensor,
+                            cls_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training loss of ``forward(x, both_heads=True)``'s logits, as ``visionmix train`` asks any model with
+        an auxiliary head: :func:`two_head_loss`."""
+        return two_head_loss(criterion, logits, cls_logits, target)
+
     def __init__(self, depths: Sequence[int] = (2, 5, 8, 2), embed_dims: Sequence[int] = (56, 112, 224, 448),
                  head_dim: int = 28, mlp_ratio: float = 3.0, *, patch_sizes: Sequence[int] = (4, 2, 2, 2),
                  prune_ratios: Sequence[Sequence[float]] | None = None,
