@@ -1,17 +1,22 @@
 """Fair comparison of architectures, as SPACH (arXiv 2108.13002) argues for: one training recipe for every model,
 then accuracy next to parameters, MACs and measured speed.
 
-``compare`` trains each model for each seed with the engine's ``train`` (same data, epochs and hyper-parameters),
-benchmarks the deployed form (``visionmix.reparameterize``) of the trained model once, and writes into ``out_dir``::
+``compare`` plans one run per model and seed (same data, epochs and hyper-parameters: a
+:class:`~visionmix.bench.launch.RunSpec` each), has a launcher (:mod:`visionmix.bench.launch`: in this process, in
+local worker processes, on Slurm) train those not finished yet, gathers every run's ``summary.json``, benchmarks
+the deployed form (``visionmix.reparameterize``) of each trained model once, and writes into ``out_dir``::
 
-    runs/<model>/seed<k>/   the engine's run directory (checkpoint, metrics.jsonl, summary.json)
+    plan.json               the runs (their specs) and the launcher, threads and processes per run
+    runs/<model>/seed<k>/   the engine's run directory (checkpoint, metrics.jsonl, summary.json), with the
+                            launcher's run.json (spec, provenance), error.json, stdout.log/stderr.log
     runs/<model>/bench.json the speed measurement (bench-error.log: the traceback if it failed)
     results.csv, results.json, results.md, accuracy_vs_macs.png, accuracy_vs_throughput.png, training_curves.png,
     differences.png, claims.csv (when a claim's two models are compared)
 
-A run whose ``summary.json`` exists is finished and is not trained again, so an interrupted comparison resumes where
-it stopped (an interrupted run resumes from its last checkpoint). A model that fails is reported with its error and
-does not stop the others. The report is rewritten after every model. Accuracies are mean ± sample standard deviation
+A run whose ``summary.json`` exists (of the same recipe) is finished and is not trained again, so an interrupted
+comparison resumes where it stopped (an interrupted run resumes from its last checkpoint). A run that fails is
+reported with its error and the path of its log and does not stop the others. The report is rewritten after every
+model's benchmark. Accuracies are mean ± sample standard deviation
 over the seeds that finished.
 
 Verdicts (``visionmix.bench.stats``): runs of one seed share data order and augmentation across models, so every
@@ -29,6 +34,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+from visionmix.bench.launch import InlineLauncher, Launcher, RunSpec, describe, gather
 from visionmix.bench.presets import PAPER_CLAIMS, Claim
 from visionmix.bench.profile import environment, profile_model
 from visionmix.bench.report import FORMAT, write_report
@@ -37,32 +43,12 @@ from visionmix.bench.stats import (
     ON_PAR_MARGIN,
 )
 from visionmix.checks import check_choice, check_positive
-from visionmix.errors import InvalidValue, TrainingInterrupted, is_user_error
-from visionmix.files import atomic_write, entries, hold_directory
+from visionmix.errors import InvalidValue, TrainingInterrupted
+from visionmix.files import atomic_write, atomic_write_json, entries, hold_directory
 
 BENCH_ERROR_FILE = "bench-error.log"  # runs/<model>/: the traceback of a failed speed measurement
-
-
-def _describe(err: BaseException) -> str:
-    """A failure in a results row: a user error's message (as the command line prints it), else ``Type: message``
-    (a bug, whose traceback is kept in a log)."""
-    return (str(err) if is_user_error(err) else f"{type(err).__name__}: {err}").splitlines()[0]
-
-
-def _run_one(cfg: Any, run_dir: Path, progress: bool) -> RunOutcome:
-    """Train one (model, seed) into ``run_dir``; a finished run is returned as is, an interrupted one resumed
-    (the engine checks that the recipe is the same). A Ctrl-C/SIGTERM stops the whole comparison."""
-    from visionmix.engine import train
-
-    skipped = (run_dir / "summary.json").is_file()
-    try:
-        summary = train(cfg, run_dir, resume=True, progress=progress)
-    except TrainingInterrupted as err:
-        raise TrainingInterrupted(f"{err}; to resume the whole comparison, run the same 'visionmix compare' "
-                                  "command again", err.signum) from err
-    except Exception as err:  # reported in the model's row (the traceback is in the run's train.log); the others go on
-        return RunOutcome(cfg.model, cfg.seed, error=_describe(err))
-    return RunOutcome(cfg.model, cfg.seed, summary=summary, skipped=skipped)
+PLAN_FILE = "plan.json"  # the comparison's runs (visionmix.bench.launch.RunSpec) and the launcher that ran them
+PLAN_FORMAT = "visionmix-plan/1"
 
 
 def _bench_run(name: str, run_dir: Path, bench_path: Path, batch_size: int, repeats: int) -> dict[str, Any]:
@@ -87,7 +73,7 @@ def _bench_run(name: str, run_dir: Path, bench_path: Path, batch_size: int, repe
 
 def _outcome_line(outcome: RunOutcome) -> str:
     if outcome.error:
-        return f"failed: {outcome.error}"
+        return f"failed: {outcome.error}" + (f" (log: {outcome.log})" if outcome.log else "")
     top1 = f"top-1 {outcome.summary['top1']:.2f}%"
     return f"already done ({top1})" if outcome.skipped else top1
 
@@ -96,6 +82,7 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
             recipe: Mapping[str, Any] | None = None, bench_batch_size: int = 64, bench_repeats: int = 10,
             progress: bool = True, note: str = "", command: str = "", force: bool = False,
             baseline: str | None = None, claims: Sequence[Claim] = PAPER_CLAIMS,
+            launcher: Launcher | None = None, threads_per_run: int | None = None,
             log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Train, evaluate and benchmark ``models`` under one recipe; write the results and plots into ``out_dir``.
 
@@ -104,8 +91,10 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     command line that ran it) go into the report. ``out_dir`` must be new, empty or a comparison this function
     wrote (its ``results.json`` says so), unless ``force``. Every model's top-1 is compared seed by seed with the
     ``baseline``'s (one of ``models``; default the first), and each of ``claims`` whose two models are both in
-    ``models`` gets a verdict. Every argument is checked before anything is trained. Returns one row per model, with
-    its paired difference to the baseline (pairs, delta, ci_low, ci_high, verdict).
+    ``models`` gets a verdict. The runs not finished yet are executed by ``launcher`` (default: in this process,
+    :class:`~visionmix.bench.launch.InlineLauncher`) with ``threads_per_run`` threads each (default: the
+    launcher's). Every argument is checked before anything is trained. Returns one row per model, with its paired
+    difference to the baseline (pairs, delta, ci_low, ci_high, verdict).
     """
     from visionmix.engine import TrainConfig
     from visionmix.engine.config import report_fields
@@ -124,6 +113,8 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     check_positive("bench_batch_size", bench_batch_size)
     if check_positive("bench_repeats", bench_repeats) < 2:
         raise InvalidValue(f"bench_repeats must be at least 2 to give a spread, got {bench_repeats}")
+    if threads_per_run is not None:
+        check_positive("threads_per_run", threads_per_run)
     recipe = dict(recipe or {})
     for key in ("model", "data", "seed"):
         if key in recipe:
@@ -134,27 +125,31 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     recipe_name = recipe.pop("recipe", "small")
     base = TrainConfig.for_recipe(recipe_name, model=models[0], data=data, **recipe)
     base.validate()  # a bad recipe fails once, here, not once per model
-    shown = report_fields(base, str(resolve_device(base.device)))
+    device = resolve_device(base.device)
+    launcher = launcher or InlineLauncher(progress=progress)
+    threads = launcher.prepare(device.type, threads_per_run)
+    out_dir = Path(out_dir)
+    runs_dir = out_dir / "runs"
+    specs = [RunSpec(model, seed, json.loads(json.dumps(asdict(TrainConfig.for_recipe(
+                 recipe_name, model=model, data=data, seed=seed, **recipe)))),
+                     str(runs_dir / model / f"seed{seed}"), threads, launcher.procs_per_run, launcher.name)
+             for model in models for seed in range(seeds)]
+    shown = report_fields(base, str(device))
+    run_layout = {"launcher": launcher.name, "threads_per_run": threads, "procs_per_run": launcher.procs_per_run}
     meta = {"data": data, "seeds": seeds, "recipe": json.loads(json.dumps(shown)), "note": note, "command": command,
             "bench_batch_size": bench_batch_size, "baseline": baseline, "on_par_margin": ON_PAR_MARGIN,
-            "environment": environment()}
-    out_dir = Path(out_dir)
+            **run_layout, "environment": environment()}
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidValue(f"--out {out_dir} exists and is not a directory")
     with hold_directory(out_dir, "visionmix compare"):  # one comparison process per directory
         check_out_dir(out_dir, force)
         write_report(out_dir, [], [], meta, claims)  # claims the directory: a re-run of a stopped comparison resumes
-        runs_dir = out_dir / "runs"
-        total = len(models) * seeds
-        rows, outcomes = [], []
-        for index, model in enumerate(models):
-            model_outcomes = []
-            for seed in range(seeds):
-                cfg = TrainConfig.for_recipe(recipe_name, model=model, data=data, seed=seed, **recipe)
-                step = f"[{index * seeds + seed + 1}/{total}] {model} seed {seed}"
-                outcome = _run_one(cfg, runs_dir / model / f"seed{seed}", progress)
-                log(f"{step}: {_outcome_line(outcome)}")
-                model_outcomes.append(outcome)
+        atomic_write_json(out_dir / PLAN_FILE, {"format": PLAN_FORMAT, **run_layout,
+                                                "runs": [asdict(spec) for spec in specs]})
+        outcomes = _run_plan(specs, out_dir, launcher, log)
+        rows = []
+        for model in models:
+            model_outcomes = [o for o in outcomes if o.model == model]
             bench, bench_error = None, None
             finished = [o for o in model_outcomes if o.summary is not None]
             if finished:
@@ -164,13 +159,37 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
                 except Exception as err:  # a model that trains but cannot be benchmarked still gets its accuracy row
                     trace = runs_dir / model / BENCH_ERROR_FILE
                     atomic_write(trace, traceback.format_exc())
-                    bench_error = f"{_describe(err)} (traceback in {trace})"
+                    bench_error = f"{describe(err)} (traceback in {trace})"
                     log(f"{model}: benchmark failed: {bench_error}")
             rows.append(summarize(model, model_outcomes, bench, bench_error))
-            outcomes.extend(model_outcomes)
             report = with_differences(rows, outcomes, baseline)
             write_report(out_dir, report, outcomes, meta, claims)  # after every model: a long comparison shows progress
     return report
+
+
+def _run_plan(specs: Sequence[RunSpec], out_dir: Path, launcher: Launcher,
+              log: Callable[[str], None]) -> list[RunOutcome]:
+    """Launch the runs of ``specs`` not finished yet and gather every run's outcome, in plan order."""
+    step = {spec.run_dir: f"[{index + 1}/{len(specs)}] {spec.name}" for index, spec in enumerate(specs)}
+    done = set()
+    for spec in specs:
+        before = gather(spec)
+        if before.summary is not None:
+            done.add(spec.run_dir)
+            before.skipped = True
+            log(f"{step[spec.run_dir]}: {_outcome_line(before)}")
+    try:
+        left = launcher.launch([s for s in specs if s.run_dir not in done], out_dir,
+                               lambda spec: log(f"{step[spec.run_dir]}: {_outcome_line(gather(spec))}"), log)
+    except TrainingInterrupted as err:
+        raise TrainingInterrupted(f"{err}; to resume the whole comparison, run the same 'visionmix compare' "
+                                  "command again", err.signum) from err
+    outcomes = []
+    for spec in specs:
+        outcome = gather(spec, left.get(spec.run_dir))
+        outcome.skipped = spec.run_dir in done
+        outcomes.append(outcome)
+    return outcomes
 
 
 def is_comparison(out_dir: str | Path) -> bool:

@@ -14,13 +14,14 @@ from visionmix.bench.stats import PairedDifference, claim_verdict, paired_differ
 
 @dataclass
 class RunOutcome:
-    """One (model, seed): the engine's summary if it finished, else the error."""
+    """One (model, seed): the engine's summary if it finished, else the error and the log holding its details."""
 
     model: str
     seed: int
     summary: dict[str, Any] | None = None
     error: str | None = None
     skipped: bool = False
+    log: str | None = None
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -36,7 +37,7 @@ def summarize(model: str, outcomes: Sequence[RunOutcome], bench: dict[str, Any] 
               bench_error: str | None) -> dict[str, Any]:
     """One results row for ``model``: accuracy mean/std over finished seeds, cost and speed, status and error."""
     done = [o.summary for o in outcomes if o.summary is not None]
-    errors = [f"seed {o.seed}: {o.error}" for o in outcomes if o.error]
+    errors = [f"seed {o.seed}: {o.error}" + (f" (log: {o.log})" if o.log else "") for o in outcomes if o.error]
     if bench_error:
         errors.append(f"bench: {bench_error}")
     if not done:

@@ -51,23 +51,51 @@ example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist 
                         help="timed samples per speed measurement (>= 2)")
     output.add_argument("--no-progress", action="store_true",
                         help="no progress bars (epoch lines and notices still print, and go to each run's train.log)")
+    add_launcher_options(p)
     p.set_defaults(run=run)
+
+
+def add_launcher_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """The options of where and how the runs execute (``visionmix.bench.launch``); a launcher's own options go into
+    the returned group."""
+    from visionmix.bench.launch import LAUNCHERS
+    from visionmix.engine.config import count_arg
+
+    runs = p.add_argument_group("where the runs execute")
+    runs.add_argument("--launcher", choices=tuple(LAUNCHERS),
+                      help="inline: one run after another in this process; local: --jobs worker processes at once "
+                           "(default: local where several GPUs are visible, else inline)")
+    runs.add_argument("--threads-per-run", type=count_arg, metavar="T",
+                      help="CPU threads of each run's process, for every launcher (default: inline: this process's; "
+                           "local: cores / --jobs). Weights are bit-identical across launchers at equal T")
+    runs.add_argument("--jobs", type=count_arg, metavar="N",
+                      help="local: runs at once (default: on CPU cores / T, one thread each without T; with CUDA "
+                           "what the visible GPUs hold)")
+    runs.add_argument("--jobs-per-gpu", type=count_arg, metavar="K",
+                      help="local, with CUDA: K runs share one GPU (CUDA_VISIBLE_DEVICES per worker) (default: 1)")
+    runs.add_argument("--procs-per-run", type=count_arg, metavar="P",
+                      help="processes per run (DDP, started with torch.distributed.run's elastic launcher): one per "
+                           "GPU with CUDA, gloo processes on CPU (default: 1)")
+    return runs
 
 
 def run(args: argparse.Namespace) -> int:
     from visionmix.bench.compare import compare
+    from visionmix.bench.launch import make_launcher
     from visionmix.bench.plots import PLOTS
     from visionmix.bench.presets import resolve_comparison
     from visionmix.engine.config import config_values
 
     plan = resolve_comparison(args.preset, args.models, config_values(args), seeds=args.seeds,
                               baseline=args.baseline)
+    launcher = make_launcher(args.launcher, {**vars(args), "progress": not args.no_progress})
     if plan.note:
         print(f"note: {plan.note}", flush=True)
     rows = compare(plan.models, args.out, data=plan.data, seeds=plan.seeds, recipe=plan.recipe,
                    bench_batch_size=args.bench_batch_size, bench_repeats=args.bench_repeats,
                    progress=not args.no_progress, note=plan.note, command=args.command_line, force=args.force,
-                   baseline=plan.baseline, log=lambda line: print(line, flush=True))
+                   baseline=plan.baseline, launcher=launcher, threads_per_run=args.threads_per_run,
+                   log=lambda line: print(line, flush=True))
     out = Path(args.out)
     print()
     print((out / "results.md").read_text())

@@ -37,7 +37,8 @@ def prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: boo
     """Check ``out_dir`` (every rank, before anyone writes); the meta of the run to resume, or ``None``.
 
     A directory holds a run only if its ``checkpoint.json`` is a visionmix checkpoint; only then are files there
-    the run's own (and ``force`` replaces exactly those). Anything else in ``out_dir`` is the user's.
+    the run's own (and ``force`` replaces exactly those). A launcher's files (``run_files.LAUNCH_FILES``) may
+    precede the run; anything else in ``out_dir`` is the user's.
     """
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidValue(f"--out {out_dir} exists and is not a directory")
@@ -54,7 +55,7 @@ def prepare_out_dir(cfg: TrainConfig, out_dir: Path, *, resume: bool, force: boo
             raise InvalidValue(f"{out_dir} already holds a training run; pass --resume {out_dir} to continue it or "
                                f"--force to replace it")
         return None
-    names = entries(out_dir) if out_dir.is_dir() else []
+    names = [n for n in entries(out_dir) if n not in run_files.LAUNCH_FILES] if out_dir.is_dir() else []
     if names and not force:
         listing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
         raise InvalidValue(f"--out {out_dir} is not empty ({listing}); choose a new directory or pass --force to "

@@ -1,0 +1,430 @@
+"""A comparison is a plan of independent runs (:class:`RunSpec`); a launcher executes them.
+
+Every launcher ends up calling the one entry point :func:`run_spec` for each run, so a run's weights do not depend on
+which launcher ran it, only on its spec (with equal ``threads``: float reductions depend on the thread count):
+
+- :class:`InlineLauncher` calls it in this process, one run after another (``--launcher inline``);
+- :class:`LocalLauncher` runs ``--jobs`` worker processes at once (``python -m visionmix.bench.launch SPEC``), each
+  with its own threads and, with CUDA, its own GPUs (``CUDA_VISIBLE_DEVICES``; ``--jobs-per-gpu`` runs share one);
+- a Slurm launcher (``--launcher slurm``, registered in :data:`LAUNCHERS`) submits it with submitit.
+
+A run of several processes (``procs`` > 1) is started by :func:`run_spec` itself with torch's elastic launcher
+(``torch.distributed.run``'s API) when the environment has no process group yet; under Slurm every task calls
+:func:`run_spec` with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` already set and trains directly.
+
+A run directory tells how its run ended, whichever launcher ran it (:func:`gather`): ``summary.json`` (the engine's,
+finished) or ``error.json`` (failed: the error and the path of the log holding the traceback). Beside the engine's
+files a launcher keeps ``run.json`` (the spec and, per attempt, where it ran: :func:`visionmix.bench.profile.
+environment` and the time it took to start) and, for a run in a worker process, ``stdout.log``/``stderr.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from visionmix.bench.results import RunOutcome
+from visionmix.engine.run_files import ERROR_FILE, RUN_FILE, STDERR_FILE, STDOUT_FILE, SUMMARY_FILE
+from visionmix.errors import InvalidValue, TrainingInterrupted, is_user_error
+
+LAUNCHED_AT_ENV = "VISIONMIX_LAUNCHED_AT"  # time.time() when a launcher started the process: its start-up time
+SPEC_FORMAT = "visionmix-run-spec/1"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a comparison: ``config`` is the whole ``TrainConfig`` (``dataclasses.asdict``), trained into
+    ``run_dir`` with ``threads`` intra-op threads per process and ``procs`` processes (DDP). Picklable and JSON-able
+    (:meth:`to_json`)."""
+
+    model: str
+    seed: int
+    config: dict[str, Any]
+    run_dir: str
+    threads: int
+    procs: int = 1
+    launcher: str = "inline"  # recorded in the run's provenance
+
+    def to_json(self) -> str:
+        return json.dumps({"format": SPEC_FORMAT, **asdict(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        values = json.loads(text)
+        if values.pop("format", None) != SPEC_FORMAT:
+            raise InvalidValue(f"not a visionmix run spec ({SPEC_FORMAT}): {text[:80]!r}")
+        return cls(**values)
+
+    @property
+    def name(self) -> str:
+        return f"{self.model} seed {self.seed}"
+
+
+class Launcher(Protocol):
+    """Executes run specs. ``name`` goes into every run's provenance and the comparison's ``plan.json``."""
+
+    name: str
+    procs_per_run: int
+
+    def prepare(self, device_type: str, threads_per_run: int | None) -> int:
+        """Check that the launcher's layout fits runs on ``device_type`` (``"cpu"``/``"cuda"``), raising
+        :class:`~visionmix.errors.InvalidValue` naming the option if not; return the threads per run
+        (``threads_per_run``, or the launcher's default for ``None``). Called once, before :meth:`launch`."""
+        ...
+
+    def launch(self, specs: Sequence[RunSpec], out_dir: Path, on_done: Callable[[RunSpec], None],
+               log: Callable[[str], None]) -> dict[str, str]:
+        """Execute ``specs`` (none finished yet), calling ``on_done(spec)`` as each ends (finished or failed: the
+        run directory says which, :func:`gather`). Returns ``{run_dir: where}`` for runs left running on purpose
+        (a Slurm submission without waiting), else ``{}``. A run the launcher saw fail without :func:`run_spec`
+        saying why (a worker killed, a job cancelled) gets an ``error.json`` from it (:func:`record_error`).
+        SIGINT/SIGTERM: stop the runs through their save-on-signal path, then raise ``TrainingInterrupted``."""
+        ...
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def visible_gpus() -> list[str]:
+    """The CUDA devices this process sees, as ``CUDA_VISIBLE_DEVICES`` names them (none without CUDA)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    named = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    count = torch.cuda.device_count()
+    return named[:count] if named else [str(i) for i in range(count)]
+
+
+def check_procs(procs: int, device_type: str) -> None:
+    """A run of ``procs`` processes needs that many GPUs on CUDA (on CPU, gloo processes share the cores)."""
+    if device_type == "cuda" and procs > len(visible_gpus()):
+        raise InvalidValue(f"--procs-per-run {procs} needs {procs} GPUs (one per process), but {len(visible_gpus())} "
+                           f"is visible; lower --procs-per-run or train on --device cpu")
+
+
+class InlineLauncher:
+    """Every run in this process, one after another (today's behaviour): progress bars on the console."""
+
+    name = "inline"
+
+    def __init__(self, procs_per_run: int = 1, *, progress: bool = True) -> None:
+        from visionmix.checks import check_positive
+
+        self.procs_per_run = check_positive("procs_per_run", procs_per_run)
+        self.progress = progress
+
+    def prepare(self, device_type: str, threads_per_run: int | None) -> int:
+        import torch
+
+        check_procs(self.procs_per_run, device_type)
+        return threads_per_run or max(1, torch.get_num_threads() // self.procs_per_run)
+
+    def launch(self, specs: Sequence[RunSpec], out_dir: Path, on_done: Callable[[RunSpec], None],
+               log: Callable[[str], None]) -> dict[str, str]:
+        for spec in specs:
+            run_spec(spec, capture=False, progress=self.progress)
+            on_done(spec)
+        return {}
+
+
+class LocalLauncher:
+    """``jobs`` runs at once, each in a worker process of its own (``python -m visionmix.bench.launch``).
+
+    On CPU the default is one thread per run and as many jobs as cores (``threads_per_run`` given: cores / threads);
+    with CUDA, every run gets ``procs_per_run`` GPUs of its own, or shares them with ``jobs_per_gpu - 1`` others,
+    and ``jobs`` defaults to what the visible GPUs hold.
+    """
+
+    name = "local"
+
+    def __init__(self, jobs: int | None = None, *, jobs_per_gpu: int = 1, procs_per_run: int = 1) -> None:
+        from visionmix.checks import check_positive
+
+        self.jobs = None if jobs is None else check_positive("jobs", jobs)
+        self.jobs_per_gpu = check_positive("jobs_per_gpu", jobs_per_gpu)
+        self.procs_per_run = check_positive("procs_per_run", procs_per_run)
+        self.slots: list[dict[str, str]] = []  # the environment of each worker slot, set by prepare()
+
+    def prepare(self, device_type: str, threads_per_run: int | None) -> int:
+        check_procs(self.procs_per_run, device_type)
+        cores = available_cores()
+        if device_type == "cuda":
+            gpus = visible_gpus()
+            groups = [gpus[i:i + self.procs_per_run] for i in range(0, len(gpus) - self.procs_per_run + 1,
+                                                                      self.procs_per_run)]
+            capacity = len(groups) * self.jobs_per_gpu
+            jobs = capacity if self.jobs is None else self.jobs
+            if jobs > capacity:
+                raise InvalidValue(f"--jobs {jobs} needs {jobs} GPU slots but {len(gpus)} visible GPU(s) with "
+                                   f"--procs-per-run {self.procs_per_run} and --jobs-per-gpu {self.jobs_per_gpu} "
+                                   f"give {capacity}; lower --jobs or raise --jobs-per-gpu")
+            self.slots = [{"CUDA_VISIBLE_DEVICES": ",".join(groups[i // self.jobs_per_gpu])} for i in range(jobs)]
+            threads = threads_per_run or max(1, cores // (jobs * self.procs_per_run))
+        else:
+            threads = threads_per_run or (max(1, cores // (self.jobs * self.procs_per_run)) if self.jobs else 1)
+            jobs = self.jobs or max(1, cores // (threads * self.procs_per_run))
+            self.slots = [{} for _ in range(jobs)]
+        return threads
+
+    def launch(self, specs: Sequence[RunSpec], out_dir: Path, on_done: Callable[[RunSpec], None],
+               log: Callable[[str], None]) -> dict[str, str]:
+        if not self.slots:
+            raise RuntimeError("LocalLauncher.prepare() must be called before launch()")
+        pending = list(specs)
+        running: dict[int, tuple[subprocess.Popen, RunSpec]] = {}  # slot -> worker
+        stop: dict[str, int] = {}
+
+        def handler(signum: int, frame: object) -> None:
+            if not stop:
+                log(f"{signal.Signals(signum).name}: stopping {len(running)} running run(s) at their next step "
+                    f"(each saves a checkpoint)")
+            stop.setdefault("signum", signum)
+            for process, _ in running.values():
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+
+        with _handling_signals(handler):
+            while pending or running:
+                for slot in range(len(self.slots)):
+                    if slot not in running and pending and not stop:
+                        spec = pending.pop(0)
+                        running[slot] = (_start_worker(spec, self.slots[slot]), spec)
+                for slot, (process, spec) in list(running.items()):
+                    if process.poll() is None:
+                        continue
+                    del running[slot]
+                    if not stop or process.returncode not in _INTERRUPTED_CODES:
+                        _check_worker(spec, process.returncode)
+                        on_done(spec)
+                time.sleep(0.05)
+        if stop:
+            raise TrainingInterrupted(f"{signal.Signals(stop['signum']).name}: stopped the running runs (each saved "
+                                      f"a checkpoint)", stop["signum"])
+        return {}
+
+
+_INTERRUPTED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
+
+
+class _handling_signals:
+    """``handler`` for SIGINT/SIGTERM within the block (from the main thread only; elsewhere nothing changes)."""
+
+    def __init__(self, handler: Callable[[int, object], None]) -> None:
+        self.handler, self.previous = handler, {}
+
+    def __enter__(self) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self.previous.items():
+            signal.signal(s, h)
+
+
+def _start_worker(spec: RunSpec, env: Mapping[str, str]) -> subprocess.Popen:
+    """A worker process running :func:`run_spec` on ``spec``, its output in the run directory."""
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = str(spec.threads)
+    environ = {**os.environ, **env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+               LAUNCHED_AT_ENV: repr(time.time())}
+    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the command line sets it for itself
+    with open(run_dir / STDOUT_FILE, "ab") as out, open(run_dir / STDERR_FILE, "ab") as err:
+        return subprocess.Popen([sys.executable, "-m", "visionmix.bench.launch", spec.to_json()], stdout=out,
+                                stderr=err, stdin=subprocess.DEVNULL, env=environ)
+
+
+def _check_worker(spec: RunSpec, returncode: int) -> None:
+    """A worker that ended without a summary or an error of its own (killed, out of memory) gets an error."""
+    run_dir = Path(spec.run_dir)
+    if returncode == 0 or (run_dir / ERROR_FILE).is_file() or (run_dir / SUMMARY_FILE).is_file():
+        return
+    how = f"killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with status {returncode}"
+    record_error(spec, f"the worker process {how}", run_dir / STDERR_FILE)
+
+
+def record_error(spec: RunSpec, error: str, log: str | Path) -> None:
+    """Say in ``spec``'s run directory that it failed with ``error`` (one line), its traceback or output in ``log``."""
+    from visionmix.files import atomic_write_json
+
+    atomic_write_json(Path(spec.run_dir) / ERROR_FILE, {"error": error, "log": str(log)})
+
+
+def gather(spec: RunSpec, note: str | None = None) -> RunOutcome:
+    """How ``spec``'s run stands, from its directory: finished (its ``summary.json``), failed (``error.json``), or
+    not finished (``note`` says where it runs, if a launcher left it running)."""
+    run_dir = Path(spec.run_dir)
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        if _same_recipe(summary["config"], spec.config):  # else: trained with another recipe, not this run
+            return RunOutcome(spec.model, spec.seed, summary=summary)
+    except (OSError, ValueError, TypeError, KeyError):
+        pass
+    try:
+        failed = json.loads((run_dir / ERROR_FILE).read_text())
+        return RunOutcome(spec.model, spec.seed, error=failed["error"], log=failed["log"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return RunOutcome(spec.model, spec.seed, error=f"not finished ({note or 'not run'})")
+
+
+def _same_recipe(saved: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """Whether a run trained with ``saved`` is the run of ``config`` (the device may differ, as on resuming)."""
+    return {k: v for k, v in saved.items() if k != "device"} == {k: v for k, v in config.items() if k != "device"}
+
+
+def describe(err: BaseException) -> str:
+    """A failure in a results row: a user error's message (as the command line prints it), else ``Type: message``
+    (a bug, whose traceback is kept in a log)."""
+    return (str(err) if is_user_error(err) else f"{type(err).__name__}: {err}").splitlines()[0]
+
+
+def _record_attempt(spec: RunSpec) -> None:
+    """Append this attempt's provenance (where it ran, how long the process took to start) to ``run.json``."""
+    from visionmix.bench.profile import environment
+    from visionmix.files import atomic_write_json
+
+    path = Path(spec.run_dir) / RUN_FILE
+    try:
+        record = json.loads(path.read_text())
+        attempts = record["attempts"] if record.get("spec") == asdict(spec) else []
+    except (OSError, ValueError, TypeError, KeyError):
+        attempts = []
+    launched = os.environ.get(LAUNCHED_AT_ENV)
+    attempt = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "launcher": spec.launcher,
+               "startup_s": round(time.time() - float(launched), 3) if launched else 0.0, "environment": environment()}
+    atomic_write_json(path, {"spec": asdict(spec), "attempts": [*attempts, attempt]})
+
+
+def run_spec(spec: RunSpec, *, capture: bool = True, progress: bool = False) -> RunOutcome:
+    """Train ``spec`` into its run directory with ``spec.threads`` threads, resuming what is there (a finished run
+    returns at once). Every launcher calls this. A failure is recorded in ``error.json`` (its traceback in the log:
+    ``stderr.log`` with ``capture``, which says the process's output goes there, else the engine's ``train.log``)
+    and returned; ``TrainingInterrupted`` (SIGINT/SIGTERM, checkpoint saved) propagates."""
+    import torch
+
+    from visionmix.engine import run_files
+
+    run_dir = Path(spec.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    log = run_dir / (STDERR_FILE if capture else run_files.LOG_FILE)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(spec.threads)
+        _record_attempt(spec)
+        if spec.procs > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            summary = _elastic_train(spec)
+        else:
+            summary = _train(spec.config, spec.run_dir, spec.threads, progress)
+    except TrainingInterrupted:
+        raise
+    except Exception as err:  # the run's row says what went wrong; the other runs go on
+        if capture:
+            traceback.print_exc()
+        record_error(spec, describe(err), log)
+        return RunOutcome(spec.model, spec.seed, error=describe(err), log=str(log))
+    finally:
+        torch.set_num_threads(threads)
+    return RunOutcome(spec.model, spec.seed, summary=summary)
+
+
+def _train(config: dict[str, Any], run_dir: str, threads: int, progress: bool = False) -> dict[str, Any]:
+    """One process's part of a run (also the entry point of every rank under the elastic launcher)."""
+    import torch
+
+    from visionmix.engine import TrainConfig, train
+
+    torch.set_num_threads(threads)
+    return train(TrainConfig.from_dict(config), run_dir, resume=True, progress=progress)
+
+
+def _elastic_train(spec: RunSpec) -> dict[str, Any]:
+    """``spec.procs`` processes on this machine, started as ``torchrun --standalone --nproc_per_node=procs`` does
+    (gloo on CPU, one GPU each on CUDA); rank 0's summary."""
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=spec.procs, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
+                          start_method="spawn")
+    try:
+        results = elastic_launch(config, _train)(spec.config, spec.run_dir, spec.threads)
+    except ChildFailedError as err:
+        failures = list(err.failures.values())
+        first = failures[0] if failures else None
+        message = first.message if first is not None and isinstance(first.message, str) else str(err)
+        raise RuntimeError(f"a process of the run failed: {' '.join(message.split())[:300]}") from err
+    return results[0]
+
+
+def _inline(options: Mapping[str, Any]) -> Launcher:
+    _only_for("local", options, "jobs", "jobs_per_gpu")
+    return InlineLauncher(options.get("procs_per_run") or 1, progress=options.get("progress", True))
+
+
+def _local(options: Mapping[str, Any]) -> Launcher:
+    return LocalLauncher(options.get("jobs"), jobs_per_gpu=options.get("jobs_per_gpu") or 1,
+                         procs_per_run=options.get("procs_per_run") or 1)
+
+
+def _only_for(launcher: str, options: Mapping[str, Any], *names: str) -> None:
+    given = [name for name in names if options.get(name) is not None]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise InvalidValue(f"{flag} applies to --launcher {launcher} only")
+
+
+# --launcher NAME -> its factory, given the comparison's launcher options as the command line parsed them (jobs,
+# jobs_per_gpu, procs_per_run, progress, and a launcher's own, e.g. slurm_partition); options of another launcher
+# are an error. A launcher needing an optional package imports it in its factory (one line naming the extra if not).
+LAUNCHERS: dict[str, Callable[[Mapping[str, Any]], Launcher]] = {"inline": _inline, "local": _local}
+
+
+def default_launcher() -> str:
+    """``local`` where several GPUs are visible (one run per GPU), else ``inline``."""
+    return "local" if len(visible_gpus()) > 1 else "inline"
+
+
+def make_launcher(name: str | None = None, options: Mapping[str, Any] | None = None) -> Launcher:
+    """The launcher ``name`` (default :func:`default_launcher`) built from ``options`` (see :data:`LAUNCHERS`)."""
+    from visionmix.checks import check_choice
+
+    name = name or default_launcher()
+    check_choice("launcher", name, tuple(LAUNCHERS))
+    return LAUNCHERS[name](dict(options or {}))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """A worker process: ``python -m visionmix.bench.launch SPEC_JSON``. Exit status 0 finished, 1 failed (see
+    ``error.json``), 128 + signal when SIGINT/SIGTERM stopped it after saving a checkpoint."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    spec = RunSpec.from_json(args[0])
+    try:
+        outcome = run_spec(spec, capture=True)
+    except TrainingInterrupted as err:
+        print(f"visionmix: {err}", file=sys.stderr, flush=True)
+        return 128 + err.signum
+    return 0 if outcome.error is None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
