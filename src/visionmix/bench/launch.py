@@ -399,18 +399,21 @@ def _only_for(launcher: str, options: Mapping[str, Any], *names: str) -> None:
 LAUNCHERS: dict[str, Callable[[Mapping[str, Any]], Launcher]] = {"inline": _inline, "local": _local}
 
 
-def default_launcher() -> str:
-    """``local`` where several GPUs are visible (one run per GPU), else ``inline``."""
-    return "local" if len(visible_gpus()) > 1 else "inline"
+def default_launcher(options: Mapping[str, Any]) -> str:
+    """``local`` where several GPUs are visible (one run per GPU) or ``jobs``/``jobs_per_gpu`` is given, else
+    ``inline``."""
+    local = any(options.get(name) is not None for name in ("jobs", "jobs_per_gpu")) or len(visible_gpus()) > 1
+    return "local" if local else "inline"
 
 
 def make_launcher(name: str | None = None, options: Mapping[str, Any] | None = None) -> Launcher:
     """The launcher ``name`` (default :func:`default_launcher`) built from ``options`` (see :data:`LAUNCHERS`)."""
     from visionmix.checks import check_choice
 
-    name = name or default_launcher()
+    options = dict(options or {})
+    name = name or default_launcher(options)
     check_choice("launcher", name, tuple(LAUNCHERS))
-    return LAUNCHERS[name](dict(options or {}))
+    return LAUNCHERS[name](options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

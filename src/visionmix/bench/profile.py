@@ -20,6 +20,8 @@ import json
 import math
 import os
 import platform
+import re
+import subprocess
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -300,11 +302,60 @@ def results_table(results: Sequence[BenchResult]) -> str:
     return format_table(rows, left=3, rule=True)
 
 
+# settings that change which float paths the CPU kernels take (and so a run's last bits), recorded when set
+NUMERIC_ENV = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ATEN_CPU_CAPABILITY",
+               "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
+_VECTOR_FLAG = re.compile(r"avx\w*|amx\w*|fma\w*|sse4\w*|f16c")
+_BUILT_WITH = {"mkl": re.compile(r"Math Kernel Library Version ([\d.]+)"), "onednn": re.compile(r"MKL-DNN (v[\w.]+)")}
+
+
 def environment() -> dict[str, Any]:
-    """Where a measurement was taken: versions, threads, CPU."""
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "processor": platform.processor() or None,
-            "python": platform.python_version()}
+    """Where a measurement or a run was made, as much as a rerun needs to tell a change of code from one of machine:
+    visionmix's version and git commit (when imported from a checkout; ``git_dirty`` when it has changes), torch and
+    the MKL/oneDNN it was built with, the CPU model and vector flags, the ISA torch's kernels dispatch to
+    (``cpu_capability``), threads, the GPUs, and the environment variables of :data:`NUMERIC_ENV` that are set."""
+    from visionmix import __version__
+
+    built = torch.__config__.show()
+    return {"visionmix": __version__, **_git_commit(), "torch": torch.__version__,
+            **{name: (m[1] if (m := pattern.search(built)) else None) for name, pattern in _BUILT_WITH.items()},
+            "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+            "processor": platform.processor() or None, **_cpu(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if torch.cuda.is_available() else [],
+            "python": platform.python_version(), "env": {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}}
+
+
+def _cpu() -> dict[str, Any]:
+    """The CPU's model name, family/model numbers (a virtual machine may show a generic name) and SIMD flags, from
+    ``/proc/cpuinfo`` (Linux; ``None`` elsewhere)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {"cpu_model": None, "cpu_family_model": None, "cpu_flags": None}
+    fields = dict(line.split(":", 1) for line in info.splitlines()[:64] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = [f for f in fields.get("flags", "").split() if _VECTOR_FLAG.fullmatch(f)]
+    family_model = f"{fields['cpu family']}/{fields['model']}" if "cpu family" in fields and "model" in fields else None
+    return {"cpu_model": fields.get("model name"), "cpu_family_model": family_model, "cpu_flags": sorted(flags)}
+
+
+def _git_commit() -> dict[str, Any]:
+    """``git_commit`` (and ``git_dirty``) of the checkout visionmix is imported from; ``None`` if it is not one."""
+    source = Path(__file__).resolve().parent
+    try:
+        tracked = subprocess.run(["git", "-C", str(source), "ls-files", "--error-unmatch", Path(__file__).name],
+                                 capture_output=True, text=True, timeout=10)  # not a repository that merely holds us
+        commit = subprocess.run(["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10)
+        status = subprocess.run(["git", "-C", str(source), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "git_dirty": None}
+    if tracked.returncode != 0 or commit.returncode != 0:
+        return {"git_commit": None, "git_dirty": None}
+    return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
 
 
 def to_csv(rows: Sequence[dict[str, Any]]) -> str:

@@ -65,6 +65,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], meta: Mapping[str, Any]) -> s
         f"Params, MACs and speed are for the deployed form (`visionmix.reparameterize`) at one image; "
         f"img/s at batch {batch}, {meta['environment']['threads']} threads, torch {meta['environment']['torch']}.",
     ]
+    if meta.get("launcher"):
+        env = meta["environment"]
+        commit = f" (commit {env['git_commit'][:10]}{', with changes' if env.get('git_dirty') else ''})" \
+            if env.get("git_commit") else ""
+        lines += ["", f"Trained by the {meta['launcher']} launcher, {meta['threads_per_run']} thread(s) per run, "
+                      f"{meta['procs_per_run']} process(es) per run, on {env.get('cpu_model')} "
+                      f"({env.get('cpu_capability')} kernels), visionmix {env.get('visionmix')}{commit}, torch "
+                      f"{env['torch']}: weights reproduce bit for bit on the same CPU kind with the same threads."]
     if meta.get("command"):
         lines += ["", f"Produced by `{meta['command']}`."]
     if meta.get("note"):

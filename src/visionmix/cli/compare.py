@@ -64,7 +64,8 @@ def add_launcher_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     runs = p.add_argument_group("where the runs execute")
     runs.add_argument("--launcher", choices=tuple(LAUNCHERS),
                       help="inline: one run after another in this process; local: --jobs worker processes at once "
-                           "(default: local where several GPUs are visible, else inline)")
+                           "(default: local where several GPUs are visible or --jobs/--jobs-per-gpu is given, else "
+                           "inline)")
     runs.add_argument("--threads-per-run", type=count_arg, metavar="T",
                       help="CPU threads of each run's process, for every launcher (default: inline: this process's; "
                            "local: cores / --jobs). Weights are bit-identical across launchers at equal T")
