@@ -28,6 +28,7 @@ is tested the same way on its own pair of models.
 from __future__ import annotations
 
 import json
+import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, fields
@@ -141,18 +142,20 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
             **run_layout, "environment": environment()}
     if out_dir.exists() and not out_dir.is_dir():
         raise InvalidValue(f"--out {out_dir} exists and is not a directory")
+    started = time.perf_counter()
     with hold_directory(out_dir, "visionmix compare"):  # one comparison process per directory
         check_out_dir(out_dir, force)
         write_report(out_dir, [], [], meta, claims)  # claims the directory: a re-run of a stopped comparison resumes
         atomic_write_json(out_dir / PLAN_FILE, {"format": PLAN_FORMAT, **run_layout,
                                                 "runs": [asdict(spec) for spec in specs]})
         outcomes = _run_plan(specs, out_dir, launcher, log)
-        rows = []
+        rows, bench_time = [], {}
         for model in models:
             model_outcomes = [o for o in outcomes if o.model == model]
             bench, bench_error = None, None
             finished = [o for o in model_outcomes if o.summary is not None]
             if finished:
+                bench_started = time.perf_counter()
                 try:
                     bench = _bench_run(model, runs_dir / model / f"seed{finished[0].seed}",
                                        runs_dir / model / "bench.json", bench_batch_size, bench_repeats)
@@ -161,10 +164,26 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
                     atomic_write(trace, traceback.format_exc())
                     bench_error = f"{describe(err)} (traceback in {trace})"
                     log(f"{model}: benchmark failed: {bench_error}")
+                bench_time[model] = round(time.perf_counter() - bench_started, 3)
             rows.append(summarize(model, model_outcomes, bench, bench_error))
+            meta["time"] = _time_accounting(outcomes, bench_time, time.perf_counter() - started)
             report = with_differences(rows, outcomes, baseline)
             write_report(out_dir, report, outcomes, meta, claims)  # after every model: a long comparison shows progress
     return report
+
+
+def _time_accounting(outcomes: Sequence[RunOutcome], bench_s: Mapping[str, float], wall_s: float) -> dict[str, Any]:
+    """Where the comparison's time went: its wall time so far (this invocation), each model's benchmark, and the
+    parts of the runs trained in this invocation summed (see :func:`visionmix.bench.launch.run_time`), with
+    ``training_share``, the share of those runs' wall time spent in training steps (batches included)."""
+    runs: dict[str, float] = {}
+    for outcome in outcomes:
+        if outcome.time and not outcome.skipped:
+            for part, seconds in outcome.time.items():
+                runs[part] = round(runs.get(part, 0.0) + seconds, 3)
+    spent = runs.get("wall_s", 0.0) + runs.get("startup_s", 0.0)
+    share = round(runs["train_time_s"] / spent, 4) if spent and "train_time_s" in runs else None
+    return {"wall_s": round(wall_s, 3), "bench_s": dict(bench_s), "runs": runs, "training_share": share}
 
 
 def _run_plan(specs: Sequence[RunSpec], out_dir: Path, launcher: Launcher,

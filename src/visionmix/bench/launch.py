@@ -274,7 +274,7 @@ def gather(spec: RunSpec, note: str | None = None) -> RunOutcome:
     try:
         summary = json.loads((run_dir / SUMMARY_FILE).read_text())
         if _same_recipe(summary["config"], spec.config):  # else: trained with another recipe, not this run
-            return RunOutcome(spec.model, spec.seed, summary=summary)
+            return RunOutcome(spec.model, spec.seed, summary=summary, time=run_time(spec, summary))
     except (OSError, ValueError, TypeError, KeyError):
         pass
     try:
@@ -282,6 +282,24 @@ def gather(spec: RunSpec, note: str | None = None) -> RunOutcome:
         return RunOutcome(spec.model, spec.seed, error=failed["error"], log=failed["log"])
     except (OSError, ValueError, TypeError, KeyError):
         return RunOutcome(spec.model, spec.seed, error=f"not finished ({note or 'not run'})")
+
+
+def run_time(spec: RunSpec, summary: Mapping[str, Any]) -> dict[str, float]:
+    """Where a finished run's time went, summed over its attempts: ``startup_s`` (its process starting, before
+    :func:`run_spec`), the trainer's parts (``summary["time"]``: data, setup, batches, steps, BN, evaluation,
+    checkpoints), ``wall_s`` (of :func:`run_spec`) and ``other_s`` (what none of them covers); a run trained
+    before this accounting has only ``train_time_s``."""
+    try:
+        attempts = json.loads((Path(spec.run_dir) / RUN_FILE).read_text())["attempts"]
+    except (OSError, ValueError, TypeError, KeyError):
+        attempts = []
+    parts = dict(summary.get("time") or {})
+    startup = sum(a.get("startup_s", 0.0) for a in attempts)
+    wall = sum(a.get("wall_s", 0.0) for a in attempts)
+    result = {"startup_s": startup, **parts, "train_time_s": summary["train_time_s"], "wall_s": wall}
+    if parts and wall:
+        result["other_s"] = max(0.0, wall - sum(parts.values()))
+    return {k: round(v, 3) for k, v in result.items()}
 
 
 def _same_recipe(saved: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
@@ -295,8 +313,9 @@ def describe(err: BaseException) -> str:
     return (str(err) if is_user_error(err) else f"{type(err).__name__}: {err}").splitlines()[0]
 
 
-def _record_attempt(spec: RunSpec) -> None:
-    """Append this attempt's provenance (where it ran, how long the process took to start) to ``run.json``."""
+def _record_attempt(spec: RunSpec, wall_s: float | None = None) -> None:
+    """Append this attempt's provenance (where it ran, how long the process took to start) to ``run.json``; with
+    ``wall_s``, say instead how long the attempt (the last one) took."""
     from visionmix.bench.profile import environment
     from visionmix.files import atomic_write_json
 
@@ -306,6 +325,11 @@ def _record_attempt(spec: RunSpec) -> None:
         attempts = record["attempts"] if record.get("spec") == asdict(spec) else []
     except (OSError, ValueError, TypeError, KeyError):
         attempts = []
+    if wall_s is not None:
+        if attempts:
+            attempts[-1]["wall_s"] = round(wall_s, 3)
+            atomic_write_json(path, {"spec": asdict(spec), "attempts": attempts})
+        return
     launched = os.environ.get(LAUNCHED_AT_ENV)
     attempt = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "launcher": spec.launcher,
                "startup_s": round(time.time() - float(launched), 3) if launched else 0.0, "environment": environment()}
@@ -326,6 +350,7 @@ def run_spec(spec: RunSpec, *, capture: bool = True, progress: bool = False) -> 
     (run_dir / ERROR_FILE).unlink(missing_ok=True)
     log = run_dir / (STDERR_FILE if capture else run_files.LOG_FILE)
     threads = torch.get_num_threads()
+    started = time.perf_counter()
     try:
         torch.set_num_threads(spec.threads)
         _record_attempt(spec)
@@ -342,6 +367,7 @@ def run_spec(spec: RunSpec, *, capture: bool = True, progress: bool = False) -> 
         return RunOutcome(spec.model, spec.seed, error=describe(err), log=str(log))
     finally:
         torch.set_num_threads(threads)
+        _record_attempt(spec, wall_s=time.perf_counter() - started)
     return RunOutcome(spec.model, spec.seed, summary=summary)
 
 

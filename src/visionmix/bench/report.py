@@ -99,7 +99,8 @@ def write_report(out_dir: str | Path, rows: Sequence[dict[str, Any]], outcomes: 
     ``rows`` carry the paired differences (:func:`with_differences`) to ``meta["baseline"]``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    runs = [{"model": o.model, "seed": o.seed, "error": o.error, "summary": o.summary} for o in outcomes]
+    runs = [{"model": o.model, "seed": o.seed, "error": o.error, "log": o.log, "time": o.time, "summary": o.summary}
+            for o in outcomes]
     tested = claim_rows(rows, outcomes, claims)
     atomic_write_json(out_dir / "results.json", {"format": FORMAT, "meta": meta, "models": list(rows),
                                                  "claims": tested, "runs": runs}, indent=2)

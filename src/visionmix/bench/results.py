@@ -22,6 +22,7 @@ class RunOutcome:
     error: str | None = None
     skipped: bool = False
     log: str | None = None
+    time: dict[str, float] | None = None  # where the run's time went (seconds; see visionmix.bench.launch.gather)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:

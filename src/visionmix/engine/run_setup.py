@@ -90,6 +90,6 @@ def run_summary(meta: dict[str, Any]) -> dict[str, Any]:
         "top1": last["eval_top1"], "top5": last["eval_top5"], "eval_loss": last["eval_loss"],
         "best_top1": max(h["eval_top1"] for h in history), "train_time_s": meta["train_time_s"],
         "train_images_per_s": meta["global_step"] * cfg["batch_size"] / max(meta["train_time_s"], 1e-9),
-        "world_size": meta["world_size"], "history": history, "config": cfg,
+        "time": meta.get("time_s"), "world_size": meta["world_size"], "history": history, "config": cfg,
         "ema": cfg["ema_decay"] is not None, "data_info": meta["data"],
     }

@@ -41,6 +41,9 @@ from visionmix.files import atomic_write, atomic_write_json
 from visionmix.runlog import logger
 
 _LOG = logger("train")
+# where a run's time goes (checkpoint.json's time_s, summary.json's time): loading the data, building the model and
+# optimizer, waiting for batches, the rest of the training steps, BN recomputation, evaluation, checkpoint writes
+TIME_PARTS = ("data_load_s", "setup_s", "batches_s", "steps_s", "bn_s", "eval_s", "checkpoint_s")
 
 
 class Trainer:
@@ -51,7 +54,10 @@ class Trainer:
         self.cfg, self.out_dir, self.ctx, self.stop_flag = cfg, out_dir, ctx, stop_flag
         self.show = progress and ctx.is_main
         device = ctx.device
+        started = time.perf_counter()
+        self.times = dict.fromkeys(TIME_PARTS, 0.0)  # where the run's time went, over all its attempts
         self.data = build_pipeline(cfg, ctx)
+        data_load = time.perf_counter() - started
         self.loader, self.criterion = self.data.train, self.data.criterion
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model_kwargs = _model_kwargs(cfg, self.data.info)
@@ -100,12 +106,15 @@ class Trainer:
             self._save()  # step 0: the directory is a run's from the start, and a write that fails, fails now
         else:
             self._restore(meta)
+        checkpoint = self.times["checkpoint_s"]
         self.model = wrap_model(self.raw_model, ctx)
         if cfg.compile:
             self.model = torch.compile(self.model)
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
         self.autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None and device.type == "cuda"
                          else nullcontext())
+        self.times["data_load_s"] += data_load
+        self.times["setup_s"] += time.perf_counter() - started - data_load - (self.times["checkpoint_s"] - checkpoint)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _meta(self, finished: bool = False) -> dict[str, Any]:
@@ -115,11 +124,17 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step, "global_step": self.global_step,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "length_fixed": self.length_fixed, "running": dict(self.running), "history": self.history,
-            "train_time_s": self.train_time, "world_size": self.ctx.world_size, "finished": finished,
+            "train_time_s": self.train_time, "time_s": {k: round(v, 3) for k, v in self.times.items()},
+            "world_size": self.ctx.world_size, "finished": finished,
             "versions": {"torch": torch.__version__},
         }
 
     def _save(self, finished: bool = False) -> None:
+        started = time.perf_counter()
+        self._write_checkpoint(finished)
+        self.times["checkpoint_s"] += time.perf_counter() - started
+
+    def _write_checkpoint(self, finished: bool) -> None:
         cuda = self.ctx.device.type == "cuda"
         state = {
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -145,6 +160,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         self.running, self.history, self.train_time = dict(meta["running"]), meta["history"], meta["train_time_s"]
+        self.times.update(meta.get("time_s", {}))  # a run saved before time accounting starts its parts at 0
         if meta.get("length_fixed"):  # a time-budgeted run keeps the length it fixed (older runs: from the config)
             self.total_steps, self.length_fixed = meta["total_steps"], True
         if meta["steps_per_epoch"] != self.steps_per_epoch:
@@ -208,9 +224,10 @@ class Trainer:
                    unit="step", disable=not (self.show and sys.stderr.isatty()), dynamic_ncols=True, leave=True)
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
         with bar:
-            tick = time.perf_counter()  # training time counts batch preparation too, not checkpoint writes
+            tick = fetch = time.perf_counter()  # training time counts batch preparation too, not checkpoint writes
             # the last epoch of a fractional ``epochs`` (or of a time budget) stops part-way
             for images, target in islice(self.loader.epoch(self.epoch, self.step), epoch_steps - self.step):
+                self.times["batches_s"] += time.perf_counter() - fetch  # waiting for this batch
                 loss, correct, seen = self._accumulate(images, target)
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
@@ -238,6 +255,7 @@ class Trainer:
                     self.ema.update(self.raw_model, self.global_step)
                 now = time.perf_counter()
                 self.train_time, tick = self.train_time + now - tick, now
+                self.times["steps_s"] = self.train_time - self.times["batches_s"]
                 if not self.length_fixed and self.global_step >= self.warmup_steps:
                     self._fix_length()  # before the first step whose learning rate depends on the length
                 if spent:
@@ -253,13 +271,14 @@ class Trainer:
                                 acc=f"{100 * run['correct'] / run['seen']:.1f}",
                                 img_s=f"{self.global_step * cfg.batch_size / self.train_time:.0f}", refresh=False)
                 bar.update(1)
+                fetch = time.perf_counter()
                 if stop:
                     self._interrupt()
                 if self.step >= self._epoch_steps():
                     break  # the epoch's end, possibly moved earlier by a time budget
                 if cfg.save_every and self.global_step % cfg.save_every == 0:
                     self._save()
-                    tick = time.perf_counter()
+                    tick = fetch = time.perf_counter()
 
     def _accumulate(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Forward and backward of one optimizer step's batch in ``accum_steps`` micro-batches, each loss weighted
@@ -322,9 +341,13 @@ class Trainer:
     def _end_epoch(self) -> None:
         cfg, run = self.cfg, self.running
         if self.global_step >= self.total_steps and self._recomputes_bn():
+            started = time.perf_counter()
             self._recompute_bn()
+            self.times["bn_s"] += time.perf_counter() - started
+        started = time.perf_counter()
         broadcast_buffers(self.raw_model, self.ctx)
         metrics = evaluate(self.ema.module if self.ema else self.raw_model, self.data.test, ctx=self.ctx)
+        self.times["eval_s"] += time.perf_counter() - started
         if not math.isfinite(metrics["loss"]):  # the last step's update made the weights diverge
             self._fail(f"non-finite test loss ({metrics['loss']}) after epoch {self.epoch + 1}",
                        {"eval_loss": repr(metrics["loss"])})
