@@ -98,15 +98,17 @@ class Trainer:
         self.running = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0}
         self.history: list[dict[str, Any]] = []
         self.train_time = 0.0
+        saving = time.perf_counter()
         if meta is None:
             torch.manual_seed(stable_seed(cfg.seed, "train", ctx.rank))  # drop-path differs across ranks
             if ctx.is_main:
                 clear_run(out_dir)
             barrier(ctx)
             self._save()  # step 0: the directory is a run's from the start, and a write that fails, fails now
+            saving = time.perf_counter() - saving
         else:
             self._restore(meta)
-        checkpoint = self.times["checkpoint_s"]
+            saving = 0.0
         self.model = wrap_model(self.raw_model, ctx)
         if cfg.compile:
             self.model = torch.compile(self.model)
@@ -114,7 +116,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None and device.type == "cuda"
                          else nullcontext())
         self.times["data_load_s"] += data_load
-        self.times["setup_s"] += time.perf_counter() - started - data_load - (self.times["checkpoint_s"] - checkpoint)
+        self.times["setup_s"] += time.perf_counter() - started - data_load - saving
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _meta(self, finished: bool = False) -> dict[str, Any]:
