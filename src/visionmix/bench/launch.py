@@ -190,6 +190,8 @@ class LocalLauncher:
         stop: dict[str, int] = {}
 
         def handler(signum: int, frame: object) -> None:
+            if stop and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop waiting (each worker still saves on its own signal)
             if not stop:
                 log(f"{signal.Signals(signum).name}: stopping {len(running)} running run(s) at their next step "
                     f"(each saves a checkpoint)")

@@ -24,8 +24,11 @@ Each model gets its top-1 minus --baseline's, seed by seed (runs of one seed sha
 with a 95% paired t interval over the seeds and a verdict: better / worse / no difference shown (one seed cannot
 decide). When two models of one of the papers' claims are compared (--preset claims has them all), a claims table
 (results.md, claims.csv) rates each claim holds / does not hold / not shown at this scale ("on par" = within +-1
-point). Running the same command again skips finished runs and resumes interrupted ones; a model that fails gets a
-row with its error and the others go on. Options given explicitly override the preset's.
+point). The runs (OUT/plan.json) execute one after another in this process (--launcher inline) or --jobs at a time
+in worker processes (--launcher local), each with --threads-per-run threads (equal T: bit-identical weights on any
+launcher) and, with CUDA, its own GPUs. Running the same command again skips finished runs and resumes interrupted
+ones; a run that fails gets a row with its error and log, and the others go on. Options given explicitly override
+the preset's.
 
 presets:
 {presets}
@@ -68,7 +71,8 @@ def add_launcher_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
                            "inline)")
     runs.add_argument("--threads-per-run", type=count_arg, metavar="T",
                       help="CPU threads of each run's process, for every launcher (default: inline: this process's; "
-                           "local: cores / --jobs). Weights are bit-identical across launchers at equal T")
+                           "local: cores / --jobs, or 1 without --jobs). Weights are bit-identical across launchers "
+                           "at equal T")
     runs.add_argument("--jobs", type=count_arg, metavar="N",
                       help="local: runs at once (default: on CPU cores / T, one thread each without T; with CUDA "
                            "what the visible GPUs hold)")
