@@ -108,6 +108,16 @@ def test_provenance_plan_and_time_accounting_are_recorded(both):
 
 
 @pytest.mark.slow
+def test_local_workers_are_kept_for_run_after_run(both):
+    out, _ = both
+    attempts = [json.loads((out / "local" / "runs" / m / f"seed{s}" / RUN_FILE).read_text())["attempts"][0]
+                for m in MODELS for s in (0, 1)]
+    assert len({a["pid"] for a in attempts}) == 2  # two slots; a run failing in Python keeps its worker
+    startups = sorted(a["startup_s"] for a in attempts)
+    assert startups[-1] > 1 and startups[:4] == [pytest.approx(0, abs=0.5)] * 4  # only the first two start python
+
+
+@pytest.mark.slow
 def test_a_rerun_launches_nothing_finished_and_retries_the_failures(both, capsys):
     out, _ = both
     argv = ["compare", "--models", ",".join(MODELS), *TINY, "--seeds", "2", "--jobs", "2", "--threads-per-run", "1",
@@ -198,3 +208,31 @@ def test_sigterm_stops_local_workers_after_saving_and_a_rerun_resumes(tmp_path):
         epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert epochs == list(range(1, 13))  # resumed, each epoch once
         assert len(json.loads((run / RUN_FILE).read_text())["attempts"]) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_a_failed_row_the_other_run_finishes_and_a_rerun_resumes(tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--models", "resnet_nano", *TINY, "--epochs", "12", "--seeds", "2", "--jobs", "2",
+            "--threads-per-run", "1", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "visionmix", *argv], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    victim = out / "runs" / "resnet_nano" / "seed0"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and first.poll() is None:
+        if (victim / "checkpoint.json").is_file() and json.loads((victim / "checkpoint.json").read_text())["epoch"]:
+            break
+        time.sleep(0.05)
+    os.kill(json.loads((victim / RUN_FILE).read_text())["attempts"][-1]["pid"], signal.SIGKILL)
+    stdout, stderr = first.communicate(timeout=180)
+    assert first.returncode == 1, stderr  # a run failed; the command itself did not
+    rows = {r["seed"]: r for r in _results(out)["runs"]}
+    assert rows[0]["error"] == "the worker process killed by SIGKILL" and rows[0]["log"] == str(victim / STDERR_FILE)
+    assert rows[1]["summary"] is not None and "seed 0: the worker process killed by SIGKILL" in stdout
+    second = subprocess.run([sys.executable, "-m", "visionmix", *argv], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "[2/2] resnet_nano seed 1: already done" in second.stdout
+    epochs = [json.loads(line)["epoch"] for line in (victim / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 13))  # resumed from the checkpoint the killed worker left

@@ -4,8 +4,9 @@ Every launcher ends up calling the one entry point :func:`run_spec` for each run
 which launcher ran it, only on its spec (with equal ``threads``: float reductions depend on the thread count):
 
 - :class:`InlineLauncher` calls it in this process, one run after another (``--launcher inline``);
-- :class:`LocalLauncher` runs ``--jobs`` worker processes at once (``python -m visionmix.bench.launch SPEC``), each
-  with its own threads and, with CUDA, its own GPUs (``CUDA_VISIBLE_DEVICES``; ``--jobs-per-gpu`` runs share one);
+- :class:`LocalLauncher` runs ``--jobs`` worker processes at once (``python -m visionmix.bench.launch --serve``,
+  each kept for run after run), each with its own threads and, with CUDA, its own GPUs (``CUDA_VISIBLE_DEVICES``;
+  ``--jobs-per-gpu`` runs share one);
 - a Slurm launcher (``--launcher slurm``, registered in :data:`LAUNCHERS`) submits it with submitit.
 
 A run of several processes (``procs`` > 1) is started by :func:`run_spec` itself with torch's elastic launcher
@@ -23,11 +24,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -143,7 +146,7 @@ class InlineLauncher:
 
 
 class LocalLauncher:
-    """``jobs`` runs at once, each in a worker process of its own (``python -m visionmix.bench.launch``).
+    """``jobs`` runs at once, each slot with a worker process of its own (:class:`_Worker`).
 
     On CPU the default is one thread per run and as many jobs as cores (``threads_per_run`` given: cores / threads);
     with CUDA, every run gets ``procs_per_run`` GPUs of its own, or shares them with ``jobs_per_gpu - 1`` others,
@@ -186,34 +189,44 @@ class LocalLauncher:
         if not self.slots:
             raise RuntimeError("LocalLauncher.prepare() must be called before launch()")
         pending = list(specs)
-        running: dict[int, tuple[subprocess.Popen, RunSpec]] = {}  # slot -> worker
+        workers: dict[int, _Worker] = {}  # slot -> its worker process, kept for the slot's next run
         stop: dict[str, int] = {}
 
         def handler(signum: int, frame: object) -> None:
             if stop and signum == signal.SIGINT:
                 raise KeyboardInterrupt  # a second Ctrl-C: stop waiting (each worker still saves on its own signal)
+            busy = [w for w in workers.values() if w.spec is not None]
             if not stop:
-                log(f"{signal.Signals(signum).name}: stopping {len(running)} running run(s) at their next step "
+                log(f"{signal.Signals(signum).name}: stopping {len(busy)} running run(s) at their next step "
                     f"(each saves a checkpoint)")
             stop.setdefault("signum", signum)
-            for process, _ in running.values():
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
+            for worker in busy:
+                worker.signal(signal.SIGTERM)
 
-        with _handling_signals(handler):
-            while pending or running:
-                for slot in range(len(self.slots)):
-                    if slot not in running and pending and not stop:
-                        spec = pending.pop(0)
-                        running[slot] = (_start_worker(spec, self.slots[slot]), spec)
-                for slot, (process, spec) in list(running.items()):
-                    if process.poll() is None:
-                        continue
-                    del running[slot]
-                    if not stop or process.returncode not in _INTERRUPTED_CODES:
-                        _check_worker(spec, process.returncode)
-                        on_done(spec)
-                time.sleep(0.05)
+        try:
+            with _handling_signals(handler):
+                while pending or any(w.spec is not None for w in workers.values()):
+                    for slot, env in enumerate(self.slots):
+                        worker = workers.get(slot)
+                        if pending and not stop and (worker is None or worker.spec is None):
+                            spec = pending.pop(0)
+                            if worker is None:
+                                workers[slot] = worker = _Worker(spec, env)
+                            worker.run(spec)
+                    for slot, worker in list(workers.items()):
+                        spec, status = worker.spec, worker.status()
+                        if spec is None or status is None:
+                            continue
+                        if not stop or status not in _INTERRUPTED_CODES:
+                            _check_worker(spec, status)
+                            on_done(spec)
+                        if status not in (0, 1):  # the worker died or stopped: the slot's next run gets a new one
+                            worker.close()
+                            del workers[slot]
+                    time.sleep(0.05)
+        finally:
+            for worker in workers.values():
+                worker.close()
         if stop:
             raise TrainingInterrupted(f"{signal.Signals(stop['signum']).name}: stopped the running runs (each saved "
                                       f"a checkpoint)", stop["signum"])
@@ -240,21 +253,67 @@ class _handling_signals:
             signal.signal(s, h)
 
 
-def _start_worker(spec: RunSpec, env: Mapping[str, str]) -> subprocess.Popen:
-    """A worker process running :func:`run_spec` on ``spec``, its output in the run directory."""
-    run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    threads = str(spec.threads)
-    environ = {**os.environ, **env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-               LAUNCHED_AT_ENV: repr(time.time())}
-    environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the command line sets it for itself
-    with open(run_dir / STDOUT_FILE, "ab") as out, open(run_dir / STDERR_FILE, "ab") as err:
-        return subprocess.Popen([sys.executable, "-m", "visionmix.bench.launch", spec.to_json()], stdout=out,
-                                stderr=err, stdin=subprocess.DEVNULL, env=environ)
+class _Worker:
+    """A worker process of one slot (``python -m visionmix.bench.launch --serve FD``), kept for run after run so
+    each run does not pay Python's, torch's and the optimizer's start-up again: it reads one spec per line on its
+    stdin, runs it with its output in that run's ``stdout.log``/``stderr.log``, and answers its exit status
+    (:func:`main`'s) on the pipe ``FD``."""
+
+    def __init__(self, first: RunSpec, env: Mapping[str, str]) -> None:
+        threads = str(first.threads)
+        environ = {**os.environ, **env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                   LAUNCHED_AT_ENV: repr(time.time())}
+        environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the command line sets it for itself
+        self.answers, answer_fd = os.pipe()
+        os.set_blocking(self.answers, False)
+        run_dir = Path(first.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / STDOUT_FILE, "ab") as out, open(run_dir / STDERR_FILE, "ab") as err:  # until it serves
+            self.process = subprocess.Popen([sys.executable, "-m", "visionmix.bench.launch", "--serve",
+                                             str(answer_fd)], stdin=subprocess.PIPE, stdout=out, stderr=err,
+                                            env=environ, pass_fds=(answer_fd,))
+        os.close(answer_fd)
+        self.spec: RunSpec | None = None  # the run it is on
+        self.received = b""
+
+    def run(self, spec: RunSpec) -> None:
+        self.spec = spec
+        self.process.stdin.write((spec.to_json() + "\n").encode())
+        self.process.stdin.flush()
+
+    def status(self) -> int | None:
+        """The current run's exit status once it has ended (its answer, or how the process died), else ``None``;
+        the worker is then free for the next run."""
+        with suppress(BlockingIOError):  # nothing said yet
+            self.received += os.read(self.answers, 64)
+        if b"\n" in self.received:
+            line, self.received = self.received.split(b"\n", 1)
+            self.spec = None
+            return int(line)
+        code = self.process.poll()
+        if code is None:
+            return None
+        self.spec = None
+        return code or 1  # died without answering
+
+    def signal(self, signum: int) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+
+    def close(self) -> None:
+        """End the process (at once when it is idle: its stdin closes) and wait for it."""
+        with suppress(OSError):  # it died: nothing to tell it
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        os.close(self.answers)
 
 
 def _check_worker(spec: RunSpec, returncode: int) -> None:
-    """A worker that ended without a summary or an error of its own (killed, out of memory) gets an error."""
+    """A worker that ended a run without a summary or an error of its own (killed, out of memory) gets an error."""
     run_dir = Path(spec.run_dir)
     if returncode == 0 or (run_dir / ERROR_FILE).is_file() or (run_dir / SUMMARY_FILE).is_file():
         return
@@ -334,6 +393,7 @@ def _record_attempt(spec: RunSpec, wall_s: float | None = None) -> None:
         return
     launched = os.environ.get(LAUNCHED_AT_ENV)
     attempt = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "launcher": spec.launcher,
+               "host": socket.gethostname(), "pid": os.getpid(),
                "startup_s": round(time.time() - float(launched), 3) if launched else 0.0, "environment": environment()}
     atomic_write_json(path, {"spec": asdict(spec), "attempts": [*attempts, attempt]})
 
@@ -444,17 +504,46 @@ def make_launcher(name: str | None = None, options: Mapping[str, Any] | None = N
     return LAUNCHERS[name](options)
 
 
+def _serve(answer_fd: int) -> int:
+    """A :class:`_Worker`'s loop: a spec per line on stdin, each run's output into its run directory, its status
+    (0 finished, 1 failed, 128 + signal when SIGINT/SIGTERM stopped it after saving) on ``answer_fd``; stops after
+    an interrupted run or at the end of stdin."""
+    for line in sys.stdin:
+        spec = RunSpec.from_json(line)
+        _output_to(Path(spec.run_dir))
+        try:
+            status = 0 if run_spec(spec, capture=True).error is None else 1
+        except TrainingInterrupted as err:
+            print(f"visionmix: {err}", file=sys.stderr, flush=True)
+            status = 128 + err.signum
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(answer_fd, f"{status}\n".encode())
+        if status > 1:
+            return status
+        os.environ[LAUNCHED_AT_ENV] = repr(time.time())  # the next run's start-up: the wait for it
+    return 0
+
+
+def _output_to(run_dir: Path) -> None:
+    """This process's stdout and stderr (the file descriptors: torch's and C's output too) into ``run_dir``'s
+    ``stdout.log``/``stderr.log``, appended."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for name, target in ((STDOUT_FILE, 1), (STDERR_FILE, 2)):
+        fd = os.open(run_dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        os.dup2(fd, target)
+        os.close(fd)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """A worker process: ``python -m visionmix.bench.launch SPEC_JSON``. Exit status 0 finished, 1 failed (see
-    ``error.json``), 128 + signal when SIGINT/SIGTERM stopped it after saving a checkpoint."""
+    """A worker process: ``python -m visionmix.bench.launch --serve FD`` (:func:`_serve`)."""
     args = sys.argv[1:] if argv is None else list(argv)
-    spec = RunSpec.from_json(args[0])
-    try:
-        outcome = run_spec(spec, capture=True)
-    except TrainingInterrupted as err:
-        print(f"visionmix: {err}", file=sys.stderr, flush=True)
-        return 128 + err.signum
-    return 0 if outcome.error is None else 1
+    if len(args) != 2 or args[0] != "--serve":
+        print("usage: python -m visionmix.bench.launch --serve FD (a worker of visionmix compare)", file=sys.stderr)
+        return 2
+    return _serve(int(args[1]))
 
 
 if __name__ == "__main__":
