@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,20 +57,31 @@ def recompute_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -
     it is now, so eval mode uses statistics of the final weights (after a short run the running averages still lag
     them). Like ``torch.optim.swa_utils.update_bn`` (cumulative average: ``momentum=None``), but only the norms run
     in train mode: dropout and drop-path stay off, so the statistics are those of the network evaluation runs.
-    Returns how many norms were recomputed; every module's mode and momentum are restored."""
+    Returns how many norms were recomputed; every module's mode and momentum are restored.
+
+    A :class:`~torch.nn.SyncBatchNorm` runs as a plain BatchNorm here (this process's batches only): in train mode
+    its forward would start a collective that no other rank joins (the trainer recomputes on rank 0 alone), so
+    it would wait until the process group's time-out."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
-    with eval_mode(model):
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        for x in batches:
-            model(x)
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
+    synced = [m for m in norms if isinstance(m, nn.SyncBatchNorm)]
+    try:
+        for m in synced:  # an instance attribute shadows SyncBatchNorm.forward until it is deleted below
+            m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)
+        with eval_mode(model):
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            for x in batches:
+                model(x)
+    finally:
+        for m in synced:
+            del m.forward
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
     return len(norms)
 
 

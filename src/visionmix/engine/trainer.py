@@ -30,6 +30,7 @@ from visionmix.engine.distributed import (
     barrier,
     broadcast_buffers,
     gather_objects,
+    sync_batchnorm,
     wrap_model,
 )
 from visionmix.engine.evaluate import evaluate, recompute_bn_statistics
@@ -65,11 +66,8 @@ class Trainer:
                       f"another class count), which starts freshly initialised")
         if cfg.freeze == "backbone":
             freeze_backbone(self.raw_model)
-        if cfg.sync_bn and ctx.enabled:
-            if device.type != "cuda":
-                raise InvalidValue("sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); on CPU each "
-                                   "process keeps its own BatchNorm statistics")
-            self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
+        if cfg.sync_bn:
+            self.raw_model = sync_batchnorm(self.raw_model, ctx)
         self.raw_model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.params = sum(p.numel() for p in self.raw_model.parameters())
         self.ema = ModelEma(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
