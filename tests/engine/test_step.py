@@ -1,0 +1,104 @@
+"""The training step as a GPU runs it, checked on CPU: kernel settings (``--deterministic``, cuDNN autotuning
+restored after a run), fp16's gradient scaler (non-finite steps skipped and counted, schedule and EMA advancing
+only on applied steps), host synchronisations per step, the EMA update, recompiles under ``--compile``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tinynets
+import visionmix.engine.trainer as trainer_module
+from visionmix.engine import TrainConfig, read_meta, run_files, train
+from visionmix.engine.optim import ModelEma, warmup_cosine
+from visionmix.engine.trainer import Trainer
+from visionmix.errors import TrainingError
+
+pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net, for this module
+
+CFG = TrainConfig(model="tiny_test_net", data="digits", epochs=1, batch_size=32, max_train_samples=192,
+                  max_eval_samples=100, lr=1e-2, device="cpu")
+
+
+def test_deterministic_sets_the_kernel_switches_for_the_run_and_restores_them(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cudnn = torch.backends.cudnn
+    seen = []
+    run = Trainer.run
+
+    def spy(self: Trainer) -> dict:
+        seen.append((cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled()))
+        return run(self)
+
+    monkeypatch.setattr(Trainer, "run", spy)
+    monkeypatch.setattr(cudnn, "benchmark", True)  # the process's own settings, to be restored
+    monkeypatch.setattr(cudnn, "deterministic", False)
+    train(replace(CFG, deterministic=True), tmp_path / "det", progress=False)
+    assert seen == [(False, True, True)]  # no autotuning, deterministic kernels
+    assert (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled()) == (True, False, False)
+    train(CFG, tmp_path / "plain", progress=False)
+    assert seen[1] == (False, False, False)  # autotuning is for CUDA only; this run is on the CPU
+    assert cudnn.benchmark
+    saved = TrainConfig.from_dict({**vars(CFG), "deterministic": True})
+    assert saved.deterministic
+
+
+@pytest.fixture
+def autocast_seen(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, torch.dtype | None]]:
+    """(autocast on for the CPU, its dtype) at each training forward of the test model."""
+    seen: list[tuple[bool, torch.dtype | None]] = []
+    forward = tinynets.TinyNet.forward
+
+    def spy(self: tinynets.TinyNet, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            enabled = torch.is_autocast_enabled("cpu")
+            seen.append((enabled, torch.get_autocast_dtype("cpu") if enabled else None))
+        return forward(self, x)
+
+    monkeypatch.setattr(tinynets.TinyNet, "forward", spy)
+    return seen
+
+
+def test_amp_follows_the_training_device(tmp_path: Path, autocast_seen) -> None:
+    small = replace(CFG, max_train_samples=64)  # 2 steps
+    train(replace(small, amp="bf16"), tmp_path / "bf16", progress=False)
+    train(small, tmp_path / "auto", progress=False)  # auto: fp32 on the CPU
+    assert autocast_seen == [(True, torch.bfloat16)] * 2 + [(False, None)] * 2
+    assert read_meta(tmp_path / "bf16")["config"]["amp"] == "bf16"
+    legacy = {k: v for k, v in vars(small).items() if k != "deterministic"}
+    assert TrainConfig.from_dict({**legacy, "amp": "bf16"}).amp == "auto"  # saved when bf16 meant CUDA only
+
+
+def test_fp16_skips_and_counts_non_finite_steps_and_only_applied_steps_move_schedule_and_ema(
+        tmp_path: Path, autocast_seen, monkeypatch: pytest.MonkeyPatch) -> None:
+    ema_steps: list[int] = []
+    update = ModelEma.update
+    monkeypatch.setattr(ModelEma, "update", lambda self, model, step: (ema_steps.append(step), update(self, model,
+                                                                                                       step))[1])
+    cfg = replace(CFG, amp="fp16", ema_decay=0.9, warmup_epochs=0.0,
+                  model_kwargs={"nan_at_call": 2, "inf_grad_at_call": 4})  # an inf loss and inf gradients
+    summary = train(cfg, tmp_path / "run", progress=False)  # 6 steps
+    assert autocast_seen == [(True, torch.float16)] * 6
+    assert summary["history"][-1]["skipped_steps"] == 2
+    assert ema_steps == [1, 3, 5, 6]  # the EMA skips the skipped steps
+    meta = read_meta(tmp_path / "run")
+    state = run_files.load_train_state(tmp_path / "run", meta)
+    assert state["scheduler"]["last_epoch"] == 4  # so does the schedule
+    assert state["scaler"]["scale"] == 2.0 ** 14  # torch's GradScaler on the CPU halved its scale twice
+    assert summary["history"][-1]["lr"] == pytest.approx(cfg.lr * warmup_cosine(4, warmup_steps=0, total_steps=6,
+                                                                                 min_ratio=cfg.min_lr_ratio))
+    assert all(torch.isfinite(v).all() for v in load_file(tmp_path / "run" / meta["files"]["weights"]).values())
+    assert "skipped 2 steps" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_fp16_steps_skipped_in_a_row_stop_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(trainer_module, "SKIPPED_STEPS_LIMIT", 3)
+    cfg = replace(CFG, amp="fp16", epochs=2, model_kwargs={"nan_from_call": 3})
+    with pytest.raises(TrainingError, match=r"fp16: the gradient scaler skipped 3 steps in a row \(non-finite "
+                                            r"gradients down to a loss scale of 8192\) at epoch 1 step 5; try --amp "
+                                            r"bf16; the last good checkpoint \(epoch 0, global step 0\)"):
+        train(cfg, tmp_path / "run", progress=False)
