@@ -17,6 +17,7 @@ from visionmix.engine import TrainConfig, read_meta, run_files, train
 from visionmix.engine.optim import ModelEma, warmup_cosine
 from visionmix.engine.trainer import Trainer
 from visionmix.errors import TrainingError
+from visionmix.transfers import HostSyncCounter, device_constant, to_device
 
 pytestmark = pytest.mark.usefixtures("tiny_models")  # tiny_test_net, for this module
 
@@ -102,3 +103,71 @@ def test_fp16_steps_skipped_in_a_row_stop_the_run(tmp_path: Path, monkeypatch: p
                                             r"gradients down to a loss scale of 8192\) at epoch 1 step 5; try --amp "
                                             r"bf16; the last good checkpoint \(epoch 0, global step 0\)"):
         train(cfg, tmp_path / "run", progress=False)
+
+
+def counted_epochs(monkeypatch: pytest.MonkeyPatch) -> list[HostSyncCounter]:
+    """A :class:`HostSyncCounter` over each training epoch (loader, augmentation, forward, backward, step) of the
+    runs that follow."""
+    counters: list[HostSyncCounter] = []
+    run = Trainer._train_epoch
+
+    def counted(self: Trainer) -> None:
+        with HostSyncCounter(self.ctx.device) as counter:
+            run(self)
+        counters.append(counter)
+
+    monkeypatch.setattr(Trainer, "_train_epoch", counted)
+    device_constant.cache_clear()  # the constants' copies are counted when first made
+    return counters
+
+
+# per step: the small recipe copies its crop/flip draws, the deit recipe the streamed batch (images, labels) and
+# its augmentation draws; per run: the epoch's order (small) and the normalisation constants (2, deit: 3 with the
+# fill colour)
+@pytest.mark.parametrize(("recipe", "per_step", "once"), [("small", 1, 3), ("deit", 3, 3)])
+def test_a_training_step_waits_for_the_device_nowhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      recipe: str, per_step: int, once: int) -> None:
+    counters = counted_epochs(monkeypatch)
+    cfg = TrainConfig.for_recipe(recipe, model="tiny_test_net", data="digits", epochs=1, batch_size=32,
+                                 max_train_samples=128, max_eval_samples=100, device="cpu", workers=1,
+                                 warmup_epochs=0.5, ema_decay=0.9, lr=1e-3)
+    train(cfg, tmp_path / "run", progress=False)  # 4 steps
+    (counter,) = counters
+    assert dict(counter.counts) == {"reads": 0, "dynamic": 0, "transfers": 4 * per_step + once}, counter.ops
+
+
+def test_fp16_reads_one_flag_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counters = counted_epochs(monkeypatch)
+    train(replace(CFG, amp="fp16", max_train_samples=128), tmp_path / "run", progress=False)
+    assert dict(counters[0].counts) == {"reads": 4, "dynamic": 0, "transfers": 4 + 3}, counters[0].ops
+
+
+def test_evaluation_reads_from_the_device_once(tmp_path: Path) -> None:
+    from visionmix.data import BatchLoader, build_dataset
+    from visionmix.engine import evaluate
+
+    data = BatchLoader(build_dataset("digits", "test", max_samples=100), 25, train=False)
+    model = tinynets.TinyNet()
+    direct = evaluate(model, data)
+    device_constant.cache_clear()
+    with HostSyncCounter("cpu") as counter:
+        metrics = evaluate(model, data)  # 4 batches
+    assert dict(counter.counts) == {"reads": 1, "dynamic": 0, "transfers": 2}, counter.ops  # + the 2 constants
+    assert metrics == direct
+
+
+def test_the_counter_sees_what_would_wait_for_a_gpu() -> None:
+    with HostSyncCounter("cpu") as counter:
+        x = torch.randn(4, 3)  # stands for a device tensor
+        host = torch.rand(4, generator=torch.Generator().manual_seed(0))  # an explicit generator: host memory
+        float(x.sum())
+        x.tolist()
+        x[x > 0]
+        x.nonzero()
+        x + torch.tensor([1.0, 2.0, 3.0])  # Python data meets a device tensor
+        x * host[:, None]
+        to_device(host, torch.device("cpu"))
+        float(host.sum())  # a host value: no wait
+        x * torch.tensor(2.0)  # a 0-dim host tensor is a scalar argument
+    assert dict(counter.counts) == {"reads": 2, "dynamic": 2, "transfers": 3}, counter.ops
+    assert torch.Tensor.tolist is torch._C.TensorBase.tolist  # the watched methods are restored

@@ -39,16 +39,17 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, device: torch.d
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     top5 = torch.zeros((), dtype=torch.int64, device=data.device)
     with eval_mode(model):
-        for images, labels in data:
+        for images, labels in data:  # nothing here waits for the device: one read at the end
             logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             ranked = logits.topk(k, dim=1).indices
             top5 += (ranked == labels[:, None]).any(1).sum()
-            confusion += torch.bincount(labels * num_classes + ranked[:, 0], minlength=num_classes**2)
-    if ctx is not None:
-        totals = all_reduce_sum(torch.cat([confusion.double(), loss_sum[None], top5[None].double()]), ctx)
-        confusion, loss_sum, top5 = totals[:-2].long(), totals[-2], totals[-1].long()
-    return metrics_from_counts(confusion.view(num_classes, num_classes).cpu(), float(loss_sum), int(top5))
+            # index_add_, not bincount: bincount reads the largest index back to size its output
+            confusion.index_add_(0, labels * num_classes + ranked[:, 0], torch.ones_like(labels))
+    totals = torch.cat([confusion.double(), loss_sum[None], top5[None].double()])  # exact: counts < 2^53
+    values = all_reduce_sum(totals, ctx).tolist() if ctx is not None else totals.tolist()
+    counts = torch.tensor(values[:-2], dtype=torch.int64).view(num_classes, num_classes)
+    return metrics_from_counts(counts, values[-2], int(values[-1]))
 
 
 @torch.no_grad()

@@ -107,7 +107,7 @@ class _SmallRecipe:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.augment is not None:
-            offsets, flips = self.augment.sample(len(images), torch.Generator().manual_seed(seed))
+            offsets, flips = self.augment.sample_to(len(images), torch.Generator().manual_seed(seed), images.device)
             images = self.augment(images, offsets, flips)
         return normalize(images, self.mean, self.std), labels
 
