@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tinynets
 import visionmix.engine.trainer as trainer_module
@@ -171,3 +173,34 @@ def test_the_counter_sees_what_would_wait_for_a_gpu() -> None:
         x * torch.tensor(2.0)  # a 0-dim host tensor is a scalar argument
     assert dict(counter.counts) == {"reads": 2, "dynamic": 2, "transfers": 3}, counter.ops
     assert torch.Tensor.tolist is torch._C.TensorBase.tolist  # the watched methods are restored
+
+
+class _Ops(TorchDispatchMode):
+    """The names of the operators run while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_ema_updates_with_foreach_kernels_and_lists_its_tensors_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tinynets.TinyNet()
+    ema = ModelEma(model, decay=0.9)
+    listed: list[str] = []
+    state_dict = nn.Module.state_dict
+    monkeypatch.setattr(nn.Module, "state_dict", lambda self, *a, **k: (listed.append(type(self).__name__),
+                                                                       state_dict(self, *a, **k))[1])
+    start = {k: v.clone() for k, v in ema.module.named_parameters()}
+    with _Ops() as ops:
+        for step in (100, 101, 102):
+            ema.update(model, step)
+    assert listed.count("TinyNet") == 2  # the EMA's and the model's, at the first update only
+    assert ops.names.count("_foreach_lerp_") == 3 and "lerp_" not in ops.names
+    assert ops.names.count("_foreach_copy_") == 3  # BatchNorm's batch counter
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(ema.module.get_parameter(name), 0.9**3 * start[name] + (1 - 0.9**3) * p)
