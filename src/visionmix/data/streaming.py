@@ -306,7 +306,7 @@ class StreamingLoader:
         else:  # shard readers skip what they already produced when training; evaluation re-reads from 0
             first = 0 if not self.train else start_step
             self._state.copy_(torch.tensor([epoch, first]))
-        batches = iter(self._loader)
+        batches = self._iterate()
         for step in range(first, len(self)):
             batch = next(batches, None)
             if batch is None:
@@ -326,6 +326,14 @@ class StreamingLoader:
             images, labels = to_device(images, self.device), to_device(labels, self.device)
             yield images, labels
             del images, labels
+
+    def _iterate(self) -> Iterator[Batch | _ReaderFailure]:
+        """The DataLoader's iterator, made with the training device current: its pin-memory thread pins for the
+        device current when it starts (``cuda:0`` for a run on ``cuda:N`` otherwise)."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            with torch.accelerator.device_index(self.device.index):
+                return iter(self._loader)
+        return iter(self._loader)
 
     def _count_bad(self, bad: Sequence[tuple[str, str]]) -> None:
         for name, reason in bad:
