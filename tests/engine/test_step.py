@@ -204,3 +204,12 @@ def test_ema_updates_with_foreach_kernels_and_lists_its_tensors_once(monkeypatch
     with torch.no_grad():
         for name, p in model.named_parameters():
             torch.testing.assert_close(ema.module.get_parameter(name), 0.9**3 * start[name] + (1 - 0.9**3) * p)
+
+
+def test_an_in_memory_training_set_is_held_once_on_the_device() -> None:
+    from visionmix.engine.distributed import DistContext
+    from visionmix.engine.pipeline import build_pipeline
+
+    pipe = build_pipeline(replace(CFG, max_train_samples=None), DistContext(0, 1, 0, torch.device("meta")))
+    assert pipe.train.images.device.type == "meta"  # shapes only: no memory, no GPU needed
+    assert pipe.train.images is pipe.bn.images and pipe.train.labels is pipe.bn.labels  # one copy, two loaders
