@@ -213,3 +213,26 @@ def test_an_in_memory_training_set_is_held_once_on_the_device() -> None:
     pipe = build_pipeline(replace(CFG, max_train_samples=None), DistContext(0, 1, 0, torch.device("meta")))
     assert pipe.train.images.device.type == "meta"  # shapes only: no memory, no GPU needed
     assert pipe.train.images is pipe.bn.images and pipe.train.labels is pipe.bn.labels  # one copy, two loaders
+
+
+def test_uneven_micro_batches_and_short_batches_compile_one_graph(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from visionmix.engine.distributed import DistContext
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))  # dynamo's guards only
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = Trainer(replace(CFG, compile=True, accum_steps=2), tmp_path / "run",
+                      DistContext(0, 1, 0, torch.device("cpu")), None, False, {})
+    graphs = []
+    # micro-batches 32 + 32, then batches short of unreadable images: 32 + 31, 31 + 30, 25 + 25 (at least 16:
+    # a CPU convolution guards on that)
+    for size in (64, 63, 61, 50):
+        trainer._accumulate(torch.randn(size, 1, 28, 28), torch.randint(10, (size,)))
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert graphs == [1, 1, 1, 1]  # the batch size is dynamic from the first step: no recompile (before: 1, 2, 3)

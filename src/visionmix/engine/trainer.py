@@ -102,6 +102,7 @@ class Trainer:
         self._pending = torch.zeros(7, dtype=torch.float64, device=device)
         self.skipped_steps, self.skipped_in_row = 0, 0  # fp16 steps the gradient scaler skipped
         self.bar: tqdm | None = None  # the epoch's progress bar
+        self.speed_from: tuple[int, float] | None = None  # (global step, train time) after this process's 1st step
         self.history: list[dict[str, Any]] = []
         self.train_time = 0.0
         if meta is None:
@@ -238,9 +239,14 @@ class Trainer:
                 self.step += 1
                 if applied and self.ema is not None:
                     self.ema.update(self.raw_model, self.global_step)
+                warmup_end = not self.length_fixed and self.global_step >= self.warmup_steps
+                if self.speed_from is None or warmup_end:
+                    self._wait_for_device()  # the times the run's length is fixed from are the device's
                 now = time.perf_counter()
                 self.train_time, tick = self.train_time + now - tick, now
-                if not self.length_fixed and self.global_step >= self.warmup_steps:
+                if self.speed_from is None:  # this process's first step: compilation, autotuning, allocations
+                    self.speed_from = (self.global_step, self.train_time)
+                if warmup_end:
                     self._fix_length()  # before the first step whose learning rate depends on the length
                 if spent:
                     self._end_at_budget()  # this was the last step: the learning rate stays where it was
@@ -335,6 +341,8 @@ class Trainer:
         for index, (x, y) in enumerate(chunks):
             if not len(y):
                 continue
+            if self.cfg.compile:  # uneven micro-batches, short batches: one graph for every batch size
+                torch._dynamo.maybe_mark_dynamic(x, 0)
             last = index == len(chunks) - 1
             sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
@@ -362,14 +370,24 @@ class Trainer:
 
     def _fix_length(self) -> None:
         """End of warmup under a time budget: fix the run at the steps that fill BUDGET_FILL of it at the speed of
-        the warmup (mean over ranks), never more than ``epochs``."""
-        elapsed = self._sum_over_ranks([self.train_time])[0] / self.ctx.world_size
+        the warmup after this process's first step (which compiles, autotunes cuDNN and allocates: its time counts
+        against the budget, not in the speed; mean over ranks), never more than ``epochs``."""
+        first_step, first_time = self.speed_from
+        steps, timed = self.global_step - first_step, self.train_time - first_time
+        if steps == 0:  # resumed at the warmup's last step: the whole warmup's speed
+            steps, timed = self.global_step, self.train_time
+        elapsed, timed = (v / self.ctx.world_size for v in self._sum_over_ranks([self.train_time, timed]))
         left = max(0.0, BUDGET_FILL * self.budget_s - elapsed)
-        self.total_steps = min(self.total_steps, self.global_step + math.floor(left * self.global_step / elapsed))
+        self.total_steps = min(self.total_steps, self.global_step + math.floor(left * steps / max(timed, 1e-9)))
         self.length_fixed = True
         self._log(f"time budget {self.cfg.time_budget_min:g} min: {self.global_step} warmup steps took "
-                  f"{elapsed:.1f} s, so the run is fixed at {self.total_steps} steps "
-                  f"({self.total_steps / self.steps_per_epoch:.2f} epochs)")
+                  f"{elapsed:.1f} s ({timed / steps:.3g} s per step after the first), so the run is fixed at "
+                  f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs)")
+
+    def _wait_for_device(self) -> None:
+        """Let the device finish its queue (CUDA runs ahead of the host): before reading the clock for timing."""
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
 
     def _end_at_budget(self) -> None:
         """The budget ran out before the fixed length (the machine slowed down): the run ends at this step."""
