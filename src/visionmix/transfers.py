@@ -72,7 +72,7 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     token = _TO_DEVICE.set(True)
     try:
         if device.type == "cuda":
-            if not tensor.is_pinned():
+            if tensor.device.type == "cpu" and not tensor.is_pinned():
                 tensor = tensor.pin_memory()
             return tensor.to(device, non_blocking=True)
         return tensor.to(device, copy=True)
