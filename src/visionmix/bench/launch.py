@@ -510,7 +510,7 @@ def _serve(answer_fd: int) -> int:
     an interrupted run or at the end of stdin."""
     for line in sys.stdin:
         spec = RunSpec.from_json(line)
-        _output_to(Path(spec.run_dir))
+        redirect_output(Path(spec.run_dir))
         try:
             status = 0 if run_spec(spec, capture=True).error is None else 1
         except TrainingInterrupted as err:
@@ -525,7 +525,7 @@ def _serve(answer_fd: int) -> int:
     return 0
 
 
-def _output_to(run_dir: Path) -> None:
+def redirect_output(run_dir: Path) -> None:
     """This process's stdout and stderr (the file descriptors: torch's and C's output too) into ``run_dir``'s
     ``stdout.log``/``stderr.log``, appended."""
     run_dir.mkdir(parents=True, exist_ok=True)
