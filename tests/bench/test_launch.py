@@ -236,3 +236,18 @@ def test_a_killed_worker_is_a_failed_row_the_other_run_finishes_and_a_rerun_resu
     assert "[2/2] resnet_nano seed 1: already done" in second.stdout
     epochs = [json.loads(line)["epoch"] for line in (victim / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 13))  # resumed from the checkpoint the killed worker left
+
+
+@pytest.mark.slow
+def test_a_run_of_two_processes_equals_torchrun_of_the_same_run(tmp_path):
+    """--procs-per-run 2 on CPU: two gloo processes from torch's elastic launcher, as torchrun starts them."""
+    compare(["resnet_nano"], tmp_path / "cmp", data="digits", recipe=RECIPE, bench_batch_size=4, bench_repeats=2,
+            progress=False, launcher=InlineLauncher(2, progress=False), threads_per_run=1, log=lambda line: None)
+    run = tmp_path / "cmp" / "runs" / "resnet_nano" / "seed0"
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "visionmix", "train", "--model", "resnet_nano", *TINY[:10], "--no-progress",
+                               "--out", str(tmp_path / "torchrun")], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                              capture_output=True, text=True, timeout=300)
+    assert torchrun.returncode == 0, torchrun.stderr
+    assert _weights(run) == _weights(tmp_path / "torchrun")

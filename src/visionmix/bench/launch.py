@@ -507,10 +507,12 @@ def make_launcher(name: str | None = None, options: Mapping[str, Any] | None = N
 def _serve(answer_fd: int) -> int:
     """A :class:`_Worker`'s loop: a spec per line on stdin, each run's output into its run directory, its status
     (0 finished, 1 failed, 128 + signal when SIGINT/SIGTERM stopped it after saving) on ``answer_fd``; stops after
-    an interrupted run or at the end of stdin."""
+    an interrupted run or at the end of stdin. A Ctrl-C reaches the trainer of a running run (it saves) and is
+    ignored otherwise: the compare process stops the workers (SIGTERM, or the end of stdin when idle)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for line in sys.stdin:
         spec = RunSpec.from_json(line)
-        _output_to(Path(spec.run_dir))
+        redirect_output(Path(spec.run_dir))
         try:
             status = 0 if run_spec(spec, capture=True).error is None else 1
         except TrainingInterrupted as err:
@@ -525,7 +527,7 @@ def _serve(answer_fd: int) -> int:
     return 0
 
 
-def _output_to(run_dir: Path) -> None:
+def redirect_output(run_dir: Path) -> None:
     """This process's stdout and stderr (the file descriptors: torch's and C's output too) into ``run_dir``'s
     ``stdout.log``/``stderr.log``, appended."""
     run_dir.mkdir(parents=True, exist_ok=True)
