@@ -64,6 +64,7 @@ class Deployed:
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     quantize: str | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where it takes its inputs
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x)
@@ -90,16 +91,23 @@ def _channels_last(model: nn.Module, example: torch.Tensor) -> Callable[[torch.T
 
 
 def _onnxruntime(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    if example.device.type != "cpu":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise DeployError(f"onnxruntime has no CUDA provider here (install onnxruntime-gpu) for a model on "
+                              f"{example.device}")
     return _onnx_session(model, example, quantize=False)
 
 
 def _onnx_session(model: nn.Module, example: torch.Tensor, *, quantize: bool) -> Callable[[torch.Tensor],
                                                                                            torch.Tensor]:
     from visionmix.export import onnx_runner, write_onnx
+    from visionmix.module_state import on_device
 
     with tempfile.TemporaryDirectory(prefix="visionmix-deploy-") as tmp:
         path = Path(tmp) / "model.onnx"
-        write_onnx(model, example, path)
+        write_onnx(on_device(model, "cpu"), example.cpu(), path)  # ONNX is traced on the host
         if quantize:
             from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
@@ -109,7 +117,7 @@ def _onnx_session(model: nn.Module, example: torch.Tensor, *, quantize: bool) ->
                 quantize_dynamic(path.with_suffix(".pre.onnx"), path.with_suffix(".int8.onnx"), per_channel=True,
                                  op_types_to_quantize=["MatMul", "Gemm"], weight_type=QuantType.QInt8)
             path = path.with_suffix(".int8.onnx")
-        return onnx_runner(path)  # the session holds the model; the file may go
+        return onnx_runner(path, device=example.device)  # the session holds the model; the file may go
 
 
 def _inductor(model: nn.Module, example: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -168,12 +176,14 @@ def _verified(name: str, model: nn.Module, checks: list[tuple[torch.Tensor, torc
 
 
 def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rtol: float = DEFAULT_RTOL,
-           repeats: int = 5, candidates: tuple[str, ...] = BACKENDS, quantize: str | None = None) -> Deployed:
+           repeats: int = 5, candidates: tuple[str, ...] = BACKENDS, quantize: str | None = None,
+           device: str | torch.device = "cpu") -> Deployed:
     """``model`` re-parameterised and on ``backend`` (``"auto"``: the fastest verified of ``candidates`` on
-    ``example``), as a :class:`Deployed` callable. ``model`` itself is not changed; inference runs on the CPU in
-    float32, or with ``quantize="int8"`` on onnxruntime with int8 Linear weights (``backend`` "auto" or
-    "onnxruntime"; ``rtol`` does not apply). See the module docstring for the checks."""
-    from visionmix.module_state import on_device
+    ``example``), as a :class:`Deployed` callable taking inputs on ``device``. ``model`` itself is not changed;
+    inference runs on ``device`` in float32 (onnxruntime on a GPU only with its CUDA provider installed), or with
+    ``quantize="int8"`` on onnxruntime's CPU session with int8 Linear weights (``backend`` "auto" or "onnxruntime";
+    ``rtol`` does not apply). The checks run without TF32. See the module docstring for the checks."""
+    from visionmix.module_state import no_tf32, on_device
     from visionmix.reparam import reparameterize
     from visionmix.timing import time_alternately
 
@@ -194,25 +204,29 @@ def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rt
                                f"backend={backend!r}")
     if example.dim() == 0 or example.shape[0] < 1:
         raise InvalidValue(f"example must be a batch (B, ...) with B >= 1, got shape {tuple(example.shape)}")
-    deployed = reparameterize(on_device(model, "cpu")).eval()  # a copy: the caller's model is left as it was
-    example = example.cpu()
+    device = inference_device(device)
+    if quantize is not None and device.type != "cpu":
+        raise InvalidValue(f"quantize={quantize!r} runs on onnxruntime's CPU session; got device={str(device)!r}")
+    deployed = reparameterize(on_device(model, device)).eval()  # a copy: the caller's model is left as it was
+    example = example.to(device)
     inputs = (example, torch.cat([example, example[:1]]))
-    with torch.inference_mode():
-        checks = [(x, deployed(x)) for x in inputs]
-    if quantize is not None:
-        run, worst = _verified("onnxruntime", deployed, checks, example, float("inf"), quantize=True)
-        return Deployed("onnxruntime", run, worst, quantize=quantize,
-                        reason=f"{quantize} Linear weights run on onnxruntime only; they differ from float32 by "
-                               f"{worst:.2g} of the output's scale on the example")
-    if backend != "auto":
-        run, worst = _verified(backend, deployed, checks, example, rtol)
-        return Deployed(backend, run, worst, reason="asked for by name")
-    verified, skipped = {}, {}
-    for name in candidates:
-        try:
-            verified[name] = _verified(name, deployed, checks, example, rtol)
-        except DeployError as err:
-            skipped[name] = str(err).split(": ", 1)[1]
+    with no_tf32():
+        with torch.inference_mode():
+            checks = [(x, deployed(x)) for x in inputs]
+        if quantize is not None:
+            run, worst = _verified("onnxruntime", deployed, checks, example, float("inf"), quantize=True)
+            return Deployed("onnxruntime", run, worst, quantize=quantize, device=device,
+                            reason=f"{quantize} Linear weights run on onnxruntime only; they differ from float32 "
+                                   f"by {worst:.2g} of the output's scale on the example")
+        if backend != "auto":
+            run, worst = _verified(backend, deployed, checks, example, rtol)
+            return Deployed(backend, run, worst, reason="asked for by name", device=device)
+        verified, skipped = {}, {}
+        for name in candidates:
+            try:
+                verified[name] = _verified(name, deployed, checks, example, rtol)
+            except DeployError as err:
+                skipped[name] = str(err).split(": ", 1)[1]
     if not verified:
         raise DeployError("no backend computes what the eager model does: " + "; ".join(
             f"{name}: {why}" for name, why in skipped.items()))
@@ -224,4 +238,21 @@ def deploy(model: nn.Module, example: torch.Tensor, backend: str = "auto", *, rt
     versus = f", {eager / seconds[best]:.2f}x eager" if eager else ""
     reason = (f"fastest of {len(verified)} verified backend(s) on a batch of {example.shape[0]}: "
               f"{seconds[best] * 1e3:.2f} ms per call{versus}")
-    return Deployed(best, verified[best][0], verified[best][1], reason, seconds, skipped)
+    return Deployed(best, verified[best][0], verified[best][1], reason, seconds, skipped, device=device)
+
+
+def inference_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device`` ("auto": CUDA when available, else the CPU); ``ValueError`` for a device
+    this machine does not have."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InvalidValue(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise InvalidValue(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidValue(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {str(device)!r}")
+    return device

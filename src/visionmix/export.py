@@ -31,6 +31,7 @@ from visionmix.errors import ExportError, InvalidValue
 from visionmix.files import staged
 from visionmix.module_state import eval_mode, on_device
 from visionmix.reparam import Equivalence, check_equivalence, reparameterize
+from visionmix.transfers import to_device
 
 
 @torch.no_grad()
@@ -43,9 +44,9 @@ def randomize_weights(model: nn.Module, example: torch.Tensor, *, std: float = 0
     statistics keep the activations of deep nets at a realistic scale, and they are not the identity, so a wrong
     BN fold still shows.
     """
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # drawn on the host: the same noise on every device
     for p in model.parameters():
-        p.add_(std * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        p.add_(to_device(std * torch.randn(p.shape, generator=generator, dtype=p.dtype), p.device))
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     momenta = [bn.momentum for bn in norms]
     for bn in norms:
@@ -141,18 +142,28 @@ def write_onnx(model: nn.Module, example: torch.Tensor, path: str | Path, *, ops
         raise ExportError(f"ONNX export failed: {_reason(err)}{hint}") from err
 
 
-def onnx_runner(path: str | Path, threads: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def onnx_runner(path: str | Path, threads: int | None = None,
+                device: str | torch.device = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
     """An onnxruntime (CPU) session of the ONNX file at ``path`` as a tensor -> tensor callable; ``threads`` intra-op
     threads (default: torch's, so both runtimes use the same cores), which sleep when idle (as torch's do under
-    ``OMP_WAIT_POLICY=PASSIVE``)."""
+    ``OMP_WAIT_POLICY=PASSIVE``). On a CUDA ``device`` the session runs on onnxruntime's CUDA provider; inputs are
+    copied to the host for onnxruntime and the output comes back on the input's device."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     # idle worker threads sleep instead of spinning: a spinning pool steals the cores from whatever runs next
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+    providers = ["CPUExecutionProvider"]
+    if torch.device(device).type == "cuda":
+        providers.insert(0, "CUDAExecutionProvider")
+    session = ort.InferenceSession(str(path), options, providers=providers)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = torch.from_numpy(session.run(None, {"input": x.detach().cpu().numpy()})[0])
+        return out if x.device.type == "cpu" else out.to(x.device)
+
+    return run
 
 
 def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, *, opset: int = 18, atol: float = 1e-4,

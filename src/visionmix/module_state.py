@@ -1,4 +1,5 @@
-"""Using a caller's module without changing it: its train/eval flags and the device it lives on."""
+"""Using a caller's module without changing it: its train/eval flags, the device it lives on, and the process's
+TF32 switches while two models are compared."""
 
 from __future__ import annotations
 
@@ -32,3 +33,16 @@ def on_device(module: nn.Module, device: str | torch.device) -> nn.Module:
            for t in tensors):
         return module
     return copy.deepcopy(module).to(device)
+
+
+@contextmanager
+def no_tf32() -> Iterator[None]:
+    """TF32 off for the block, the previous switches restored after: an equivalence check compares float32 results
+    at 1e-4 of the output's scale, and TF32 matmuls/convolutions (cuDNN's default on Ampere and later) differ from
+    float32 by about 1e-3 (10-bit mantissa), which would fail a correct re-parameterisation on the GPU."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

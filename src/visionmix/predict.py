@@ -20,6 +20,7 @@ from torch import nn
 from visionmix.data.decode import IMAGE_EXTENSIONS
 from visionmix.data.evaluation import EvalTransform, resolve_eval_transform
 from visionmix.errors import InvalidValue, UnreadableImage
+from visionmix.transfers import to_device
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,7 +82,8 @@ def predict(model: Model, paths: Iterable[str | Path], *, transform: EvalTransfo
             topk: int = 5, batch_size: int = 32) -> Iterator[Prediction]:
     """Classify the images at ``paths`` in batches of ``batch_size``, in order; one :class:`Prediction` each.
 
-    ``model`` maps a float (B, C, H, W) batch to logits over ``classes``. ``paths`` is consumed lazily and at most
+    ``model`` maps a float (B, C, H, W) batch to logits over ``classes``; each batch goes to its device
+    (:func:`model_device`). ``paths`` is consumed lazily and at most
     one batch of images is held. A file that cannot be decoded yields a Prediction with ``error`` set. The
     arguments are checked at once (``ValueError``); a model whose logits do not match ``classes`` raises at its
     first batch.
@@ -113,18 +115,30 @@ def _classify(model: Model, pending: list[tuple[Path, torch.Tensor | str]], clas
     tops: Iterator[tuple[list[float], list[int]]] = iter(())
     if images:
         with torch.inference_mode():
-            logits = model(torch.stack(images))
+            logits = model(to_device(torch.stack(images), model_device(model)))
         if logits.shape != (len(images), len(classes)):
             raise InvalidValue(f"the model returned logits of shape {tuple(logits.shape)} for {len(images)} images, "
                                f"expected ({len(images)}, {len(classes)}) for its {len(classes)} classes")
         probs, indices = logits.float().softmax(dim=1).topk(topk, dim=1)
-        tops = iter(zip(probs.tolist(), indices.tolist(), strict=True))
+        tops = iter(zip(probs.cpu().tolist(), indices.cpu().tolist(), strict=True))
     for path, x in pending:
         if isinstance(x, str):
             yield Prediction(path, error=x)
         else:
             p, i = next(tops)
             yield Prediction(path, tuple(Score(classes[k], k, q) for q, k in zip(p, i, strict=True)))
+
+
+def model_device(model: Model) -> torch.device:
+    """Where ``model`` takes its inputs: a :class:`visionmix.Deployed`'s ``device``, a module's first parameter's
+    (or buffer's) device, else the CPU."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(model, nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 def read_classes(path: str | Path) -> tuple[str, ...]:

@@ -23,7 +23,7 @@ from visionmix.layers.basic import ConvBN
 from visionmix.layers.diverse_branch import DiverseBranchBlock
 from visionmix.layers.fusion import square_conv_geometry
 from visionmix.layers.overparam import DOConv2d
-from visionmix.module_state import eval_mode
+from visionmix.module_state import eval_mode, no_tf32
 
 __all__ = ["Equivalence", "Reparameterizable", "check_equivalence", "convert_convs", "randomize_batchnorm",
            "reparameterize"]
@@ -120,10 +120,10 @@ def check_equivalence(model_a: nn.Module, model_b: nn.Module, example: torch.Ten
 
     Outputs may be tensors or (nested) tuples/lists/dicts of tensors. ``rtol`` bounds ``max_rel`` for ``.ok``;
     by default 1e-10 for float64 outputs, 1e-4 for float32 and 1e-2 for lower precision (SPEC section 3).
-    Each module's train/eval flag is restored afterwards.
+    Each module's train/eval flag is restored afterwards; both run without TF32 (:func:`no_tf32`).
     """
     args = example if isinstance(example, tuple) else (example,)
-    with eval_mode(model_a), eval_mode(model_b), torch.no_grad():
+    with eval_mode(model_a), eval_mode(model_b), torch.no_grad(), no_tf32():
         outs_a, outs_b = _tensors(model_a(*args)), _tensors(model_b(*args))
     if not outs_a or len(outs_a) != len(outs_b) or any(a.shape != b.shape for a, b in zip(outs_a, outs_b, strict=True)):
         raise InvalidValue(f"the models' outputs differ in structure: {[tuple(a.shape) for a in outs_a]} vs "

@@ -40,6 +40,9 @@ example: visionmix predict runs/mixer photos/ --topk 3 --json""")
                         "tens of seconds; default eager, onnxruntime with --quantize)")
     p.add_argument("--quantize", choices=QUANTIZE, help="int8 Linear weights on onnxruntime (lossy: measure its top-1 "
                                                         "with 'visionmix eval --quantize int8' first)")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="auto (CUDA when available), cpu, cuda or cuda:N: where the model runs (--quantize runs on the "
+                        "CPU; onnxruntime on CUDA needs its CUDA provider)")
     p.add_argument("--json", action="store_true", help='one JSON object per line: {"path": ..., "top": '
                                                        '[{"class": ..., "index": ..., "prob": ...}, ...]}')
     p.set_defaults(run=run)
@@ -49,14 +52,15 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from visionmix.data.decode import IMAGE_EXTENSIONS
-    from visionmix.deployment import deploy
+    from visionmix.deployment import deploy, inference_device
     from visionmix.predict import find_images, load_predictor, predict
 
     paths = find_images(args.images)
     model, transform, classes = load_predictor(args.checkpoint, model_name=args.model, classes_file=args.classes)
     backend = args.backend or ("onnxruntime" if args.quantize else "eager")
+    device = "cpu" if args.quantize else inference_device(args.device)
     deployed = deploy(model, torch.zeros(args.batch_size, transform.in_chans, *transform.size), backend,
-                      quantize=args.quantize)
+                      quantize=args.quantize, device=device)
     if backend == "auto" and not args.quantize:
         print(f"{PROG}: backend {deployed.backend}: {deployed.reason}", file=sys.stderr, flush=True)
     model = deployed

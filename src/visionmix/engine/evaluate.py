@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import types
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from visionmix.data import BatchLoader, ImageDataset
 from visionmix.engine.distributed import DistContext, all_reduce_sum
 from visionmix.errors import InvalidValue
 from visionmix.files import atomic_write
-from visionmix.module_state import eval_mode
+from visionmix.module_state import eval_mode, no_tf32
 
 
 @torch.no_grad()
@@ -199,28 +200,31 @@ def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = Fal
         if quantize is not None:
             forms[quantize] = _OnCpu(deploy_backend(deployed, first[:8].cpu(), quantize=quantize))
     report: dict[str, Any] = {"forms": {}, "classes": list(info["classes"]), "checks": {}, "written": []}
-    for form, net in forms.items():
-        metrics = evaluate(net, dataset, device, batch_size=batch_size)
-        suffix = EVAL_FORM_SUFFIX[form]
-        record = {"run": str(run_dir), "model": meta["model"], "form": form, "split": split, "params": params[form],
-                  **metrics}
-        atomic_write_json(run_dir / f"eval{suffix}.json", record)
-        report["written"].append(run_dir / f"eval{suffix}.json")
-        title = f"{meta['model']} ({form}) on {cfg['data']} {split}: top-1 {metrics['top1']:.2f}%"
-        if plot_confusion(metrics["confusion"], info["classes"], run_dir / f"confusion{suffix}.png", title=title):
-            report["written"].append(run_dir / f"confusion{suffix}.png")
-        report["forms"][form] = record
-    if len(forms) > 1:
-        trained = report["forms"]["trained"]
-        with torch.no_grad(), eval_mode(model):
-            reference = model(first)
-            for form in list(forms)[1:]:
-                with eval_mode(forms[form]):
-                    diff = (forms[form](first) - reference).abs().max().item()
-                record = report["forms"][form]
-                report["checks"][form] = {"same_predictions": record["confusion"] == trained["confusion"],
-                                          "top1_change": record["top1"] - trained["top1"],
-                                          "max_abs_logit_diff": diff}
+    # the forms are compared (same predictions, logit differences) in float32: TF32 would differ by itself
+    with no_tf32() if len(forms) > 1 else nullcontext():
+        for form, net in forms.items():
+            metrics = evaluate(net, dataset, device, batch_size=batch_size)
+            suffix = EVAL_FORM_SUFFIX[form]
+            record = {"run": str(run_dir), "model": meta["model"], "form": form, "split": split,
+                      "params": params[form], **metrics}
+            atomic_write_json(run_dir / f"eval{suffix}.json", record)
+            report["written"].append(run_dir / f"eval{suffix}.json")
+            title = f"{meta['model']} ({form}) on {cfg['data']} {split}: top-1 {metrics['top1']:.2f}%"
+            confusion_png = run_dir / f"confusion{suffix}.png"
+            if plot_confusion(metrics["confusion"], info["classes"], confusion_png, title=title):
+                report["written"].append(confusion_png)
+            report["forms"][form] = record
+        if len(forms) > 1:
+            trained = report["forms"]["trained"]
+            with torch.no_grad(), eval_mode(model):
+                reference = model(first)
+                for form in list(forms)[1:]:
+                    with eval_mode(forms[form]):
+                        diff = (forms[form](first) - reference).abs().max().item()
+                    record = report["forms"][form]
+                    report["checks"][form] = {"same_predictions": record["confusion"] == trained["confusion"],
+                                              "top1_change": record["top1"] - trained["top1"],
+                                              "max_abs_logit_diff": diff}
     return report
 
 
