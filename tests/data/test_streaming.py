@@ -275,3 +275,29 @@ def test_every_source_is_a_source(tmp_path: Path, shards: Path) -> None:
         assert isinstance(source, Source)
     assert isinstance(imagefolder, IndexedSource) and isinstance(memory, IndexedSource)
     assert not isinstance(webdataset, IndexedSource)
+
+
+def test_the_pin_memory_thread_starts_on_the_training_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataLoader's pin-memory thread pins for the device current when its iterator is made: the loader makes it
+    with the training device current (``cuda:1`` here), not cuda:0. No GPU needed: the device switch is recorded."""
+    import contextlib
+
+    import visionmix.data.streaming as streaming
+    from visionmix.data import build_dataset
+    from visionmix.data.sources import MemorySource
+
+    switched: list[int] = []
+
+    @contextlib.contextmanager
+    def device_index(index: int):
+        switched.append(index)
+        yield
+
+    monkeypatch.setattr(torch.accelerator, "device_index", device_index)
+    monkeypatch.setattr(streaming, "to_device", lambda tensor, device: tensor, raising=False)  # no GPU here
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pin_memory without an accelerator
+        loader = StreamingLoader(MemorySource(build_dataset("digits", "train", max_samples=64)), 16, train=True,
+                                 transform=resize_to(28), workers=0, device="cuda:1")
+        images, labels = next(loader.epoch(0))
+    assert switched == [1] and images.shape == (16, 1, 28, 28)

@@ -492,3 +492,14 @@ def test_a_two_headed_model_trains_both_heads_with_the_official_loss(tmp_path: P
     torch.manual_seed(0)
     fresh = create_model("uniformer_light_nano", num_classes=10, in_chans=1, img_size=28)
     assert not torch.equal(trained.head_cls.weight, fresh.head_cls.weight)
+
+
+def test_time_budget_leaves_the_first_step_out_of_the_warmup_speed(tmp_path: Path, fake_clock) -> None:
+    compiling, step = 2.0, 1 / 64  # the first step compiles (and on CUDA autotunes): far slower than the rest
+    model = {"step_delay": compiling, "later_delay": step, "later_from_call": 2}
+    cfg = replace(CFG, epochs=50, model_kwargs=model, time_budget_min=4.0 / 60)
+    train(cfg, tmp_path / "run", progress=False)
+    meta = read_meta(tmp_path / "run")
+    elapsed = compiling + (WARMUP_STEPS - 1) * step  # the compilation counts against the budget ...
+    fixed = WARMUP_STEPS + math.floor((BUDGET_FILL * 4.0 - elapsed) / step)  # ... not in the speed
+    assert meta["total_steps"] == meta["global_step"] == fixed == 121  # counting the first step: 11

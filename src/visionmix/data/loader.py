@@ -18,6 +18,7 @@ from visionmix.data.memory import ImageDataset
 from visionmix.data.seeds import stable_seed
 from visionmix.data.transforms import AUGMENTATIONS, CropFlip, normalize
 from visionmix.errors import InvalidValue
+from visionmix.transfers import to_device
 
 
 class BatchLoader:
@@ -66,17 +67,17 @@ class BatchLoader:
         if self.train:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(stable_seed(self.seed, epoch)))
         else:
-            order = torch.arange(r, n, w)
+            order = torch.arange(r, n, w, device=self.device)
+        order = to_device(order, self.device) if self.train else order  # once per epoch, not per batch
         for step in range(start_step, len(self)):
             index = order[step * b: (step + 1) * b]
             if self.train:
                 index = index[r::w]
-            index = index.to(self.device)
             images = self.images[index]
             if self.augment is not None:
                 generator = torch.Generator().manual_seed(stable_seed(self.seed, epoch, step))
-                offsets, flips = self.augment.sample(b, generator)
-                images = self.augment(images, offsets[r::w], flips[r::w])
+                offsets, flips = self.augment.sample_to(b, generator, self.device, slice(r, None, w))
+                images = self.augment(images, offsets, flips)
             yield normalize(images, self.dataset.mean, self.dataset.std), self.labels[index]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -3,6 +3,7 @@ a split of a given size fits in memory before it is loaded or resized."""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -66,6 +67,14 @@ class ImageDataset:
             raise DataError(f"max_samples must be positive, got {max_samples}")
         keep = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:max_samples].sort().values
         return replace(self, images=self.images[keep], labels=self.labels[keep])
+
+    def to(self, device: torch.device | str) -> ImageDataset:
+        """The split with its images and labels on ``device`` (the same tensors where they are already): one copy
+        that every loader of the split on ``device`` then shares."""
+        moved = copy.copy(self)  # already checked: no second pass over the labels on the device
+        object.__setattr__(moved, "images", self.images.to(device))
+        object.__setattr__(moved, "labels", self.labels.to(device))
+        return moved
 
     def with_stats(self, mean: Sequence[float], std: Sequence[float]) -> ImageDataset:
         """The same images normalised with other statistics (a test split uses its training split's)."""

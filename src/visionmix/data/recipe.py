@@ -34,6 +34,7 @@ from visionmix.checks import check_choice
 from visionmix.data.decode import INTERPOLATIONS, check_uint8_image, resample_uint8
 from visionmix.data.seeds import stable_seed
 from visionmix.errors import InvalidValue
+from visionmix.transfers import device_constant, host_side, to_device
 
 # timm's RandAugment operations (auto_augment._RAND_TRANSFORMS), in its order.
 RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
@@ -165,7 +166,7 @@ def _rand_op(name: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor
     if name == "Equalize":
         return kornia.enhance.equalize(x)
     if name == "Invert":
-        return kornia.enhance.invert(x)
+        return 1.0 - x  # kornia.enhance.invert's default, without its copy of max_val to the device per call
     if name == "Posterize":  # keep int(4 f) high bits
         return kornia.enhance.posterize(x, (4 * f).long())
     if name == "Solarize":  # invert pixels >= int(256 f)
@@ -183,7 +184,8 @@ def _rand_op(name: str, x: torch.Tensor, level: torch.Tensor, sign: torch.Tensor
     if name == "Sharpness":
         return kornia.enhance.sharpness(x, factor)
     if name == "Rotate":
-        center = torch.tensor([(w - 1) / 2, (h - 1) / 2], device=x.device).expand(b, 2)
+        center = x.new_empty(b, 2)  # filled in place: no copy from the host
+        center[:, 0], center[:, 1] = (w - 1) / 2, (h - 1) / 2
         matrix = get_rotation_matrix2d(center, 30 * f * sign, torch.ones(b, 2, device=x.device))
     else:
         # PIL's affine maps output -> input; kornia's M maps input -> output, so the offsets change sign.
@@ -202,19 +204,53 @@ def rand_augment(x: torch.Tensor, n: int, m: float, mstd: float, fill: torch.Ten
     with probability 0.5 at level ~ N(m, mstd) clipped to [0, 10], a random sign for symmetric ops. Rows that drew
     the same operation run as one kornia call. Draws from the global RNG (CPU); call it under a seeded fork.
     """
-    b = x.shape[0]
-    for _ in range(n):
-        choice = torch.randint(len(RAND_OPS), (b,))
-        applied = torch.rand(b) < 0.5
-        level = (m + mstd * torch.randn(b)).clamp(0, 10)
-        sign = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)
-        for k, name in enumerate(RAND_OPS):
-            rows = ((choice == k) & applied).nonzero().squeeze(1)
-            if rows.numel():
-                dev_rows = rows.to(x.device)
-                out = _rand_op(name, x[dev_rows], level[rows].to(x.device), sign[rows].to(x.device), fill)
-                x = x.index_copy(0, dev_rows, out)
-    return x
+    with host_side():
+        plan = RandAugmentPlan.draw(x.shape[0], n, m, mstd)
+    return plan.apply(x, to_device(plan.values, x.device), fill)
+
+
+@dataclass(frozen=True)
+class RandAugmentPlan:
+    """:func:`rand_augment`'s draws for a batch, made on the host: for each round and each operation chosen in
+    it, the rows (grouped by operation, as one kornia call each), their levels and signs, packed in ``values``
+    (``3 * count`` floats per round: rows, levels, signs) so that they reach the device in one copy; ``layout``
+    gives each round's (operation index, row count) in order."""
+
+    values: torch.Tensor
+    layout: tuple[tuple[tuple[int, int], ...], ...]
+
+    @classmethod
+    def draw(cls, b: int, n: int, m: float, mstd: float) -> RandAugmentPlan:
+        """Draw ``n`` rounds for ``b`` images from the global RNG (CPU)."""
+        parts, layout = [], []
+        for _ in range(n):
+            choice = torch.randint(len(RAND_OPS), (b,))
+            applied = torch.rand(b) < 0.5
+            level = (m + mstd * torch.randn(b)).clamp(0, 10)
+            sign = torch.where(torch.rand(b) < 0.5, -1.0, 1.0)
+            groups = [(k, ((choice == k) & applied).nonzero().squeeze(1)) for k in range(len(RAND_OPS))]
+            groups = [(k, rows) for k, rows in groups if rows.numel()]
+            rows = torch.cat([r for _, r in groups]) if groups else torch.zeros(0, dtype=torch.int64)
+            parts += [rows.float(), level[rows], sign[rows]]
+            layout.append(tuple((k, r.numel()) for k, r in groups))
+        values = torch.cat(parts) if parts else torch.zeros(0)
+        return cls(values, tuple(layout))
+
+    def apply(self, x: torch.Tensor, values: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
+        """The drawn operations on ``x``, with ``values`` (:attr:`values` on ``x``'s device)."""
+        start = 0
+        for groups in self.layout:
+            count = sum(c for _, c in groups)
+            rows, level, sign = values[start: start + 3 * count].view(3, count)
+            rows = rows.long()
+            start += 3 * count
+            offset = 0
+            for k, c in groups:
+                picked = rows[offset: offset + c]
+                out = _rand_op(RAND_OPS[k], x[picked], level[offset: offset + c], sign[offset: offset + c], fill)
+                x = x.index_copy(0, picked, out)
+                offset += c
+        return x
 
 
 class DeitBatchTransform:
@@ -253,30 +289,40 @@ class DeitBatchTransform:
         if images.dtype != torch.uint8 or c != len(self.mean):
             raise InvalidValue(f"expected uint8 (B, {len(self.mean)}, H, W), got {images.dtype} {tuple(images.shape)}")
         device = images.device
+        aug = self.aug
         with _seeded(stable_seed(seed, "deit-pixels"), device):
+            with host_side():  # every parameter drawn on the host (the CPU RNG, in the order of use) ...
+                flips = torch.rand(b) < self.hflip
+                plan = RandAugmentPlan.draw(b, aug.randaug_n, aug.randaug_m, aug.randaug_mstd)
+                boxes = self._erase_boxes((b, c, h, w)) if aug.reprob else torch.zeros(0)
+                packed = torch.cat([flips.float(), boxes.flatten(), plan.values])
+            values = to_device(packed, device)  # ... and copied to the device at once
             x = images.float() / 255
-            flips = (torch.rand(b) < self.hflip).to(device)
-            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
-            if self.aug.randaug_n:
-                fill = torch.tensor([round(255 * v) / 255 for v in self.mean], device=device).expand(3)
+            x = torch.where(values[:b].bool()[:, None, None, None], x.flip(-1), x)
+            if aug.randaug_n:
+                fill = device_constant(tuple(round(255 * v) / 255 for v in self.mean), device).expand(3)
                 x3 = x.expand(b, 3, h, w) if c == 1 else x
-                x3 = rand_augment(x3, self.aug.randaug_n, self.aug.randaug_m, self.aug.randaug_mstd, fill)
+                x3 = plan.apply(x3, values[b + boxes.numel():], fill)
                 x = x3.mean(1, keepdim=True) if c == 1 else x3
-            mean = torch.tensor(self.mean, device=device).view(1, c, 1, 1)
-            std = torch.tensor(self.std, device=device).view(1, c, 1, 1)
+            mean = device_constant(self.mean, device).view(1, c, 1, 1)
+            std = device_constant(self.std, device).view(1, c, 1, 1)
             x = (x - mean) / std
-            if self.aug.reprob:
-                x = self._erase(x)
+            if aug.reprob:
+                x = self._erase(x, values[b: b + boxes.numel()].view(5, b))
         return self.mix(x, labels, seed)
 
-    def _erase(self, x: torch.Tensor) -> torch.Tensor:
+    def _erase_boxes(self, shape: tuple[int, int, int, int]) -> torch.Tensor:
+        """kornia's RandomErasing boxes for a batch of ``shape``, drawn on the host: (5, B) top, left, height,
+        width, erased (0/1)."""
+        p = self.erasing.forward_parameters(shape)
+        return torch.stack([p["ys"], p["xs"], p["heights"], p["widths"], (p["batch_prob"] > 0).float()]).float()
+
+    def _erase(self, x: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        p = {k: v.to(x.device) for k, v in self.erasing.forward_parameters(x.shape).items()}
         rows = torch.arange(h, device=x.device)[None, :, None]
         cols = torch.arange(w, device=x.device)[None, None, :]
-        ys, xs = p["ys"].long()[:, None, None], p["xs"].long()[:, None, None]
-        hs, ws = p["heights"].long()[:, None, None], p["widths"].long()[:, None, None]
-        erased = (p["batch_prob"] > 0)[:, None, None]
+        ys, xs, hs, ws = (v.long()[:, None, None] for v in boxes[:4])
+        erased = (boxes[4] > 0)[:, None, None]
         inside = (rows >= ys) & (rows < ys + hs) & (cols >= xs) & (cols < xs + ws) & erased
         noise = torch.randn(x.shape, device=x.device)
         return torch.where(inside[:, None], noise, x)
@@ -287,7 +333,7 @@ class DeitBatchTransform:
         CutMix pastes a box of sides ``int(S sqrt(1 - lam))`` centred uniformly, clipped, and recomputes
         ``lam = 1 - box area / S^2``. Returns (mixed x, soft targets (B, num_classes), :class:`MixParams`)."""
         aug = self.aug
-        with _seeded(stable_seed(seed, "deit-mix"), torch.device("cpu")):
+        with _seeded(stable_seed(seed, "deit-mix"), torch.device("cpu")), host_side():
             lam, box = 1.0, None
             mixing = (aug.mixup_alpha > 0 or aug.cutmix_alpha > 0) and float(torch.rand(())) < aug.mix_prob
             if mixing:
@@ -314,7 +360,8 @@ def mixup_target(labels: torch.Tensor, num_classes: int, lam: float, smoothing: 
     """timm's ``mixup_target``: ``lam * smooth(onehot(y)) + (1 - lam) * smooth(onehot(y.flip(0)))`` with
     ``smooth(t) = t (1 - smoothing) + smoothing / num_classes``. int64 (B,) -> float32 (B, num_classes)."""
     off = smoothing / num_classes
-    onehot = F.one_hot(labels.long(), num_classes).float()
+    # scattered rather than F.one_hot, which reads the labels' range back to the host
+    onehot = torch.zeros(len(labels), num_classes, device=labels.device).scatter_(1, labels.long()[:, None], 1.0)
     smooth = onehot * (1 - smoothing) + off
     return lam * smooth + (1 - lam) * smooth.flip(0)
 

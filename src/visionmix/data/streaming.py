@@ -51,6 +51,7 @@ from visionmix.data.seeds import stable_seed
 from visionmix.data.sources import IndexedSource, WebDatasetSource
 from visionmix.data.transforms import Transform
 from visionmix.errors import BadImageWarning, DataError, InvalidType, InvalidValue, UnreadableImage
+from visionmix.transfers import host_side, to_device
 
 
 def _decode_size(transform: Transform) -> int | None:
@@ -129,14 +130,17 @@ class _FolderSteps:
 
     def __iter__(self) -> Iterator[tuple[int, list[int]]]:
         b, r, w, k = self.batch_size, self.rank, self.world_size, self.repeats
-        if self.train:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(stable_seed(self.seed, self.epoch)))
-            order = (order.repeat_interleave(k) * k + torch.arange(self.n * k) % k)[: self.n]
-        else:
-            order = torch.arange(r, self.n, w)
+        with host_side():  # the sampler's indices live on the host
+            if self.train:
+                generator = torch.Generator().manual_seed(stable_seed(self.seed, self.epoch))
+                order = torch.randperm(self.n, generator=generator)
+                order = (order.repeat_interleave(k) * k + torch.arange(self.n * k) % k)[: self.n]
+            else:
+                order = torch.arange(r, self.n, w)
         for step in range(self.start_step, self.steps):
-            index = order[step * b: (step + 1) * b]
-            yield self.epoch, (index[r::w] if self.train else index).tolist()
+            with host_side():
+                keys = order[step * b: (step + 1) * b][slice(r, None, w) if self.train else slice(None)].tolist()
+            yield self.epoch, keys
 
     def __len__(self) -> int:
         return self.steps - self.start_step
@@ -302,7 +306,7 @@ class StreamingLoader:
         else:  # shard readers skip what they already produced when training; evaluation re-reads from 0
             first = 0 if not self.train else start_step
             self._state.copy_(torch.tensor([epoch, first]))
-        batches = iter(self._loader)
+        batches = self._iterate()
         for step in range(first, len(self)):
             batch = next(batches, None)
             if batch is None:
@@ -319,11 +323,17 @@ class StreamingLoader:
                 continue
             if step < start_step:
                 continue
-            non_blocking = self.device.type == "cuda"
-            images = images.to(self.device, non_blocking=non_blocking)
-            labels = labels.to(self.device, non_blocking=non_blocking)
+            images, labels = to_device(images, self.device), to_device(labels, self.device)
             yield images, labels
             del images, labels
+
+    def _iterate(self) -> Iterator[Batch | _ReaderFailure]:
+        """The DataLoader's iterator, made with the training device current: its pin-memory thread pins for the
+        device current when it starts (``cuda:0`` for a run on ``cuda:N`` otherwise)."""
+        if self.device.type == "cuda" and self.device.index is not None:
+            with torch.accelerator.device_index(self.device.index):
+                return iter(self._loader)
+        return iter(self._loader)
 
     def _count_bad(self, bad: Sequence[tuple[str, str]]) -> None:
         for name, reason in bad:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from visionmix.checks import check_positive
 from visionmix.data.decode import resize_uint8
 from visionmix.errors import InvalidValue
+from visionmix.transfers import device_constant, to_device
 
 # What BatchLoader's ``augment`` can ask for: random crop + flip, the flip alone, nothing.
 AUGMENTATIONS = ("crop-flip", "flip", "none")
@@ -40,8 +41,15 @@ class CropFlip:
     def sample(self, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Crop offsets (n, 2) int64 in ``[0, 2 * padding]`` (dy, dx) and flip flags (n,) bool."""
         offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), generator=generator)
-        flips = torch.rand(n, generator=generator) < 0.5 if self.hflip else torch.zeros(n, dtype=torch.bool)
+        flips = torch.rand(n, generator=generator) < 0.5 if self.hflip else offsets.new_zeros(n, dtype=torch.bool)
         return offsets, flips
+
+    def sample_to(self, n: int, generator: torch.Generator, device: torch.device,
+                  rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``rows`` (default: all) of :meth:`sample`'s draw for a batch of ``n``, on ``device`` in one copy."""
+        offsets, flips = self.sample(n, generator)
+        packed = to_device(torch.cat([offsets, flips[:, None].long()], 1)[rows or slice(None)], device)
+        return packed[:, :2], packed[:, 2].bool()
 
     def __call__(self, images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
         """Apply the crops/flips given by :meth:`sample` to ``images`` (N, C, H, W), any dtype, any device."""
@@ -63,9 +71,9 @@ def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     c = images.shape[1]
     if len(mean) != c or len(std) != c:
         raise InvalidValue(f"mean/std need {c} entries for {c}-channel images, got {len(mean)}/{len(std)}")
-    std_t = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std_t)).to(torch.float32).view(1, c, 1, 1).to(images.device)
-    shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).to(torch.float32).view(1, c, 1, 1).to(images.device)
+    # computed in float64 on the host, rounded to float32 once, copied to the device once (device_constant)
+    scale = device_constant(tuple(1.0 / (255.0 * s) for s in std), images.device).view(1, c, 1, 1)
+    shift = device_constant(tuple(-m / s for m, s in zip(mean, std, strict=True)), images.device).view(1, c, 1, 1)
     return images.float().mul_(scale).add_(shift)
 
 

@@ -19,11 +19,12 @@ from visionmix.data import AUGMENTATIONS, DATASETS
 from visionmix.errors import InvalidType, InvalidValue
 
 DEVICES = ("auto", "cpu", "cuda")
-AMP_MODES = ("bf16", "fp16", "off")
+AMP_MODES = ("auto", "bf16", "fp16", "off")  # auto: bf16 on CUDA, fp32 on CPU
 FREEZE_MODES = ("none", "backbone")
 RECOMPUTE_BN = ("auto", "on", "off")
 RECOMPUTE_BN_BELOW_STEPS = 1000  # "auto": shorter runs end with BN statistics recomputed from the final weights
 RECOMPUTE_BN_IMAGES = 10_000  # training images (un-augmented, fixed order) the recomputation passes through
+SKIPPED_STEPS_LIMIT = 20  # fp16: this many steps in a row skipped by the gradient scaler stop the run
 BUDGET_FILL = 0.97  # a time-budgeted run is sized to this share of its budget: headroom for speed drift
 MAX_LR = 1.0  # AdamW moves every weight by about lr per step: above 1 no run learns anything
 DATA_SET_BY_ENGINE = ("num_classes", "in_chans", "img_size")
@@ -248,12 +249,18 @@ class TrainConfig:
                                                 "(repeatable), e.g. --model-arg conv_layer=dbb", flag="--model-arg",
                                           metavar="KEY=VALUE", factory=dict, group="model and data")
     device: str = option("auto", "auto = cuda when available", choices=DEVICES, group="hardware", in_report=False)
-    amp: str = option("bf16", "mixed precision on CUDA: bf16 autocast, fp16 with a gradient scaler, or off (CPU "
-                              "always trains in fp32)", choices=AMP_MODES, group="hardware")
+    amp: str = option("auto", "mixed precision on the training device: bf16 autocast, fp16 autocast with a "
+                              "gradient scaler (steps with non-finite gradients are skipped and counted; "
+                              f"{SKIPPED_STEPS_LIMIT} in a row stop the run), off (fp32), or auto (bf16 on CUDA, "
+                              "fp32 on CPU)", choices=AMP_MODES, group="hardware")
     channels_last: bool = option(False, "keep model and inputs in channels-last memory format",
                                  group="hardware", in_report=False)
     compile: bool = option(False, "torch.compile the model for training", group="hardware", in_report=False)
     sync_bn: bool = option(False, "under torchrun: synchronise BatchNorm statistics across processes", group="hardware")
+    deterministic: bool = option(False, "deterministic kernels: cuDNN deterministic without autotuning, "
+                                        "torch.use_deterministic_algorithms (a warning names an op that has none); "
+                                        "on CUDA a resumed run then continues bit for bit, at some speed",
+                                 group="hardware", in_report=False)
     eval_batch_size: int = option(500, "evaluation batch size", type=count_arg,
                                   group="hardware", valid=Whole(1), in_report=False)
     time_budget_min: float | None = option(
@@ -319,6 +326,8 @@ class TrainConfig:
             values["augment"] = "crop-flip" if values["augment"] else "none"
         if isinstance(values.get("amp"), bool):  # runs saved before --amp took a mode
             values["amp"] = "bf16" if values["amp"] else "off"
+        if values.get("amp") == "bf16" and "deterministic" not in values:  # saved when "bf16" meant "auto" (CUDA only)
+            values["amp"] = "auto"
         return cls(**values)
 
     @classmethod
@@ -396,16 +405,23 @@ def add_config_options(parser: argparse.ArgumentParser, *,
 
 def report_fields(cfg: TrainConfig, device: str) -> dict[str, Any]:
     """The fields of ``cfg`` that change what is learnt and apply to it (no RandAugment under the small recipe, no
-    worker count for in-memory data), ``amp`` as used on ``device`` (CPU trains in fp32): a comparison's recipe
+    worker count for in-memory data), ``amp`` as used on ``device`` (:func:`amp_mode`): a comparison's recipe
     line."""
     shown = {}
     for f in fields(TrainConfig):
         applies = f.metadata["applies"]
         if f.metadata["in_report"] and (applies is None or APPLIES[applies](cfg)):
             shown[f.name] = getattr(cfg, f.name)
-    if not device.startswith("cuda"):
-        shown["amp"] = "off"
+    shown["amp"] = amp_mode(cfg.amp, device.split(":")[0])
     return shown
+
+
+def amp_mode(amp: str, device_type: str) -> str:
+    """The precision ``--amp`` trains in on a device of ``device_type``: "bf16", "fp16" or "off" (fp32); "auto" is
+    bf16 on CUDA and fp32 elsewhere."""
+    if amp == "auto":
+        return "bf16" if device_type == "cuda" else "off"
+    return amp
 
 
 def config_values(args: argparse.Namespace) -> dict[str, Any]:

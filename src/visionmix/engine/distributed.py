@@ -90,6 +90,17 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
+def sync_batchnorm(model: nn.Module, ctx: DistContext) -> nn.Module:
+    """``model`` with every BatchNorm a :class:`~torch.nn.SyncBatchNorm` when distributed (``--sync-bn``), else
+    ``model``; CUDA only (torch's SyncBatchNorm has no CPU kernels)."""
+    if not ctx.enabled:
+        return model
+    if ctx.device.type != "cuda":
+        raise InvalidValue("sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); on CPU each "
+                           "process keeps its own BatchNorm statistics")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 

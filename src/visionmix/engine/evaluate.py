@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import types
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,16 +39,17 @@ def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, device: torch.d
     loss_sum = torch.zeros((), dtype=torch.float64, device=data.device)
     top5 = torch.zeros((), dtype=torch.int64, device=data.device)
     with eval_mode(model):
-        for images, labels in data:
+        for images, labels in data:  # nothing here waits for the device: one read at the end
             logits = model(images).float()
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
             ranked = logits.topk(k, dim=1).indices
             top5 += (ranked == labels[:, None]).any(1).sum()
-            confusion += torch.bincount(labels * num_classes + ranked[:, 0], minlength=num_classes**2)
-    if ctx is not None:
-        totals = all_reduce_sum(torch.cat([confusion.double(), loss_sum[None], top5[None].double()]), ctx)
-        confusion, loss_sum, top5 = totals[:-2].long(), totals[-2], totals[-1].long()
-    return metrics_from_counts(confusion.view(num_classes, num_classes).cpu(), float(loss_sum), int(top5))
+            # index_add_, not bincount: bincount reads the largest index back to size its output
+            confusion.index_add_(0, labels * num_classes + ranked[:, 0], torch.ones_like(labels))
+    totals = torch.cat([confusion.double(), loss_sum[None], top5[None].double()])  # exact: counts < 2^53
+    values = all_reduce_sum(totals, ctx).tolist() if ctx is not None else totals.tolist()
+    counts = torch.tensor(values[:-2], dtype=torch.int64).view(num_classes, num_classes)
+    return metrics_from_counts(counts, values[-2], int(values[-1]))
 
 
 @torch.no_grad()
@@ -56,20 +58,31 @@ def recompute_bn_statistics(model: nn.Module, batches: Iterable[torch.Tensor]) -
     it is now, so eval mode uses statistics of the final weights (after a short run the running averages still lag
     them). Like ``torch.optim.swa_utils.update_bn`` (cumulative average: ``momentum=None``), but only the norms run
     in train mode: dropout and drop-path stay off, so the statistics are those of the network evaluation runs.
-    Returns how many norms were recomputed; every module's mode and momentum are restored."""
+    Returns how many norms were recomputed; every module's mode and momentum are restored.
+
+    A :class:`~torch.nn.SyncBatchNorm` runs as a plain BatchNorm here (this process's batches only): in train mode
+    its forward would start a collective that no other rank joins (the trainer recomputes on rank 0 alone), so
+    it would wait until the process group's time-out."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return 0
     momenta = [m.momentum for m in norms]
-    with eval_mode(model):
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        for x in batches:
-            model(x)
-    for m, momentum in zip(norms, momenta, strict=True):
-        m.momentum = momentum
+    synced = [m for m in norms if isinstance(m, nn.SyncBatchNorm)]
+    try:
+        for m in synced:  # an instance attribute shadows SyncBatchNorm.forward until it is deleted below
+            m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)
+        with eval_mode(model):
+            for m in norms:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            for x in batches:
+                model(x)
+    finally:
+        for m in synced:
+            del m.forward
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
     return len(norms)
 
 

@@ -98,12 +98,23 @@ class ModelEma:
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
+        self._pairs: tuple[Any, ...] | None = None  # (model, its tensor lists), see _tensors
+
+    def _tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], ...]:
+        """(EMA floats, model floats, EMA others, model others): the state's tensors themselves, listed once per
+        model (the lists stay valid: parameters and buffers are updated in place)."""
+        if self._pairs is None or self._pairs[0] is not model:
+            ema, live = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+            floats = [k for k, v in ema.items() if v.is_floating_point()]
+            others = [k for k, v in ema.items() if not v.is_floating_point()]
+            self._pairs = (model, [ema[k] for k in floats], [live[k].detach() for k in floats],
+                           [ema[k] for k in others], [live[k] for k in others])
+        return self._pairs[1:]
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
         d = min(self.decay, (1 + step) / (10 + step))
-        for ema_v, v in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
-            if ema_v.is_floating_point():
-                ema_v.lerp_(v, 1.0 - d)
-            else:
-                ema_v.copy_(v)
+        ema_floats, floats, ema_others, others = self._tensors(model)
+        torch._foreach_lerp_(ema_floats, floats, 1.0 - d)  # one kernel per group of tensors, not per tensor
+        if ema_others:
+            torch._foreach_copy_(ema_others, others)

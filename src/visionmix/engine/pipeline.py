@@ -107,7 +107,7 @@ class _SmallRecipe:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.augment is not None:
-            offsets, flips = self.augment.sample(len(images), torch.Generator().manual_seed(seed))
+            offsets, flips = self.augment.sample_to(len(images), torch.Generator().manual_seed(seed), images.device)
             images = self.augment(images, offsets, flips)
         return normalize(images, self.mean, self.std), labels
 
@@ -143,14 +143,15 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
                     train_ds.std, len(train_ds), len(test_ds))
     test = BatchLoader(test_ds, cfg.eval_batch_size, train=False, rank=ctx.rank, world_size=ctx.world_size,
                        device=ctx.device)
-    bn = BatchLoader(train_ds, cfg.eval_batch_size, train=False, device=ctx.device)
+    on_device = train_ds.to(ctx.device)  # one copy on the device, shared by the training and BN loaders
+    bn = BatchLoader(on_device, cfg.eval_batch_size, train=False, device=ctx.device)
     if cfg.recipe == "small":
-        train = BatchLoader(train_ds, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
+        train = BatchLoader(on_device, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
                             rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
         return Pipeline(info, train, test, bn, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing))
     from visionmix.data.sources import MemorySource
 
-    return _deit(cfg, ctx, MemorySource(train_ds), info, test, bn)
+    return _deit(cfg, ctx, MemorySource(train_ds), info, test, bn)  # deit's workers read the host copy
 
 
 def _streamed(cfg: TrainConfig, ctx: DistContext) -> Pipeline:

@@ -5,8 +5,9 @@ is :mod:`~visionmix.engine.config`, the data and loss :mod:`~visionmix.engine.pi
 schedule and EMA :mod:`~visionmix.engine.optim`, the run directory :mod:`~visionmix.engine.run_setup` and
 :mod:`~visionmix.engine.run_files`. AdamW (1711.05101) with
 per-step linear warmup then cosine decay (1608.03983), gradient-norm clipping, the model's drop-path (1603.09382),
-optional EMA; ``accum_steps`` micro-batches per optimizer step; fp32 on CPU, bf16 autocast or fp16 with a gradient
-scaler on CUDA (``amp``), optionally channels-last, ``torch.compile`` and SyncBatchNorm (CUDA under torchrun).
+optional EMA; ``accum_steps`` micro-batches per optimizer step; fp32, bf16 autocast or fp16 with a gradient
+scaler on the training device (``amp``; auto: bf16 on CUDA, fp32 on CPU), optionally channels-last,
+``torch.compile`` and SyncBatchNorm (CUDA under torchrun).
 ``init`` fine-tunes from a checkpoint (every key but a resized classifier), ``freeze="backbone"`` trains the
 classifier alone with the backbone's BN statistics frozen, ``layer_decay`` scales each layer's LR.
 
@@ -14,7 +15,8 @@ Exact resume: the batch order of epoch ``e`` and the augmentation of step ``k`` 
 ``(seed, e, k)`` (in-memory: :mod:`visionmix.data.loader`; streamed: :mod:`visionmix.data.streaming`, whose
 DataLoader draws nothing from the global RNG), and a checkpoint holds weights, optimizer, scheduler, gradient
 scaler, EMA, every rank's RNG state and the epoch's running sums, so a run resumed from a checkpoint taken at any
-step, including mid-epoch, continues bit for bit as if it had never stopped (same seed, deterministic CPU kernels).
+step, including mid-epoch, continues bit for bit as if it had never stopped: on CPU always, on CUDA with
+``deterministic`` (cuDNN's autotuning and atomics otherwise pick kernels whose sums differ run to run).
 Checkpoints are written before the first step (step 0: the directory is the run's from the start), at epoch ends,
 every ``save_every`` steps and on SIGINT/SIGTERM; the previous one is kept beside the latest. A run of under
 ``RECOMPUTE_BN_BELOW_STEPS`` steps ends by recomputing its BatchNorm statistics from the final weights.
@@ -27,6 +29,7 @@ down and the budget runs out first, the run ends there. Training time excludes e
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -132,15 +135,33 @@ def _train_held(cfg: TrainConfig, out_dir: Path, *, resume: bool, progress: bool
     log_path = out_dir / run_files.LOG_FILE if launched_rank() == 0 else None
     with console_logging(), run_log(log_path, claimed=(out_dir / run_files.CHECKPOINT_FILE).is_file):
         ctx = init_distributed(cfg.device)
-        benchmark = torch.backends.cudnn.benchmark
         try:
-            torch.backends.cudnn.benchmark = ctx.device.type == "cuda"  # fixed shapes: let cuDNN pick its kernels
-            with _signal_flag() as flag:
+            with _kernel_settings(ctx.device, cfg.deterministic), _signal_flag() as flag:
                 summary = Trainer(cfg, out_dir, ctx, meta, progress, flag).run()
             barrier(ctx)  # no rank leaves the group while another still writes (gloo can abort a rank left behind)
             return summary
         finally:
-            torch.backends.cudnn.benchmark = benchmark  # the process's setting again, for whatever runs next
             shutdown(ctx)
+
+
+@contextmanager
+def _kernel_settings(device: torch.device, deterministic: bool) -> Iterator[None]:
+    """cuDNN autotuning on CUDA (fixed shapes: let it pick its kernels), or with ``deterministic`` cuDNN's
+    deterministic kernels and ``torch.use_deterministic_algorithms`` (warning for an op without one); the process's
+    settings again afterwards, for whatever runs next."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic, torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        cudnn.benchmark = device.type == "cuda" and not deterministic
+        if deterministic:
+            cudnn.deterministic = True
+            if device.type == "cuda":  # cuBLAS is deterministic only with a fixed workspace (read at its first use)
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved[0], saved[1]
+        torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
 
 

@@ -23,13 +23,21 @@ from tqdm.auto import tqdm
 
 from visionmix.data import stable_seed
 from visionmix.engine import run_files
-from visionmix.engine.config import BUDGET_FILL, RECOMPUTE_BN_BELOW_STEPS, RECOMPUTE_BN_IMAGES, TrainConfig
+from visionmix.engine.config import (
+    BUDGET_FILL,
+    RECOMPUTE_BN_BELOW_STEPS,
+    RECOMPUTE_BN_IMAGES,
+    SKIPPED_STEPS_LIMIT,
+    TrainConfig,
+    amp_mode,
+)
 from visionmix.engine.distributed import (
     DistContext,
     all_reduce_sum,
     barrier,
     broadcast_buffers,
     gather_objects,
+    sync_batchnorm,
     wrap_model,
 )
 from visionmix.engine.evaluate import evaluate, recompute_bn_statistics
@@ -44,6 +52,7 @@ _LOG = logger("train")
 # where a run's time goes (checkpoint.json's time_s, summary.json's time): loading the data, building the model and
 # optimizer, waiting for batches, the rest of the training steps, BN recomputation, evaluation, checkpoint writes
 TIME_PARTS = ("data_load_s", "setup_s", "batches_s", "steps_s", "bn_s", "eval_s", "checkpoint_s")
+STATS_EVERY = 50  # optimizer steps between reads of the step statistics from the device (progress bar)
 
 
 class Trainer:
@@ -71,11 +80,8 @@ class Trainer:
                       f"another class count), which starts freshly initialised")
         if cfg.freeze == "backbone":
             freeze_backbone(self.raw_model)
-        if cfg.sync_bn and ctx.enabled:
-            if device.type != "cuda":
-                raise InvalidValue("sync_bn needs CUDA devices (torch's SyncBatchNorm runs on GPUs only); on CPU each "
-                                   "process keeps its own BatchNorm statistics")
-            self.raw_model = nn.SyncBatchNorm.convert_sync_batchnorm(self.raw_model)
+        if cfg.sync_bn:
+            self.raw_model = sync_batchnorm(self.raw_model, ctx)
         self.raw_model.to(device, memory_format=torch.channels_last if cfg.channels_last else torch.preserve_format)
         self.params = sum(p.numel() for p in self.raw_model.parameters())
         self.ema = ModelEma(self.raw_model, cfg.ema_decay) if cfg.ema_decay else None
@@ -83,7 +89,8 @@ class Trainer:
         for group in groups:
             group["lr"] = cfg.peak_lr * group["lr_scale"]
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr)
-        self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" and device.type == "cuda" else None
+        amp = amp_mode(cfg.amp, device.type)
+        self.scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         self.steps_per_epoch = len(self.loader)
         self.total_steps = max(1, round(cfg.epochs * self.steps_per_epoch))  # a time budget lowers it after warmup
         self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
@@ -96,6 +103,12 @@ class Trainer:
             step, warmup_steps=self.warmup_steps, total_steps=self.total_steps, min_ratio=cfg.min_lr_ratio))
         self.epoch, self.step, self.global_step = 0, 0, 0
         self.running = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0}
+        # device-side sums of the steps not yet read (_record): loss_sum, correct, seen, non-finite steps, and the
+        # first non-finite one's step, loss and gradient norm
+        self._pending = torch.zeros(7, dtype=torch.float64, device=device)
+        self.skipped_steps, self.skipped_in_row = 0, 0  # fp16 steps the gradient scaler skipped
+        self.bar: tqdm | None = None  # the epoch's progress bar
+        self.speed_from: tuple[int, float] | None = None  # (global step, train time) after this process's 1st step
         self.history: list[dict[str, Any]] = []
         self.train_time = 0.0
         saving = time.perf_counter()
@@ -112,9 +125,8 @@ class Trainer:
         self.model = wrap_model(self.raw_model, ctx)
         if cfg.compile:
             self.model = torch.compile(self.model)
-        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-        self.autocast = (torch.autocast("cuda", dtype=amp_dtype) if amp_dtype is not None and device.type == "cuda"
-                         else nullcontext())
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
+        self.autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         self.times["data_load_s"] += data_load
         self.times["setup_s"] += time.perf_counter() - started - data_load - saving
 
@@ -126,6 +138,7 @@ class Trainer:
             "epoch": self.epoch, "step_in_epoch": self.step, "global_step": self.global_step,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "length_fixed": self.length_fixed, "running": dict(self.running), "history": self.history,
+            "skipped_steps": self.skipped_steps, "skipped_in_row": self.skipped_in_row,
             "train_time_s": self.train_time, "time_s": {k: round(v, 3) for k, v in self.times.items()},
             "world_size": self.ctx.world_size, "finished": finished,
             "versions": {"torch": torch.__version__},
@@ -133,6 +146,7 @@ class Trainer:
 
     def _save(self, finished: bool = False) -> None:
         started = time.perf_counter()
+        self._read_stats()  # the running sums it saves, and no checkpoint of a diverged step
         self._write_checkpoint(finished)
         self.times["checkpoint_s"] += time.perf_counter() - started
 
@@ -163,6 +177,7 @@ class Trainer:
         self.epoch, self.step, self.global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         self.running, self.history, self.train_time = dict(meta["running"]), meta["history"], meta["train_time_s"]
         self.times.update(meta.get("time_s", {}))  # a run saved before time accounting starts its parts at 0
+        self.skipped_steps, self.skipped_in_row = meta.get("skipped_steps", 0), meta.get("skipped_in_row", 0)
         if meta.get("length_fixed"):  # a time-budgeted run keeps the length it fixed (older runs: from the config)
             self.total_steps, self.length_fixed = meta["total_steps"], True
         if meta["steps_per_epoch"] != self.steps_per_epoch:
@@ -217,15 +232,15 @@ class Trainer:
         return summary
 
     def _train_epoch(self) -> None:
-        cfg, ctx = self.cfg, self.ctx
+        cfg = self.cfg
         self.model.train()
         if cfg.freeze == "backbone":
             frozen_norms_eval(self.raw_model)
         epoch_steps = self._epoch_steps()
-        bar = tqdm(total=epoch_steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
-                   unit="step", disable=not (self.show and sys.stderr.isatty()), dynamic_ncols=True, leave=True)
+        self.bar = tqdm(total=epoch_steps, initial=self.step, desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
+                        unit="step", disable=not (self.show and sys.stderr.isatty()), dynamic_ncols=True, leave=True)
         params = [p for p in self.raw_model.parameters() if p.requires_grad]
-        with bar:
+        with self.bar:
             tick = fetch = time.perf_counter()  # training time counts batch preparation too, not checkpoint writes
             # the last epoch of a fractional ``epochs`` (or of a time budget) stops part-way
             for images, target in islice(self.loader.epoch(self.epoch, self.step), epoch_steps - self.step):
@@ -235,44 +250,32 @@ class Trainer:
                     self.scaler.unscale_(self.optimizer)
                 grad_norm = (nn.utils.clip_grad_norm_(params, cfg.clip_grad) if cfg.clip_grad is not None
                              else nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+                self._record(loss, correct, seen, grad_norm)
                 spent = self.budget_s is not None and self.train_time + time.perf_counter() - tick >= self.budget_s
-                counts = [seen, float(bool(self.stop_flag)), float(spent)]  # flags summed over ranks
-                stats = torch.cat([torch.stack([loss * seen, correct]), torch.tensor(counts, device=correct.device)])
-                loss_sum, correct, seen, stop, spent = all_reduce_sum(stats, ctx).tolist()
-                # fp16's scaler skips a step whose gradients overflowed; otherwise a non-finite gradient is fatal
-                finite_grad = self.scaler is not None or math.isfinite(float(grad_norm))
-                if not (math.isfinite(loss_sum) and finite_grad):
-                    loss_value, norm = loss_sum / seen, float(grad_norm)
-                    self._fail(f"non-finite training loss ({loss_value}) / gradient norm ({norm}) at epoch "
-                               f"{self.epoch + 1} step {self.step + 1}",
-                               {"step": self.step + 1, "loss": repr(loss_value), "grad_norm": repr(norm)})
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
+                stop, spent = self._sum_over_ranks([float(bool(self.stop_flag)), float(spent)])
+                applied = self._optimizer_step(grad_norm)
                 self.global_step += 1
                 self.step += 1
-                if self.ema is not None:
+                if applied and self.ema is not None:
                     self.ema.update(self.raw_model, self.global_step)
+                warmup_end = not self.length_fixed and self.global_step >= self.warmup_steps
+                if self.speed_from is None or warmup_end:
+                    self._wait_for_device()  # the times the run's length is fixed from are the device's
                 now = time.perf_counter()
                 self.train_time, tick = self.train_time + now - tick, now
                 self.times["steps_s"] = self.train_time - self.times["batches_s"]
-                if not self.length_fixed and self.global_step >= self.warmup_steps:
+                if self.speed_from is None:  # this process's first step: compilation, autotuning, allocations
+                    self.speed_from = (self.global_step, self.train_time)
+                if warmup_end:
                     self._fix_length()  # before the first step whose learning rate depends on the length
                 if spent:
                     self._end_at_budget()  # this was the last step: the learning rate stays where it was
-                else:
+                elif applied:
                     self.scheduler.step()
-                bar.total = self._epoch_steps()
-                run = self.running
-                run["loss_sum"] += loss_sum
-                run["correct"] += correct
-                run["seen"] += seen
-                bar.set_postfix(loss=f"{run['loss_sum'] / run['seen']:.3f}",
-                                acc=f"{100 * run['correct'] / run['seen']:.1f}",
-                                img_s=f"{self.global_step * cfg.batch_size / self.train_time:.0f}", refresh=False)
-                bar.update(1)
+                self.bar.total = self._epoch_steps()
+                if self.global_step % STATS_EVERY == 0:
+                    self._read_stats()
+                self.bar.update(1)
                 fetch = time.perf_counter()
                 if stop:
                     self._interrupt()
@@ -281,6 +284,68 @@ class Trainer:
                 if cfg.save_every and self.global_step % cfg.save_every == 0:
                     self._save()
                     tick = fetch = time.perf_counter()
+
+    def _record(self, loss: torch.Tensor, correct: torch.Tensor, seen: float, grad_norm: torch.Tensor) -> None:
+        """Add a step's loss, correct count and size to the device-side sums (a step with a non-finite loss or
+        gradient norm is left out and counted, the first one's step, loss and norm kept), read by
+        :meth:`_read_stats`: nothing here waits for the device."""
+        acc = self._pending
+        finite = torch.isfinite(loss) & torch.isfinite(grad_norm)
+        first = ~finite & (acc[3] == 0)
+        stats = torch.stack([loss * seen, correct, torch.full_like(loss, seen)]).double()
+        acc[:3] += torch.where(finite, stats, 0.0)
+        acc[3] += (~finite).double()
+        info = torch.stack([torch.full_like(loss, self.step + 1), loss.float(), grad_norm.float()]).double()
+        acc[4:] = torch.where(first, info, acc[4:])
+
+    def _read_stats(self) -> None:
+        """Move the device-side step sums (:meth:`_record`, summed over ranks) into the running sums: every
+        STATS_EVERY steps, before a checkpoint and at the end of an epoch, one read from the device each time.
+        Without the gradient scaler a non-finite step stops the run here (the checkpoint on disk predates it)."""
+        acc = self._pending
+        values = torch.cat([all_reduce_sum(acc[:4].clone(), self.ctx), acc[4:]]).tolist()
+        acc.zero_()
+        run = self.running
+        for key, value in zip(("loss_sum", "correct", "seen"), values[:3], strict=True):
+            run[key] += value
+        bad, (step, loss_value, norm) = values[3], values[4:]
+        if bad and self.scaler is None:
+            self._fail(f"non-finite training loss ({loss_value}) / gradient norm ({norm}) at epoch "
+                       f"{self.epoch + 1} step {int(step)}",
+                       {"step": int(step), "loss": repr(loss_value), "grad_norm": repr(norm)})
+        if run["seen"] and self.bar is not None:
+            self.bar.set_postfix(loss=f"{run['loss_sum'] / run['seen']:.3f}",
+                                 acc=f"{100 * run['correct'] / run['seen']:.1f}",
+                                 img_s=f"{self.global_step * self.cfg.batch_size / self.train_time:.0f}",
+                                 refresh=False)
+
+    def _optimizer_step(self, grad_norm: torch.Tensor) -> bool:
+        """Step the optimizer; under fp16 only if the gradients are finite (the gradient scaler's rule; the one
+        read from the device per step), counting the skipped steps: SKIPPED_STEPS_LIMIT in a row stop the run.
+        Returns whether the step was applied (the schedule and the EMA advance only then)."""
+        if self.scaler is None:
+            self.optimizer.step()
+            return True
+        applied = bool(torch.isfinite(grad_norm))  # the gradients are unscaled: the same test as the scaler's
+        if applied:
+            self.optimizer.step()
+            self.skipped_in_row = 0
+        else:
+            self.skipped_steps += 1
+            self.skipped_in_row += 1
+        self.scaler.update()  # halves the loss scale after a skipped step, grows it after a run of good ones
+        if self.skipped_in_row >= SKIPPED_STEPS_LIMIT:
+            self._fail(f"fp16: the gradient scaler skipped {self.skipped_in_row} steps in a row (non-finite "
+                       f"gradients down to a loss scale of {self.scaler.get_scale():g}) at epoch {self.epoch + 1} "
+                       f"step {self.step + 1}; try --amp bf16",
+                       {"step": self.step + 1, "skipped_in_row": self.skipped_in_row})
+        return applied
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        """``values`` summed over the ranks (a collective and a read under torchrun; as they are otherwise)."""
+        if not self.ctx.enabled:
+            return values
+        return all_reduce_sum(torch.tensor(values, dtype=torch.float64, device=self.ctx.device), self.ctx).tolist()
 
     def _accumulate(self, images: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Forward and backward of one optimizer step's batch in ``accum_steps`` micro-batches, each loss weighted
@@ -297,6 +362,8 @@ class Trainer:
         for index, (x, y) in enumerate(chunks):
             if not len(y):
                 continue
+            if self.cfg.compile:  # uneven micro-batches, short batches: one graph for every batch size
+                torch._dynamo.maybe_mark_dynamic(x, 0)
             last = index == len(chunks) - 1
             sync = nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
             with sync:
@@ -324,15 +391,24 @@ class Trainer:
 
     def _fix_length(self) -> None:
         """End of warmup under a time budget: fix the run at the steps that fill BUDGET_FILL of it at the speed of
-        the warmup (mean over ranks), never more than ``epochs``."""
-        elapsed = float(all_reduce_sum(torch.tensor([self.train_time], device=self.ctx.device), self.ctx))
-        elapsed /= self.ctx.world_size
+        the warmup after this process's first step (which compiles, autotunes cuDNN and allocates: its time counts
+        against the budget, not in the speed; mean over ranks), never more than ``epochs``."""
+        first_step, first_time = self.speed_from
+        steps, timed = self.global_step - first_step, self.train_time - first_time
+        if steps == 0:  # resumed at the warmup's last step: the whole warmup's speed
+            steps, timed = self.global_step, self.train_time
+        elapsed, timed = (v / self.ctx.world_size for v in self._sum_over_ranks([self.train_time, timed]))
         left = max(0.0, BUDGET_FILL * self.budget_s - elapsed)
-        self.total_steps = min(self.total_steps, self.global_step + math.floor(left * self.global_step / elapsed))
+        self.total_steps = min(self.total_steps, self.global_step + math.floor(left * steps / max(timed, 1e-9)))
         self.length_fixed = True
         self._log(f"time budget {self.cfg.time_budget_min:g} min: {self.global_step} warmup steps took "
-                  f"{elapsed:.1f} s, so the run is fixed at {self.total_steps} steps "
-                  f"({self.total_steps / self.steps_per_epoch:.2f} epochs)")
+                  f"{elapsed:.1f} s ({timed / steps:.3g} s per step after the first), so the run is fixed at "
+                  f"{self.total_steps} steps ({self.total_steps / self.steps_per_epoch:.2f} epochs)")
+
+    def _wait_for_device(self) -> None:
+        """Let the device finish its queue (CUDA runs ahead of the host): before reading the clock for timing."""
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
 
     def _end_at_budget(self) -> None:
         """The budget ran out before the fixed length (the machine slowed down): the run ends at this step."""
@@ -341,6 +417,7 @@ class Trainer:
         self.total_steps, self.length_fixed = self.global_step, True
 
     def _end_epoch(self) -> None:
+        self._read_stats()
         cfg, run = self.cfg, self.running
         if self.global_step >= self.total_steps and self._recomputes_bn():
             started = time.perf_counter()
@@ -355,8 +432,9 @@ class Trainer:
                        {"eval_loss": repr(metrics["loss"])})
         epoch_steps = self.step
         entry = {
-            "epoch": self.epoch + 1, "train_loss": run["loss_sum"] / run["seen"],
-            "train_acc": 100.0 * run["correct"] / run["seen"], "eval_loss": metrics["loss"],
+            "epoch": self.epoch + 1, "train_loss": run["loss_sum"] / max(run["seen"], 1),
+            "train_acc": 100.0 * run["correct"] / max(run["seen"], 1), "eval_loss": metrics["loss"],
+            "skipped_steps": self.skipped_steps,
             "eval_top1": metrics["top1"], "eval_top5": metrics["top5"],
             "lr": max(g["lr"] for g in self.optimizer.param_groups),  # the classifier's under layer decay
             "time_s": self.train_time, "global_step": self.global_step,
@@ -373,8 +451,11 @@ class Trainer:
                   f"{entry['train_loss']:.4f} acc {entry['train_acc']:.2f}% | test loss {entry['eval_loss']:.4f} "
                   f"top-1 {entry['eval_top1']:.2f}% top-5 {entry['eval_top5']:.2f}% | "
                   f"{entry['images_per_s']:.0f} img/s")
-        stop = all_reduce_sum(torch.tensor([float(bool(self.stop_flag))], device=self.ctx.device), self.ctx)
-        if not finished and float(stop) > 0:
+        if self.skipped_steps:
+            self._log(f"fp16: the gradient scaler has skipped {self.skipped_steps} steps so far (non-finite "
+                      f"gradients)")
+        stop = self._sum_over_ranks([float(bool(self.stop_flag))])[0]
+        if not finished and stop > 0:
             self._interrupt(saved=True)
 
     def _recomputes_bn(self) -> bool:
