@@ -4,8 +4,8 @@ Every launcher ends up calling the one entry point :func:`run_spec` for each run
 which launcher ran it, only on its spec (with equal ``threads``: float reductions depend on the thread count):
 
 - :class:`InlineLauncher` calls it in this process, one run after another (``--launcher inline``);
-- :class:`LocalLauncher` runs ``--jobs`` worker processes at once (``python -m visionmix.bench.launch --serve``,
-  each kept for run after run), each with its own threads and, with CUDA, its own GPUs (``CUDA_VISIBLE_DEVICES``;
+- :class:`LocalLauncher` runs ``--jobs`` worker processes at once (:func:`main` with ``--serve``, each kept for
+  run after run), each with its own threads and, with CUDA, its own GPUs (``CUDA_VISIBLE_DEVICES``;
   ``--jobs-per-gpu`` runs share one);
 - a Slurm launcher (``--launcher slurm``, registered in :data:`LAUNCHERS`) submits it with submitit.
 
@@ -253,8 +253,12 @@ class _handling_signals:
             signal.signal(s, h)
 
 
+# a worker's command (python -c): not ``-m visionmix.bench.launch``, which visionmix.bench's imports would load twice
+_WORKER = "import sys; from visionmix.bench.launch import main; sys.exit(main())"
+
+
 class _Worker:
-    """A worker process of one slot (``python -m visionmix.bench.launch --serve FD``), kept for run after run so
+    """A worker process of one slot (:func:`main` with ``--serve FD``), kept for run after run so
     each run does not pay Python's, torch's and the optimizer's start-up again: it reads one spec per line on its
     stdin, runs it with its output in that run's ``stdout.log``/``stderr.log``, and answers its exit status
     (:func:`main`'s) on the pipe ``FD``."""
@@ -269,9 +273,9 @@ class _Worker:
         run_dir = Path(first.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / STDOUT_FILE, "ab") as out, open(run_dir / STDERR_FILE, "ab") as err:  # until it serves
-            self.process = subprocess.Popen([sys.executable, "-m", "visionmix.bench.launch", "--serve",
-                                             str(answer_fd)], stdin=subprocess.PIPE, stdout=out, stderr=err,
-                                            env=environ, pass_fds=(answer_fd,))
+            self.process = subprocess.Popen([sys.executable, "-c", _WORKER, "--serve", str(answer_fd)],
+                                            stdin=subprocess.PIPE, stdout=out, stderr=err, env=environ,
+                                            pass_fds=(answer_fd,))
         os.close(answer_fd)
         self.spec: RunSpec | None = None  # the run it is on
         self.received = b""
@@ -540,13 +544,9 @@ def redirect_output(run_dir: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """A worker process: ``python -m visionmix.bench.launch --serve FD`` (:func:`_serve`)."""
+    """A worker process of the local launcher: ``main(["--serve", FD])`` (:func:`_serve`)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if len(args) != 2 or args[0] != "--serve":
-        print("usage: python -m visionmix.bench.launch --serve FD (a worker of visionmix compare)", file=sys.stderr)
+        print("usage: --serve FD (a worker process of visionmix compare --launcher local)", file=sys.stderr)
         return 2
     return _serve(int(args[1]))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
