@@ -148,3 +148,53 @@ def test_checkpoint_filter_fn_is_applied(tmp_path):
     torch.save({f"linear.{k}": v for k, v in src.state_dict().items()}, path)
     model = load_checkpoint(Renamed(), path)
     torch.testing.assert_close(model.fc.weight, src.weight)
+
+
+# ---------------------------------------------------------------------------------- another input channel count
+def _random(name: str, in_chans: int, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(name, in_chans=in_chans)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["resnet_nano", "spach_ms_nano_attn", "mixer_nano"])
+@pytest.mark.parametrize(("trained", "target"), [(3, 1), (1, 3), (3, 6), (3, 4)])
+def test_weights_of_another_channel_count_adapt_the_first_conv(tmp_path, caplog, name, trained, target):
+    source = _random(name, trained, 0)
+    path = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(path))
+    with caplog.at_level("WARNING", logger="visionmix"):
+        model = create_model(name, in_chans=target, checkpoint_path=str(path)).eval()
+    first = f"{model.pretrained_cfg['first_conv']}.weight"
+    notices = [r.getMessage() for r in caplog.records if first in r.getMessage()]
+    assert len(notices) == 1 and f"trained on {trained} input channels; adapted to the model's {target}" in notices[0]
+    w, w0 = model.state_dict()[first], source.state_dict()[first]
+    expected = (w0.sum(1, keepdim=True) if target == 1
+                else torch.stack([w0[:, c % trained] for c in range(target)], 1) * (trained / target))
+    torch.testing.assert_close(w, expected, rtol=0, atol=0)
+    if target % trained and target != 1:
+        return  # 3 -> 4 channels: [r, g, b, r] * 3/4, no equal-response promise
+    # an image whose channels are all equal gives what the original gives for that image
+    grey = torch.randn(2, 1, *model.pretrained_cfg["input_size"][1:])
+    with torch.no_grad():
+        torch.testing.assert_close(model(grey.expand(-1, target, -1, -1)), source(grey.expand(-1, trained, -1, -1)),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_init_adapts_the_channels_and_a_kernel_mismatch_still_fails(tmp_path):
+    from visionmix.engine.run_files import init_from
+
+    path = tmp_path / "rgb.pth"
+    torch.save({"model": _random("resnet_nano", 3, 0).state_dict()}, path)
+    model = _random("resnet_nano", 1, 1)
+    assert init_from(model, path) == []
+    first = f"{model.pretrained_cfg['first_conv']}.weight"
+    torch.testing.assert_close(model.state_dict()[first], torch.load(path)["model"][first].sum(1, keepdim=True))
+    state = _random("resnet_nano", 1, 0).state_dict()
+    state[first] = torch.zeros(state[first].shape[0], 3, 5, 5)  # another kernel size: not an adaptation
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=rf"{first}: checkpoint \({state[first].shape[0]}, 3, 5, 5\)"):
+        load_checkpoint(_random("resnet_nano", 1, 1), path)

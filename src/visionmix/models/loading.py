@@ -3,6 +3,8 @@
 Wrappers written by common training scripts are unwrapped (``{"state_dict": ...}``, ``{"model": ...}``,
 ``{"state_dict_ema": ...}``, ``{"model_ema": ...}``) and a DataParallel/DDP ``module.`` prefix is stripped. A model
 class may define ``checkpoint_filter_fn(state_dict, model) -> state_dict`` (timm's hook) to remap foreign layouts.
+Weights of another input channel count (RGB weights for a grey model, say) are adapted in the model's first conv
+(``pretrained_cfg["first_conv"]``) by :func:`adapt_input_conv`, with a notice.
 """
 
 from __future__ import annotations
@@ -15,15 +17,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from visionmix.checks import check_choice
+from visionmix.checks import check_choice, check_positive
 from visionmix.errors import InvalidValue
 from visionmix.layers.overparam import GROUPINGS, DOConv2d
+from visionmix.runlog import logger
 
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Checked in this order; "state_dict" first so a training checkpoint loads its live (non-EMA) weights.
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _SHOW = 5  # keys listed per kind of mismatch
+_LOG = logger("models")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -88,6 +92,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, strict: bool = True, *,
     filter_fn = getattr(type(model), "checkpoint_filter_fn", None)
     if filter_fn is not None:
         state = filter_fn(state, model)
+    state = adapt_first_conv(model, state, path)
     problems = state_dict_problems(model.state_dict(), state, strict=strict)
     if problems:
         raise InvalidValue(f"checkpoint {path} does not fit {type(model).__name__}: " + "; ".join(problems))
@@ -152,7 +157,7 @@ def load_for_finetuning(model: nn.Module, state: Mapping[str, torch.Tensor], sou
     (another class count) or it is absent from ``state``. Applies ``checkpoint_filter_fn``; returns the checkpoint
     keys not loaded (the dropped classifier's), for the log."""
     filter_fn = getattr(type(model), "checkpoint_filter_fn", None)
-    state = dict(filter_fn(dict(state), model) if filter_fn is not None else state)
+    state = adapt_first_conv(model, dict(filter_fn(dict(state), model) if filter_fn is not None else state), source)
     own = model.state_dict()
     head_name = getattr(model, "head_name", None)
     head_keys = {k for k in own if head_name and k.startswith(f"{head_name}.")}
@@ -165,3 +170,36 @@ def load_for_finetuning(model: nn.Module, state: Mapping[str, torch.Tensor], sou
                            + "; ".join(problems))
     model.load_state_dict(kept, strict=False)
     return dropped
+
+
+def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """A first-conv weight ``(out, C, *kernel)`` trained on C input channels, made for ``in_chans`` channels as timm's
+    ``adapt_input_conv`` does: for one channel the sum over C (a grey image through it gives what the image repeated
+    C times gives through the original), for more the kernel repeated along the channels, cut to ``in_chans`` and
+    scaled by C / ``in_chans`` (for a multiple of C, an image whose channels are all equal then gives the
+    original's response)."""
+    check_positive("in_chans", in_chans)
+    source = weight.shape[1]
+    adapted = weight.float()
+    if in_chans == 1:
+        adapted = adapted.sum(dim=1, keepdim=True)
+    else:
+        repeats = -(-in_chans // source)
+        adapted = adapted.repeat(1, repeats, *[1] * (weight.dim() - 2))[:, :in_chans] * (source / in_chans)
+    return adapted.to(weight.dtype)
+
+
+def adapt_first_conv(model: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> dict[str, torch.Tensor]:
+    """``state`` with the weight of ``model``'s first conv (``pretrained_cfg["first_conv"]``) adapted to the model's
+    input channel count when only that differs (:func:`adapt_input_conv`), saying so once; else ``state`` itself."""
+    first = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    key = f"{first}.weight"
+    own, theirs = model.state_dict().get(key), state.get(key)
+    if (first is None or own is None or theirs is None or own.shape == theirs.shape
+            or own.dim() != theirs.dim() or own.shape[:1] + own.shape[2:] != theirs.shape[:1] + theirs.shape[2:]):
+        return state  # nothing to adapt, or a mismatch beyond the channels: reported by state_dict_problems
+    _LOG.warning(f"{source}: the first conv {key} was trained on {theirs.shape[1]} input channels; adapted to the "
+                 f"model's {own.shape[1]} ("
+                 + ("summed over them" if own.shape[1] == 1 else "repeated and rescaled, as timm's adapt_input_conv")
+                 + ")")
+    return {**state, key: adapt_input_conv(theirs, own.shape[1])}
