@@ -136,6 +136,8 @@ def test_a_training_step_waits_for_the_device_nowhere(tmp_path: Path, monkeypatc
     train(cfg, tmp_path / "run", progress=False)  # 4 steps
     (counter,) = counters
     assert dict(counter.counts) == {"reads": 0, "dynamic": 0, "transfers": 4 * per_step + once}, counter.ops
+    # every copy is an explicit one: no host tensor meets a device tensor (on CUDA: a device mismatch)
+    assert not [op for op in counter.ops if op.startswith("transfers: host tensor into")], counter.ops
 
 
 def test_fp16_reads_one_flag_per_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
