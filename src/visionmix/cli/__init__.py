@@ -17,11 +17,11 @@ import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from visionmix.cli import bench, compare, data, evaluate, export, models, predict, train
+from visionmix.cli import bench, compare, data, evaluate, export, models, predict, train, weights
 from visionmix.cli.common import PROG, HelpFormatter, Parser
 from visionmix.errors import TrainingError, TrainingInterrupted, VisionmixWarning, is_user_error, one_line
 
-COMMANDS = (train, evaluate, models, bench, compare, export, predict, data)  # each module: add_parser(), run()
+COMMANDS = (train, evaluate, models, bench, compare, export, predict, data, weights)  # each module: add_parser(), run()
 
 
 def build_parser() -> argparse.ArgumentParser:
