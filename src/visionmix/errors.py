@@ -46,6 +46,11 @@ class UnreadableImage(UserError, OSError):
     """An image file that cannot be decoded; the message names it and says why."""
 
 
+class DownloadError(UserError, OSError):
+    """A download failed (no network, an HTTP error, a truncated transfer, a wrong sha256, an HTML page instead of
+    the file); the message names the URL or file and what to do. Nothing half-written is left to look complete."""
+
+
 class CheckpointError(UserError, ValueError):
     """A weights, state or run file is missing, damaged or does not fit its model; the message names the file."""
 
