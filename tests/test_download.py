@@ -6,68 +6,16 @@ from __future__ import annotations
 
 import hashlib
 import multiprocessing
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from http_server import Server
 from visionmix.download import download_url
 from visionmix.errors import DownloadError
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
-
-
-class Server:
-    """Files by path; ``drop_after[path] = n`` cuts the next transfer of ``path`` after n bytes; ``ranges=False``
-    ignores Range headers; every request is logged as (path, Range header)."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.drop_after: dict[str, int] = {}
-        self.ranges = True
-        self.requests: list[tuple[str, str | None]] = []
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server.requests.append((self.path, self.headers.get("Range")))
-                body = server.files.get(self.path)
-                if body is None:
-                    self.send_error(404, "Not Found")
-                    return
-                start = 0
-                if server.ranges and self.headers.get("Range"):
-                    start = int(self.headers["Range"].split("=")[1].rstrip("-"))
-                    if start >= len(body):
-                        self.send_error(416)
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(body) - start))
-                self.end_headers()
-                cut = server.drop_after.pop(self.path, None)
-                self.wfile.write(body[start:] if cut is None else body[start:start + cut])
-                if cut is not None:
-                    self.close_connection = True
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> Server:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture

@@ -60,10 +60,10 @@ def test_create_model_keywords():
     assert next(model.parameters()).dtype == torch.float64 and model.pretrained_cfg["crop_pct"] == 1.0
     assert create_model("mixer_nano", pretrained_cfg=dict(interpolation="bilinear")).pretrained_cfg[
         "interpolation"] == "bilinear"
-    with pytest.raises(ValueError, match="unknown pretrained tag 'goog_in21k'"):
+    with pytest.raises(ValueError, match="no released weights 'mixer_nano.goog_in21k'"):
         create_model("mixer_nano.goog_in21k")
-    with pytest.raises(ValueError, match="pretrained=True"):
-        create_model("mixer_nano", pretrained=True)
+    with pytest.raises(ValueError, match="no released weights 'mixer_b16_224.nope': its tags: goog_in21k, "):
+        create_model("mixer_b16_224.nope")
     with pytest.raises(ValueError, match="output_stride"):
         create_model("resnet_nano", output_stride=8)
     with pytest.raises(TypeError, match="pretrained_cfg_overlay must be a dict"):

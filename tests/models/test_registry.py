@@ -46,8 +46,9 @@ def test_none_kwargs_are_dropped_and_cfg_is_set():
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
-def test_pretrained_download_is_refused():
-    with pytest.raises(ValueError, match="checkpoint_path"):
+def test_a_model_without_released_weights_says_so():
+    with pytest.raises(ValueError, match="no released weights 'mixer_nano': it has no released weights visionmix "
+                                         "can download .*checkpoint_path="):
         create_model("mixer_nano", pretrained=True)
 
 

@@ -14,7 +14,8 @@ through our own ``feature_info`` getters. Stricter than timm: every test runs on
 ``test_model_forward_features`` for its non-standard models); ``EXCLUDE_FILTERS`` match none of ours. Out of scope:
 timm's TorchScript and FX tests (no model passes them: ``torch.jit.script`` rejects keyword-only layer arguments, FX
 tracing the input checks' Python control flow; ``torch.export`` is this project's path), ``test_model_inference``
-and the pretrained-weight tests (visionmix downloads nothing).
+and the pretrained-weight tests (they download from the Hub; tests/models/test_pretrained.py serves weights
+locally instead).
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def model_entry(name: str) -> ModelEntry:
 
 
 _UNSUPPORTED = {  # timm keyword arguments with no meaning here (None / False are accepted and dropped)
-    "cache_dir": "visionmix downloads nothing; pass checkpoint_path= to a local file",
+    "cache_dir": "the weights cache is $VISIONMIX_HOME (default ~/.cache/visionmix)",
     "scriptable": "visionmix layers have no TorchScript-specific forms",
     "exportable": "visionmix layers have no export-specific forms (see visionmix.export)",
     "no_jit": "visionmix layers have no TorchScript-specific forms",
@@ -173,11 +173,14 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
     with ``in_chans`` entries, ``first_conv``/``classifier`` naming its modules, ``pool_size``.
     """
     entry = model_entry(model_name)
-    if "." in model_name:
-        raise InvalidValue(f"unknown pretrained tag {model_name.split('.', 1)[1]!r} in {model_name!r}: visionmix "
-                           "registers no tagged weights; pass the bare name and checkpoint_path= to a local file")
-    if pretrained:
-        raise InvalidValue("pretrained=True: visionmix downloads nothing; pass checkpoint_path= to a local file")
+    weights = None
+    if pretrained or "." in model_name:  # a tag names weights; pretrained=True loads them (default tag if bare)
+        from visionmix.models.pretrained import resolve
+
+        weights = resolve(model_name)
+        if pretrained and checkpoint_path is not None:
+            raise InvalidValue("pass pretrained=True or checkpoint_path=, not both")
+        kwargs.setdefault("num_classes", weights.num_classes)
     for key, why in _UNSUPPORTED.items():
         if kwargs.pop(key, None) not in (None, False):
             raise InvalidValue(f"create_model({key}=...) is not supported: {why}")
@@ -193,10 +196,15 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
     model = entry.builder(**kwargs)
     if device is not None or dtype is not None:
         model = model.to(device=device, dtype=dtype)
-    cfg = _model_cfg(model, {**entry.cfg, **(pretrained_cfg or {}), "architecture": entry.name}, kwargs)
+    own = weights.pretrained_cfg() if weights is not None else {}
+    cfg = _model_cfg(model, {**entry.cfg, **own, **(pretrained_cfg or {}), "architecture": entry.name}, kwargs)
     cfg.update(pretrained_cfg_overlay or {})
     model.pretrained_cfg = model.default_cfg = cfg
-    if checkpoint_path is not None:
+    if pretrained:
+        from visionmix.models.pretrained import load_pretrained
+
+        load_pretrained(model, weights)
+    elif checkpoint_path is not None:
         from visionmix.models.loading import load_checkpoint
 
         load_checkpoint(model, checkpoint_path)

@@ -1,0 +1,174 @@
+"""Released weights by name (issue 28): ``create_model(name, pretrained=True)`` and ``name.tag``.
+
+The table of released weights is data, ``released_weights.json`` beside this module (see
+:class:`ReleasedWeights`; every fact read off its publisher's page, named in ``facts_from``). A bare model name
+picks its default tag. :func:`fetch` downloads a file once into the cache (``$VISIONMIX_HOME``, default
+``~/.cache/visionmix``) with :func:`visionmix.download.download_url` (resumed, locked, sha256-verified where the
+publisher states one), Hugging Face Hub files from ``$HF_ENDPOINT/<repo>/resolve/<revision>/<file>``
+(``HF_ENDPOINT`` default ``https://huggingface.co``; ``HF_HUB_OFFLINE=1`` or ``VISIONMIX_OFFLINE=1``: the cache
+only), and converts a ``.pth`` once to ``.safetensors`` beside it (read with ``torch.load(weights_only=True)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass, fields
+from importlib import resources
+from pathlib import Path
+
+from torch import nn
+
+from visionmix.errors import DownloadError, InvalidValue
+
+TABLE_FILE = "released_weights.json"
+DEFAULT_HOME = "~/.cache/visionmix"
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+@dataclass(frozen=True)
+class ReleasedWeights:
+    """One downloadable checkpoint: ``name`` is ``<model>.<tag>``; exactly one of ``hf_hub_id`` (with
+    ``hf_filename``/``hf_revision``) and ``url`` says where it is; the rest describes the file (its ``file_format``
+    and the key ``wrapped_under`` that holds the state dict), what it was trained for (``num_classes``,
+    ``label_set``) and evaluated with (``input_size``, ``crop_pct``, ``interpolation``, ``mean``, ``std``), its
+    reported ``top1``, ``license`` and ``sha256`` (when the publisher states one)."""
+
+    name: str
+    default: bool
+    hf_hub_id: str | None
+    hf_filename: str | None
+    hf_revision: str | None
+    url: str | None
+    file_format: str
+    wrapped_under: str | None
+    num_classes: int
+    label_set: str
+    input_size: tuple[int, ...]
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    top1: float | None
+    license: str
+    sha256: str | None
+    facts_from: tuple[str, ...]
+    checked_against_download: bool
+
+    @property
+    def model(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def tag(self) -> str:
+        return self.name.split(".", 1)[1]
+
+    def source(self) -> str:
+        """The URL the file is read from (Hub files: through ``$HF_ENDPOINT``)."""
+        if self.url is not None:
+            return self.url
+        endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_HF_ENDPOINT).rstrip("/")
+        return f"{endpoint}/{self.hf_hub_id}/resolve/{self.hf_revision or 'main'}/{self.hf_filename}"
+
+    def pretrained_cfg(self) -> dict[str, object]:
+        """The weights' own evaluation settings and label set, for ``model.pretrained_cfg``."""
+        return {"tag": self.tag, "num_classes": self.num_classes, "label_set": self.label_set,
+                "input_size": self.input_size, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "mean": self.mean, "std": self.std, "license": self.license, "hf_hub_id": self.hf_hub_id,
+                "url": self.url}
+
+
+@functools.lru_cache(maxsize=1)
+def released_weights() -> dict[str, ReleasedWeights]:
+    """The table, by ``<model>.<tag>`` (read once)."""
+    table = json.loads(resources.files("visionmix.models").joinpath(TABLE_FILE).read_text())
+    tuples = {f.name for f in fields(ReleasedWeights) if "tuple" in str(f.type)}
+    return {entry["name"]: ReleasedWeights(**{k: tuple(v) if k in tuples else v for k, v in entry.items()})
+            for entry in table["weights"]}
+
+
+def resolve(model_name: str) -> ReleasedWeights:
+    """The released weights ``model_name`` names: ``<model>.<tag>``, or a bare model's default tag."""
+    table = released_weights()
+    if "." in model_name:
+        if model_name in table:
+            return table[model_name]
+        model = model_name.split(".", 1)[0]
+    else:
+        model = model_name
+        default = [w for w in table.values() if w.model == model and w.default]
+        if default:
+            return default[0]
+    tags = sorted(w.tag for w in table.values() if w.model == model)
+    known = f"its tags: {', '.join(tags)}" if tags else "it has no released weights visionmix can download"
+    raise InvalidValue(f"no released weights {model_name!r}: {known} (list them with 'visionmix models "
+                       f"--pretrained'); for other weights pass checkpoint_path= to a local file")
+
+
+def cache_home() -> Path:
+    """The cache directory: ``$VISIONMIX_HOME``, default ``~/.cache/visionmix``."""
+    return Path(os.environ.get("VISIONMIX_HOME") or DEFAULT_HOME).expanduser()
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE",
+                                                                                     "VISIONMIX_OFFLINE"))
+
+
+def fetch(weights: ReleasedWeights) -> Path:
+    """The ``.safetensors`` file of ``weights`` in the cache, downloaded and converted on first use."""
+    from visionmix.download import OFFLINE_ROUTE, download_url
+
+    source = weights.source()
+    folder = cache_home() / "weights" / weights.name
+    raw = folder / source.rsplit("/", 1)[-1].split("?", 1)[0]
+    converted = raw if weights.file_format == "safetensors" else raw.with_suffix(".safetensors")
+    if converted.is_file():
+        return converted
+    if _offline() and not raw.is_file():
+        raise DownloadError(f"{weights.name}: offline and not in the cache ({raw}); {OFFLINE_ROUTE}")
+    download_url(source, raw, sha256=weights.sha256)
+    if converted != raw:
+        try:
+            _convert(raw, converted, weights)
+        except ValueError:  # not weights, or a pickle that would run code: out of the cache
+            raw.unlink()
+            raise
+    return converted
+
+
+def _convert(raw: Path, converted: Path, weights: ReleasedWeights) -> None:
+    """``raw`` (a ``.pth``) as a flat ``.safetensors`` beside it, written atomically."""
+    from safetensors.torch import save_file
+
+    from visionmix.files import staged
+    from visionmix.models.loading import read_state_dict
+
+    state = read_state_dict(raw)  # unwraps "model"/"state_dict", refuses a pickle that would run code
+    with staged(converted, force=True) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                  metadata={"source": weights.source(), "name": weights.name})
+
+
+def load_pretrained(model: nn.Module, weights: ReleasedWeights) -> list[str]:
+    """Load ``weights`` (fetched) into ``model``: strictly when its classifier has the weights' class count, else
+    every key but the classifier's, which starts fresh (the dropped keys are named once). Returns them. A file
+    that does not fit is removed from the cache before the error propagates."""
+    from visionmix.models.loading import load_checkpoint, load_for_finetuning, read_state_dict
+    from visionmix.runlog import logger
+
+    path = fetch(weights)
+    try:
+        if getattr(model, "num_classes", weights.num_classes) == weights.num_classes:
+            load_checkpoint(model, path)
+            return []
+        dropped = load_for_finetuning(model, read_state_dict(path), path)
+    except ValueError:  # a file of another model: out of the cache, so that the next call downloads it again
+        for cached in path.parent.iterdir():
+            if not cached.name.endswith(".lock"):
+                cached.unlink()
+        raise
+    logger("models").warning(f"{weights.name}: {weights.num_classes}-class classifier not loaded into a "
+                             f"{model.num_classes}-class model (fresh: {', '.join(dropped)})")
+    return dropped

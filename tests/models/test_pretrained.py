@@ -1,0 +1,154 @@
+"""``create_model(name, pretrained=True)`` and ``name.tag`` against a real HTTP server on 127.0.0.1: nano stand-ins
+registered by the test, served in the publishers' layouts (a Hub safetensors, a ``.pth`` wrapped under "model"),
+equal to loading the same file with ``checkpoint_path=``; the cache, offline mode, a wrong hash, a pickle that
+would run code, a file of another model; and the real table's consistency."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from http_server import Server
+from visionmix.errors import DownloadError
+from visionmix.models import create_model, list_models, model_entry
+from visionmix.models import pretrained as weights_table
+from visionmix.models.pretrained import ReleasedWeights, released_weights
+
+BASE = dict(default=True, hf_hub_id=None, hf_filename=None, hf_revision=None, url=None, file_format="safetensors",
+            wrapped_under=None, num_classes=10, label_set="digits", input_size=(1, 28, 28), crop_pct=0.9,
+            interpolation="bilinear", mean=(0.25,), std=(0.5,), top1=None, license="test", sha256=None,
+            facts_from=("this test",), checked_against_download=False)
+
+
+def _random(name: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = create_model(name)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(std=0.2)
+    return model.eval()
+
+
+def _pth(state: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Server, dict[str, torch.nn.Module]]]:
+    """resnet_nano.hub_in1k (Hub layout, safetensors) and mixer_nano.release (a URL .pth under "model", with its
+    sha256), served; the cache in tmp_path."""
+    models = {"resnet_nano": _random("resnet_nano", 0), "mixer_nano": _random("mixer_nano", 1)}
+    with Server() as server:
+        server.files["/visionmix-test/resnet_nano.hub_in1k/resolve/main/model.safetensors"] = save(
+            models["resnet_nano"].state_dict())
+        pth = _pth({"model": models["mixer_nano"].state_dict(), "epoch": 300})
+        server.files["/release/mixer_nano_release.pth"] = pth
+        table = {
+            "resnet_nano.hub_in1k": ReleasedWeights(name="resnet_nano.hub_in1k", **{
+                **BASE, "hf_hub_id": "visionmix-test/resnet_nano.hub_in1k", "hf_filename": "model.safetensors",
+                "hf_revision": "main"}),
+            "mixer_nano.release": ReleasedWeights(name="mixer_nano.release", **{
+                **BASE, "url": f"{server.url}/release/mixer_nano_release.pth", "file_format": "pth",
+                "wrapped_under": "model", "sha256": hashlib.sha256(pth).hexdigest()}),
+        }
+        monkeypatch.setattr(weights_table, "released_weights", lambda: table)
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("VISIONMIX_HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("VISIONMIX_OFFLINE", raising=False)
+        yield server, models
+
+
+@pytest.mark.parametrize("name", ["resnet_nano", "mixer_nano"])
+def test_pretrained_equals_the_same_file_through_checkpoint_path(served, tmp_path: Path, name: str) -> None:
+    server, models = served
+    model = create_model(name, pretrained=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), models[name](x), rtol=0, atol=0)
+    cfg = model.pretrained_cfg
+    assert (cfg["crop_pct"], cfg["mean"], cfg["label_set"], cfg["interpolation"]) == (0.9, (0.25,), "digits",
+                                                                                      "bilinear")
+    cached = sorted(p.name for p in (tmp_path / "home" / "weights").rglob("*") if p.is_file())
+    expected = {"resnet_nano": ["model.safetensors", "model.safetensors.lock"],
+                "mixer_nano": ["mixer_nano_release.pth", "mixer_nano_release.pth.lock",
+                               "mixer_nano_release.safetensors"]}[name]
+    assert cached == expected
+    from_file = create_model(name, checkpoint_path=str(next((tmp_path / "home").rglob("*.safetensors")))).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_file(x), model(x), rtol=0, atol=0)
+    requests = len(server.requests)
+    create_model(f"{name}.{'hub_in1k' if name == 'resnet_nano' else 'release'}", pretrained=True)  # the cache
+    assert len(server.requests) == requests
+
+
+def test_another_class_count_starts_a_fresh_classifier_and_names_it(served, caplog) -> None:
+    with caplog.at_level("WARNING", logger="visionmix"):
+        model = create_model("resnet_nano", pretrained=True, num_classes=5)
+    assert model.num_classes == 5
+    assert any("10-class classifier not loaded into a 5-class model (fresh: linear.bias, linear.weight)"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_offline_uses_the_cache_only_and_says_the_route(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DownloadError, match=r"resnet_nano.hub_in1k: offline and not in the cache .*checkpoint_path"):
+        create_model("resnet_nano", pretrained=True)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    create_model("resnet_nano", pretrained=True)
+    monkeypatch.setenv("VISIONMIX_OFFLINE", "1")
+    create_model("resnet_nano", pretrained=True)  # from the cache
+
+
+@pytest.mark.parametrize("bad", ["hash", "pickle", "other_model"])
+def test_bad_files_are_one_error_naming_them(served, monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    server, models = served
+    entry = weights_table.released_weights()["mixer_nano.release"]
+    path = "/release/mixer_nano_release.pth"
+    if bad == "hash":
+        entry = dataclasses.replace(entry, sha256="ab" * 32)
+        match = r"mixer_nano_release.pth: the file's sha256 is [0-9a-f]{64}, the publisher states abab"
+    elif bad == "pickle":
+        server.files[path] = _pth({"model": models["mixer_nano"].state_dict(), "hook": object()})
+        entry = dataclasses.replace(entry, sha256=None)
+        match = r"mixer_nano_release.pth is not a plain state dict"
+    else:
+        server.files[path] = _pth({"model": models["resnet_nano"].state_dict()})
+        entry = dataclasses.replace(entry, sha256=None)
+        match = r"mixer_nano_release.safetensors does not fit MlpMixer"
+    monkeypatch.setattr(weights_table, "released_weights", lambda: {entry.name: entry})
+    with pytest.raises(ValueError if bad != "hash" else DownloadError, match=match):
+        create_model("mixer_nano", pretrained=True)
+    left = [p.name for p in Path(weights_table.cache_home()).rglob("*") if p.is_file()]
+    assert left == ["mixer_nano_release.pth.lock"]  # nothing of the bad file stays in the cache
+
+
+def test_pretrained_and_checkpoint_path_are_exclusive(served) -> None:
+    with pytest.raises(ValueError, match="pretrained=True or checkpoint_path=, not both"):
+        create_model("resnet_nano", pretrained=True, checkpoint_path="x.pth")
+
+
+def test_the_table_of_released_weights_is_consistent() -> None:
+    table = released_weights()
+    assert table, "the table is empty"
+    registered = set(list_models())
+    for name, w in table.items():
+        assert name == f"{w.model}.{w.tag}" and w.model in registered, name
+        assert (w.hf_hub_id is None) != (w.url is None), name
+        assert w.hf_hub_id is None or (w.hf_filename and w.hf_revision), name
+        assert w.file_format in ("safetensors", "pth") and w.facts_from and not w.checked_against_download
+        assert len(w.mean) == len(w.std) == w.input_size[0] and all(s > 0 for s in w.std), name
+        assert 0 < w.crop_pct <= 1 and w.interpolation in ("bicubic", "bilinear") and w.num_classes > 0, name
+        assert tuple(model_entry(w.model).cfg["input_size"]) == w.input_size, name
+    models = {w.model for w in table.values()}
+    for model in models:
+        assert sum(w.default for w in table.values() if w.model == model) == 1, model
