@@ -23,8 +23,8 @@ from pathlib import Path
 from visionmix.errors import DownloadError
 
 CHUNK = 1 << 20
-OFFLINE_ROUTE = ("download it on a machine with internet ('visionmix weights download NAME' or the URL itself), "
-                 "copy it here and pass checkpoint_path=FILE")
+OFFLINE_ROUTE = ("download it on a machine with internet ('visionmix weights download NAME --to DIR', or the URL "
+                 "itself and 'visionmix weights convert'), copy it here and pass checkpoint_path=FILE")
 
 
 def download_url(url: str, dest: str | Path, *, sha256: str | None = None, timeout: float = 30.0) -> Path:

@@ -1,5 +1,6 @@
 """Official weights made visionmix's own, for a machine without internet (issue 28: download elsewhere, copy,
-convert): :func:`convert_weights` reads a publisher's checkpoint as :mod:`visionmix.models.loading` does (a
+convert): :func:`download_weights` fetches released weights by name into the cache (and a directory), and
+:func:`convert_weights` reads a publisher's checkpoint as :mod:`visionmix.models.loading` does (a
 ``.pth`` wrapped under ``model``/``state_dict``, a ``module.`` prefix, the official key layout through the model's
 ``checkpoint_filter_fn``; a pickle that would run code is refused), builds the registered model with the file's
 class count and input channels, loads it strictly, and writes the model's state dict as ``.safetensors`` with
@@ -67,3 +68,19 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def download_weights(name: str, *, to_dir: str | Path | None = None, force: bool = False) -> Path:
+    """Fetch the released weights ``name`` (``<model>[.<tag>]``) into the cache and return the cached
+    ``.safetensors``; with ``to_dir`` also copy it to ``<to_dir>/<model>.<tag>.safetensors`` (an existing file
+    there is an error unless ``force``) and return that copy."""
+    from visionmix.files import write_new
+    from visionmix.models import model_entry
+    from visionmix.models.pretrained import fetch, resolve
+
+    model_entry(name)
+    weights = resolve(name)
+    cached = fetch(weights)
+    if to_dir is None:
+        return cached
+    return write_new(Path(to_dir) / f"{weights.name}.safetensors", cached.read_bytes(), force=force)

@@ -152,3 +152,29 @@ def test_the_table_of_released_weights_is_consistent() -> None:
     models = {w.model for w in table.values()}
     for model in models:
         assert sum(w.default for w in table.values() if w.model == model) == 1, model
+
+
+def test_the_cli_downloads_into_a_directory_and_lists_the_released_weights(served, tmp_path: Path, capsys,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from visionmix.cli import main
+
+    _, models = served
+    assert main(["weights", "download", "resnet_nano", "mixer_nano.release", "--to", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    copy = tmp_path / "out" / "resnet_nano.hub_in1k.safetensors"
+    assert f"resnet_nano: {copy}" in out and (tmp_path / "out" / "mixer_nano.release.safetensors").is_file()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(create_model("resnet_nano", checkpoint_path=str(copy)).eval()(x),
+                                   models["resnet_nano"](x), rtol=0, atol=0)
+    assert main(["weights", "download", "resnet_nano", "--to", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "resnet_nano.hub_in1k.safetensors" in err and "--force" in err
+    monkeypatch.setenv("VISIONMIX_HOME", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["weights", "download", "resnet_nano"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "offline and not in the cache" in err
+    assert main(["models", "--pretrained"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[1].split()[:3] == ["resnet_nano.hub_in1k", "*", "10"] and "mixer_nano.release *" in rows[2]

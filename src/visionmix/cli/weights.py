@@ -1,4 +1,5 @@
-"""``visionmix weights``: official weights for a machine without internet (convert a copied file)."""
+"""``visionmix weights``: official weights into the cache or a directory (download), or from a copied file
+(convert)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,20 @@ from visionmix.errors import InvalidValue
 
 
 def add_parser(subparsers: Any) -> None:
-    p = add_command(subparsers, "weights", "official weights for a machine without internet (convert)")
+    p = add_command(subparsers, "weights", "download released weights, or convert a publisher's file")
     p.set_defaults(run=run, weights_action=None)
     actions = p.add_subparsers(title="actions", metavar="ACTION")
+    download = add_command(actions, "download", "download released weights into the cache (or a directory)", """\
+Download the released weights NAME (a model's default tag) or NAME.TAG (see 'visionmix models --pretrained') into
+the cache ($VISIONMIX_HOME, default ~/.cache/visionmix), verified where the publisher states a sha256, converted to
+.safetensors; with --to DIR also copy them there as DIR/NAME.TAG.safetensors, for a machine without internet
+(there: create_model(NAME, checkpoint_path=FILE)). The files come from their publishers under their licences.
+
+example: visionmix weights download mixer_b16_224 mixer_l16_224.goog_in21k --to weights/""")
+    download.add_argument("names", nargs="+", metavar="NAME[.TAG]", help="released weights to download")
+    download.add_argument("--to", metavar="DIR", help="also copy each file into this directory")
+    download.add_argument("--force", action="store_true", help="replace an existing file in DIR")
+    download.set_defaults(weights_action="download")
     convert = add_command(actions, "convert", "convert a publisher's checkpoint file for a registered model", """\
 Read FILE as create_model(..., checkpoint_path=FILE) reads it (a .pth wrapped under 'model' or 'state_dict', a
 'module.' prefix, the official key layout; a pickle that would run code is refused), build --model with the
@@ -30,10 +42,16 @@ example: visionmix weights convert spach_ms_conv_s.pth --model spach_ms_s_patch4
 
 
 def run(args: argparse.Namespace) -> int:
-    from visionmix.weights import convert_weights
+    if args.weights_action == "convert":
+        from visionmix.weights import convert_weights
 
-    if args.weights_action != "convert":
-        raise InvalidValue("weights needs an action: visionmix weights convert ... (see 'visionmix weights --help')")
-    out = convert_weights(args.file, args.model, to_dir=args.to, force=args.force)
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {convert_weights(args.file, args.model, to_dir=args.to, force=args.force)}")
+        return 0
+    if args.weights_action == "download":
+        from visionmix.weights import download_weights
+
+        for name in args.names:
+            print(f"{name}: {download_weights(name, to_dir=args.to, force=args.force)}", flush=True)
+        return 0
+    raise InvalidValue("weights needs an action: visionmix weights download|convert ... (see 'visionmix weights "
+                       "--help')")
