@@ -178,3 +178,24 @@ def test_the_cli_downloads_into_a_directory_and_lists_the_released_weights(serve
     assert main(["models", "--pretrained"]) == 0
     rows = capsys.readouterr().out.splitlines()
     assert rows[1].split()[:3] == ["resnet_nano.hub_in1k", "*", "10"] and "mixer_nano.release *" in rows[2]
+
+
+def test_compare_init_pretrained_fine_tunes_each_model_from_its_own_weights(served, tmp_path: Path) -> None:
+    from visionmix.bench.compare import compare
+    from visionmix.engine.run_files import load_run
+
+    recipe = dict(init="pretrained", epochs=1, batch_size=32, max_train_samples=64, max_eval_samples=64, lr=1e-9,
+                  warmup_epochs=0, clip_grad=None, weight_decay=0.0, recompute_bn="off")
+    rows = compare(["resnet_nano", "mixer_nano"], tmp_path / "cmp", data="digits", recipe=recipe,
+                   bench_repeats=2, progress=False, log=lambda line: None)
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    _, models = served
+    for name, model in models.items():
+        trained, _ = load_run(tmp_path / "cmp" / "runs" / name / "seed0")
+        trained_state = trained.state_dict()
+        for key, value in model.named_parameters():  # lr 1e-9: the released weights, all but unchanged
+            torch.testing.assert_close(trained_state[key], value.detach(), rtol=1e-5, atol=1e-5, msg=key)
+    with pytest.raises(ValueError, match="no released weights 'spach_nano_mlp'"):
+        compare(["resnet_nano", "spach_nano_mlp"], tmp_path / "other", data="digits", recipe=recipe,
+                progress=False, log=lambda line: None)
+    assert not (tmp_path / "other").exists()  # refused before anything was written

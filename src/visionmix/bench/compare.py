@@ -98,7 +98,7 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     difference to the baseline (pairs, delta, ci_low, ci_high, verdict).
     """
     from visionmix.engine import TrainConfig
-    from visionmix.engine.config import report_fields
+    from visionmix.engine.config import INIT_PRETRAINED, report_fields
     from visionmix.engine.distributed import resolve_device
     from visionmix.models import model_entry
 
@@ -126,6 +126,11 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     recipe_name = recipe.pop("recipe", "small")
     base = TrainConfig.for_recipe(recipe_name, model=models[0], data=data, **recipe)
     base.validate()  # a bad recipe fails once, here, not once per model
+    if base.init == INIT_PRETRAINED:
+        from visionmix.models.pretrained import resolve
+
+        for model in models[1:]:
+            resolve(model)  # every model has released weights, before the first one trains
     device = resolve_device(base.device)
     launcher = launcher or InlineLauncher(progress=progress)
     threads = launcher.prepare(device.type, threads_per_run)

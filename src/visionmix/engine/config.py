@@ -19,6 +19,7 @@ from visionmix.data import AUGMENTATIONS, DATASETS
 from visionmix.errors import InvalidType, InvalidValue
 
 DEVICES = ("auto", "cpu", "cuda")
+INIT_PRETRAINED = "pretrained"  # --init: the model's released weights (visionmix.models.pretrained)
 AMP_MODES = ("auto", "bf16", "fp16", "off")  # auto: bf16 on CUDA, fp32 on CPU
 FREEZE_MODES = ("none", "backbone")
 RECOMPUTE_BN = ("auto", "on", "off")
@@ -194,7 +195,8 @@ class TrainConfig:
                                      metavar="DECAY", group="optimisation", valid=Range(0, 1, low_open=True))
     seed: int = option(0, "seed of initialisation, batch order and augmentation",
                        group="model and data", valid=Whole(None), in_report=False)
-    init: str | None = option(None, "fine-tune from these weights: an official .pth/.safetensors or a visionmix "
+    init: str | None = option(None, "fine-tune from these weights: 'pretrained' (the model's released weights, "
+                                    "visionmix models --pretrained), an official .pth/.safetensors or a visionmix "
                                     "run directory; every key loads strictly except a classifier of another "
                                     "class count, which is re-initialised", metavar="CHECKPOINT",
                               group="model and data")
@@ -312,6 +314,10 @@ class TrainConfig:
                                f"(pack a subset with 'visionmix data pack --max-samples N' instead)")
         if self.val_fraction is not None and self.data != "imagefolder":
             raise InvalidValue(f"val_fraction applies to data='imagefolder' only, not {self.data!r}")
+        if self.init == INIT_PRETRAINED:
+            from visionmix.models.pretrained import resolve
+
+            resolve(self.model)  # a model without released weights fails here, before anything trains
         clash = sorted(set(self.model_kwargs) & {*DATA_SET_BY_ENGINE, "drop_path_rate"})
         if clash:
             raise InvalidValue(f"model_kwargs may not set {', '.join(clash)}: classes, channels and size follow the "

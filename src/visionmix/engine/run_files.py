@@ -40,6 +40,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from visionmix.engine.config import INIT_PRETRAINED
 from visionmix.errors import CheckpointError, InvalidValue
 from visionmix.files import atomic_write, atomic_write_json, temporary_target
 
@@ -251,11 +252,17 @@ def load_run(run_dir: str | Path, *, ema: bool | None = None,
 
 
 def init_from(model: nn.Module, source: str | Path) -> list[str]:
-    """Load the weights of ``source`` into ``model`` to fine-tune it (``--init``): a visionmix run directory (the
-    weights it evaluated: its EMA when it kept one) or an official ``.pth``/``.safetensors`` file; see
+    """Load the weights of ``source`` into ``model`` to fine-tune it (``--init``): ``"pretrained"`` (the model's
+    released weights, fetched into the cache), a visionmix run directory (the weights it evaluated: its EMA when it
+    kept one) or an official ``.pth``/``.safetensors`` file; see
     :func:`visionmix.models.loading.load_for_finetuning`. Returns the checkpoint keys not loaded."""
     from visionmix.models.loading import load_for_finetuning, read_state_dict, set_doconv_grouping
 
+    if str(source) == INIT_PRETRAINED:
+        from visionmix.models.pretrained import fetch, resolve
+
+        path = fetch(resolve(model.pretrained_cfg["architecture"]))
+        return load_for_finetuning(model, read_state_dict(path), path)
     source = Path(source)
     meta = run_meta(source) if source.is_dir() else None
     if source.is_dir() and meta is None:
