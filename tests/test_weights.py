@@ -77,4 +77,4 @@ def test_bad_files_and_names_are_one_line_naming_them(tmp_path: Path, capsys, co
 
 def test_weights_without_an_action_says_which(capsys) -> None:
     assert main(["weights"]) == 2
-    assert "visionmix weights convert" in capsys.readouterr().err
+    assert "visionmix weights download|convert" in capsys.readouterr().err

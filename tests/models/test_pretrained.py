@@ -8,14 +8,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
+import huggingface_hub.constants
+import huggingface_hub.file_download
+import huggingface_hub.utils._http
 import pytest
 import torch
 from safetensors.torch import save
 
-from http_server import Server
+from http_server import HUB_COMMIT, Server
 from visionmix.errors import DownloadError
 from visionmix.models import create_model, list_models, model_entry
 from visionmix.models import pretrained as weights_table
@@ -34,6 +39,15 @@ def _random(name: str, seed: int) -> torch.nn.Module:
         for p in model.parameters():
             p.normal_(std=0.2)
     return model.eval()
+
+
+class _RunsCode:
+    """Unpickling this would create ``ran`` (torch.load without weights_only would run it)."""
+
+    ran = Path(__file__).with_name("pickle_ran.txt")
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.ran,))
 
 
 def _pth(state: dict) -> bytes:
@@ -63,6 +77,10 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Se
         monkeypatch.setattr(weights_table, "released_weights", lambda: table)
         monkeypatch.setenv("HF_ENDPOINT", server.url)
         monkeypatch.setenv("VISIONMIX_HOME", str(tmp_path / "home"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+        monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 1 << 16)  # a cut keeps what came
+        for module in (huggingface_hub.file_download, huggingface_hub.utils._http):  # its retries without waits
+            monkeypatch.setattr(module, "time", types.SimpleNamespace(**{**vars(time), "sleep": lambda s: None}))
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.delenv("VISIONMIX_OFFLINE", raising=False)
         yield server, models
@@ -71,6 +89,7 @@ def served(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Se
 @pytest.mark.parametrize("name", ["resnet_nano", "mixer_nano"])
 def test_pretrained_equals_the_same_file_through_checkpoint_path(served, tmp_path: Path, name: str) -> None:
     server, models = served
+    served_bytes = next(body for path, body in server.files.items() if name in path)
     model = create_model(name, pretrained=True).eval()
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
@@ -78,12 +97,16 @@ def test_pretrained_equals_the_same_file_through_checkpoint_path(served, tmp_pat
     cfg = model.pretrained_cfg
     assert (cfg["crop_pct"], cfg["mean"], cfg["label_set"], cfg["interpolation"]) == (0.9, (0.25,), "digits",
                                                                                       "bilinear")
-    cached = sorted(p.name for p in (tmp_path / "home" / "weights").rglob("*") if p.is_file())
-    expected = {"resnet_nano": ["model.safetensors", "model.safetensors.lock"],
-                "mixer_nano": ["mixer_nano_release.pth", "mixer_nano_release.pth.lock",
-                               "mixer_nano_release.safetensors"]}[name]
+    cached = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")
+                    if p.is_file() and p.suffix != ".lock" and "/." not in str(p.relative_to(tmp_path)))
+    hub = "hf/models--visionmix-test--resnet_nano.hub_in1k"
+    expected = {"resnet_nano": [  # in huggingface_hub's cache, its blob named by the served ETag (the sha256)
+                    "hf/CACHEDIR.TAG", f"{hub}/blobs/{hashlib.sha256(served_bytes).hexdigest()}",
+                    f"{hub}/refs/main", f"{hub}/snapshots/{HUB_COMMIT}/model.safetensors"],
+                "mixer_nano": ["home/weights/mixer_nano.release/mixer_nano_release.pth",
+                               "home/weights/mixer_nano.release/mixer_nano_release.safetensors"]}[name]
     assert cached == expected
-    from_file = create_model(name, checkpoint_path=str(next((tmp_path / "home").rglob("*.safetensors")))).eval()
+    from_file = create_model(name, checkpoint_path=str(tmp_path / expected[-1])).eval()
     with torch.no_grad():
         torch.testing.assert_close(from_file(x), model(x), rtol=0, atol=0)
     requests = len(server.requests)
@@ -118,7 +141,7 @@ def test_bad_files_are_one_error_naming_them(served, monkeypatch: pytest.MonkeyP
         entry = dataclasses.replace(entry, sha256="ab" * 32)
         match = r"mixer_nano_release.pth: the file's sha256 is [0-9a-f]{64}, the publisher states abab"
     elif bad == "pickle":
-        server.files[path] = _pth({"model": models["mixer_nano"].state_dict(), "hook": object()})
+        server.files[path] = _pth({"model": models["mixer_nano"].state_dict(), "hook": _RunsCode()})
         entry = dataclasses.replace(entry, sha256=None)
         match = r"mixer_nano_release.pth is not a plain state dict"
     else:
@@ -130,6 +153,7 @@ def test_bad_files_are_one_error_naming_them(served, monkeypatch: pytest.MonkeyP
         create_model("mixer_nano", pretrained=True)
     left = [p.name for p in Path(weights_table.cache_home()).rglob("*") if p.is_file()]
     assert left == ["mixer_nano_release.pth.lock"]  # nothing of the bad file stays in the cache
+    assert not _RunsCode.ran.exists()
 
 
 def test_pretrained_and_checkpoint_path_are_exclusive(served) -> None:
@@ -171,6 +195,7 @@ def test_the_cli_downloads_into_a_directory_and_lists_the_released_weights(serve
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "resnet_nano.hub_in1k.safetensors" in err and "--force" in err
     monkeypatch.setenv("VISIONMIX_HOME", str(tmp_path / "empty"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert main(["weights", "download", "resnet_nano"]) == 2
     err = capsys.readouterr().err.strip()
@@ -199,3 +224,45 @@ def test_compare_init_pretrained_fine_tunes_each_model_from_its_own_weights(serv
         compare(["resnet_nano", "spach_nano_mlp"], tmp_path / "other", data="digits", recipe=recipe,
                 progress=False, log=lambda line: None)
     assert not (tmp_path / "other").exists()  # refused before anything was written
+
+
+HUB_FILE = "/visionmix-test/resnet_nano.hub_in1k/resolve/main/model.safetensors"
+
+
+def test_a_hub_transfer_cut_half_way_is_resumed_by_range(served) -> None:
+    server, models = served
+    server.drop_after[HUB_FILE] = len(server.files[HUB_FILE]) // 2
+    model = create_model("resnet_nano", pretrained=True).eval()
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), models["resnet_nano"](x), rtol=0, atol=0)
+    (first, whole), (second, rest) = [r for r in server.requests if r[0] == HUB_FILE]
+    assert whole is None and rest.startswith("bytes=")  # the second asks for what the first did not bring
+    assert 0 < int(rest[6:-1]) <= len(server.files[HUB_FILE]) // 2
+
+
+@pytest.mark.parametrize("bad", ["404", "hash", "html", "no_network"])
+def test_bad_hub_files_are_one_line_naming_them_and_leave_no_file(served, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    server, _ = served
+    entry = weights_table.released_weights()["resnet_nano.hub_in1k"]
+    url = f"{server.url}{HUB_FILE}"
+    if bad == "404":
+        del server.files[HUB_FILE]
+        match = rf"^{url}: HTTP 404 Not Found$"
+    elif bad == "hash":
+        entry = dataclasses.replace(entry, sha256="ab" * 32)
+        match = rf"^{url}: the file's sha256 is [0-9a-f]{{64}}, the publisher states abab"
+    elif bad == "html":
+        server.files[HUB_FILE] = b"<!DOCTYPE html><html><body>Sign in</body></html>"
+        match = rf"^{url} answered with an HTML page, not the weights"
+    else:
+        server.httpd.shutdown()
+        server.httpd.server_close()
+        match = rf"^cannot reach {url} \(.*\); offline: download it on a machine with internet .*checkpoint_path=FILE"
+    monkeypatch.setattr(weights_table, "released_weights", lambda: {entry.name: entry})
+    with pytest.raises(DownloadError, match=match) as info:
+        create_model("resnet_nano", pretrained=True)
+    assert "\n" not in str(info.value)
+    hub_files = [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and {"blobs", "snapshots"} & set(p.parts)]
+    assert not hub_files

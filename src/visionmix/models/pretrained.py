@@ -2,11 +2,13 @@
 
 The table of released weights is data, ``released_weights.json`` beside this module (see
 :class:`ReleasedWeights`; every fact read off its publisher's page, named in ``facts_from``). A bare model name
-picks its default tag. :func:`fetch` downloads a file once into the cache (``$VISIONMIX_HOME``, default
-``~/.cache/visionmix``) with :func:`visionmix.download.download_url` (resumed, locked, sha256-verified where the
-publisher states one), Hugging Face Hub files from ``$HF_ENDPOINT/<repo>/resolve/<revision>/<file>``
-(``HF_ENDPOINT`` default ``https://huggingface.co``; ``HF_HUB_OFFLINE=1`` or ``VISIONMIX_OFFLINE=1``: the cache
-only), and converts a ``.pth`` once to ``.safetensors`` beside it (read with ``torch.load(weights_only=True)``).
+picks its default tag. :func:`fetch` downloads a file once: a Hugging Face Hub file with
+``huggingface_hub.hf_hub_download`` into its own cache (``$HF_ENDPOINT`` honoured), a URL's file into
+``$VISIONMIX_HOME/weights/<model>.<tag>/`` (default ``~/.cache/visionmix``) with
+:func:`visionmix.download.download_url` (resumed, locked); both sha256-verified where the publisher states one.
+``HF_HUB_OFFLINE=1`` or ``VISIONMIX_OFFLINE=1``: the caches only. A ``.pth`` is converted once to ``.safetensors``
+in ``$VISIONMIX_HOME`` (read with ``torch.load(weights_only=True)``). A file that is not what the table says leaves
+the caches before the error propagates.
 """
 
 from __future__ import annotations
@@ -117,25 +119,92 @@ def _offline() -> bool:
 
 
 def fetch(weights: ReleasedWeights) -> Path:
-    """The ``.safetensors`` file of ``weights`` in the cache, downloaded and converted on first use."""
-    from visionmix.download import OFFLINE_ROUTE, download_url
-
-    source = weights.source()
-    folder = cache_home() / "weights" / weights.name
-    raw = folder / source.rsplit("/", 1)[-1].split("?", 1)[0]
-    converted = raw if weights.file_format == "safetensors" else raw.with_suffix(".safetensors")
+    """The ``.safetensors`` file of ``weights``, downloaded (and a ``.pth`` converted) on first use."""
+    if weights.file_format == "safetensors":
+        return _download(weights)
+    converted = _weights_folder(weights) / f"{Path(_file_name(weights)).stem}.safetensors"
     if converted.is_file():
         return converted
-    if _offline() and not raw.is_file():
-        raise DownloadError(f"{weights.name}: offline and not in the cache ({raw}); {OFFLINE_ROUTE}")
-    download_url(source, raw, sha256=weights.sha256)
-    if converted != raw:
-        try:
-            _convert(raw, converted, weights)
-        except ValueError:  # not weights, or a pickle that would run code: out of the cache
-            raw.unlink()
-            raise
+    raw = _download(weights)
+    try:
+        _convert(raw, converted, weights)
+    except ValueError:  # not weights, or a pickle that would run code: out of the cache
+        evict(weights)
+        raise
     return converted
+
+
+def evict(weights: ReleasedWeights) -> None:
+    """Remove every cached file of ``weights`` (a bad download), so that the next use downloads it again."""
+    folder = _weights_folder(weights)
+    if folder.is_dir():
+        for cached in folder.iterdir():
+            if not cached.name.endswith(".lock"):
+                cached.unlink()
+    if weights.hf_hub_id is not None:
+        hub_file = _hub_download(weights, local_only=True, missing_ok=True)
+        if hub_file is not None:  # the snapshot's link and the blob it points to
+            blob = hub_file.resolve()
+            hub_file.unlink()
+            blob.unlink(missing_ok=True)
+
+
+def _weights_folder(weights: ReleasedWeights) -> Path:
+    return cache_home() / "weights" / weights.name
+
+
+def _file_name(weights: ReleasedWeights) -> str:
+    return weights.hf_filename or weights.source().rsplit("/", 1)[-1].split("?", 1)[0]
+
+
+def _download(weights: ReleasedWeights) -> Path:
+    """The file of ``weights`` as published, verified against its sha256 where the table states one: a Hub file
+    in huggingface_hub's own cache, a URL's file in ``$VISIONMIX_HOME/weights/<model>.<tag>/``."""
+    from visionmix.download import OFFLINE_ROUTE, check_not_html, check_sha256, download_url
+
+    if weights.hf_hub_id is None:
+        raw = _weights_folder(weights) / _file_name(weights)
+        if _offline() and not raw.is_file():
+            raise DownloadError(f"{weights.name}: offline and not in the cache ({raw}); {OFFLINE_ROUTE}")
+        return download_url(weights.source(), raw, sha256=weights.sha256)
+    path = _hub_download(weights, local_only=_offline())
+    try:
+        if weights.sha256 is not None:
+            check_sha256(weights.source(), path, weights.sha256)
+        check_not_html(weights.source(), path)
+    except DownloadError:
+        evict(weights)
+        raise
+    return path
+
+
+def _hub_download(weights: ReleasedWeights, *, local_only: bool, missing_ok: bool = False) -> Path | None:
+    """``huggingface_hub.hf_hub_download`` of ``weights`` (its cache, ``$HF_ENDPOINT`` read at the call); its
+    errors as one :class:`DownloadError` line naming the Hub file (``None`` for a missing file with
+    ``missing_ok``)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from visionmix.download import OFFLINE_ROUTE
+
+    source = weights.source()
+    try:
+        return Path(hf_hub_download(weights.hf_hub_id, weights.hf_filename, revision=weights.hf_revision,
+                                    endpoint=os.environ.get("HF_ENDPOINT") or None, local_files_only=local_only))
+    except LocalEntryNotFoundError as err:
+        cause = err.__cause__ or err
+        if missing_ok:
+            return None
+        if local_only:
+            raise DownloadError(f"{weights.name}: offline and not in the cache (huggingface_hub's, of {source}); "
+                                f"{OFFLINE_ROUTE}") from err
+        if not isinstance(cause, HfHubHTTPError):
+            raise DownloadError(f"cannot reach {source} ({type(cause).__name__}); offline: {OFFLINE_ROUTE}") from err
+    except HfHubHTTPError as err:
+        cause = err
+    except OSError as err:  # a transfer that broke beyond huggingface_hub's own resumes
+        raise DownloadError(f"{source}: {str(err).splitlines()[0]}; run again to resume it") from err
+    raise DownloadError(f"{source}: HTTP {cause.response.status_code} {cause.response.reason_phrase}") from cause
 
 
 def _convert(raw: Path, converted: Path, weights: ReleasedWeights) -> None:
@@ -165,9 +234,7 @@ def load_pretrained(model: nn.Module, weights: ReleasedWeights) -> list[str]:
             return []
         dropped = load_for_finetuning(model, read_state_dict(path), path)
     except ValueError:  # a file of another model: out of the cache, so that the next call downloads it again
-        for cached in path.parent.iterdir():
-            if not cached.name.endswith(".lock"):
-                cached.unlink()
+        evict(weights)
         raise
     logger("models").warning(f"{weights.name}: {weights.num_classes}-class classifier not loaded into a "
                              f"{model.num_classes}-class model (fresh: {', '.join(dropped)})")
