@@ -266,3 +266,32 @@ def test_bad_hub_files_are_one_line_naming_them_and_leave_no_file(served, tmp_pa
     assert "\n" not in str(info.value)
     hub_files = [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and {"blobs", "snapshots"} & set(p.parts)]
     assert not hub_files
+
+
+def test_predict_pretrained_names_the_label_sets_classes(served, tmp_path: Path, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from PIL import Image
+
+    from visionmix.cli import main
+    from visionmix.data.evaluation import resolve_eval_transform
+    from visionmix.predict import predict
+
+    _, models = served
+    image = tmp_path / "seven.png"
+    Image.fromarray((torch.rand(32, 32) * 255).to(torch.uint8).numpy(), mode="L").save(image)
+    cfg = create_model("resnet_nano", pretrained=True).pretrained_cfg  # the weights' own crop and mean/std
+    [expected] = predict(models["resnet_nano"], [image], transform=resolve_eval_transform(cfg),
+                         classes=tuple(map(str, range(10))), topk=3)
+    indices = [s.index for s in expected.top]
+    names = [f"digit {i}" for i in range(10)]
+    (tmp_path / "digits.txt").write_text("\n".join(names) + "\n")
+    for label_file, labels in ((None, [str(i) for i in range(10)]), (tmp_path / "digits.txt", names)):
+        monkeypatch.setattr(weights_table, "LABEL_FILES", {"digits": str(label_file)} if label_file else {})
+        assert main(["predict", "--model", "resnet_nano", "--pretrained", str(image), "--topk", "3", "--json"]) == 0
+        top = json.loads(capsys.readouterr().out)["top"]
+        assert [t["index"] for t in top] == indices and [t["class"] for t in top] == [labels[i] for i in indices]
+        assert [t["prob"] for t in top] == pytest.approx([s.prob for s in expected.top], rel=1e-5)
+    assert main(["predict", "--pretrained", str(image)]) == 2
+    assert "released weights need --model NAME[.TAG]" in capsys.readouterr().err

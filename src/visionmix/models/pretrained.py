@@ -25,6 +25,7 @@ from torch import nn
 from visionmix.errors import DownloadError, InvalidValue
 
 TABLE_FILE = "released_weights.json"
+LABEL_FILES = {"imagenet-1k": "imagenet1k_classes.txt"}  # label set -> class names, one a line, in visionmix.data
 DEFAULT_HOME = "~/.cache/visionmix"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 
@@ -106,6 +107,19 @@ def resolve(model_name: str) -> ReleasedWeights:
     known = f"its tags: {', '.join(tags)}" if tags else "it has no released weights visionmix can download"
     raise InvalidValue(f"no released weights {model_name!r}: {known} (list them with 'visionmix models "
                        f"--pretrained'); for other weights pass checkpoint_path= to a local file")
+
+
+def label_names(label_set: str, num_classes: int) -> tuple[str, ...]:
+    """The class names of a label set (:data:`LABEL_FILES`, package data of ``visionmix.data``), or the class
+    indices as names where visionmix ships none (ImageNet-21k, say)."""
+    name = LABEL_FILES.get(label_set)
+    path = resources.files("visionmix.data").joinpath(name) if name is not None else None
+    if path is None or not path.is_file():
+        return tuple(str(i) for i in range(num_classes))
+    names = tuple(line.strip() for line in path.read_text().splitlines() if line.strip())
+    if len(names) != num_classes:
+        raise InvalidValue(f"{path} names {len(names)} classes, and the {label_set} weights have {num_classes}")
+    return names
 
 
 def cache_home() -> Path:
