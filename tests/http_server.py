@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit every Hub-style file is served at
@@ -14,12 +15,13 @@ HUB_COMMIT = "0123456789abcdef0123456789abcdef01234567"  # the commit every Hub-
 
 class Server:
     """Files by path; ``drop_after[path] = n`` cuts the next transfer of ``path`` after n bytes; ``ranges=False``
-    ignores Range headers; every request is logged as (path, Range header)."""
+    ignores Range headers; ``delay`` slows each GET; every request is logged as (path, Range header)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.drop_after: dict[str, int] = {}
         self.ranges = True
+        self.delay = 0.0  # seconds each GET waits before its body (so that concurrent clients overlap)
         self.requests: list[tuple[str, str | None]] = []  # GET requests only
         server = self
 
@@ -60,6 +62,7 @@ class Server:
                 self._hub_headers(body)
                 self.send_header("Content-Length", str(len(body) - start))
                 self.end_headers()
+                time.sleep(server.delay)
                 cut = server.drop_after.pop(self.path, None)
                 self.wfile.write(body[start:] if cut is None else body[start:start + cut])
                 if cut is not None:

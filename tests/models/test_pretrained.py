@@ -295,3 +295,29 @@ def test_predict_pretrained_names_the_label_sets_classes(served, tmp_path: Path,
         assert [t["prob"] for t in top] == pytest.approx([s.prob for s in expected.top], rel=1e-5)
     assert main(["predict", "--pretrained", str(image)]) == 2
     assert "released weights need --model NAME[.TAG]" in capsys.readouterr().err
+
+
+def test_weights_of_another_channel_count_are_adapted_for_pretrained_too(served, caplog) -> None:
+    _, models = served
+    with caplog.at_level("WARNING", logger="visionmix"):
+        model = create_model("resnet_nano", pretrained=True, in_chans=3).eval()
+    assert sum("adapt" in r.getMessage() for r in caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    assert model.pretrained_cfg["input_size"] == (3, 28, 28)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():  # a grey image repeated into RGB gives what the grey weights give
+        torch.testing.assert_close(model(x.repeat(1, 3, 1, 1)), models["resnet_nano"](x), rtol=1e-5, atol=1e-5)
+
+
+def test_threads_downloading_the_same_weights_at_once_end_with_one_good_file(served) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    server, models = served
+    server.delay = 0.3  # the second thread asks while the first is receiving
+    names = ["resnet_nano", "mixer_nano"] * 2
+    with ThreadPoolExecutor(4) as pool:
+        built = list(pool.map(lambda name: create_model(name, pretrained=True).eval(), names))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        for name, model in zip(names, built, strict=True):
+            torch.testing.assert_close(model(x), models[name](x), rtol=0, atol=0)
+    assert sorted(path for path, _ in server.requests) == sorted(server.files)  # each file fetched once
