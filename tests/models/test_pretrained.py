@@ -321,3 +321,43 @@ def test_threads_downloading_the_same_weights_at_once_end_with_one_good_file(ser
         for name, model in zip(names, built, strict=True):
             torch.testing.assert_close(model(x), models[name](x), rtol=0, atol=0)
     assert sorted(path for path, _ in server.requests) == sorted(server.files)  # each file fetched once
+
+
+@pytest.mark.parametrize("name", sorted(released_weights()))
+def test_every_entry_of_the_table_is_fetched_unwrapped_and_converted_from_the_local_server(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each real entry's file, as a small stand-in in the entry's format and wrapping, at the entry's Hub path or
+    URL path on the local server; the entry's model builds with its class count (on the meta device)."""
+    from urllib.parse import urlparse
+
+    from visionmix.models.loading import read_state_dict
+
+    entry = released_weights()[name]
+    create_model(entry.model, num_classes=entry.num_classes, device="meta")
+    state = {"stand_in.weight": torch.randn(3, 2)}
+    wrapped = {entry.wrapped_under: state, "epoch": 1} if entry.wrapped_under else state
+    payload = save(state) if entry.file_format == "safetensors" else _pth(wrapped)
+    with Server() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("VISIONMIX_HOME", str(tmp_path / "home"))
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+        if entry.url is not None:
+            entry = dataclasses.replace(entry, url=f"{server.url}{urlparse(entry.url).path}")
+        server.files[urlparse(entry.source()).path] = payload
+        entry = dataclasses.replace(entry, sha256=hashlib.sha256(payload).hexdigest() if entry.sha256 else None)
+        fetched = weights_table.fetch(entry)
+    assert fetched.suffix == ".safetensors"
+    torch.testing.assert_close(read_state_dict(fetched), state, rtol=0, atol=0)
+
+
+def test_a_release_wrapped_under_model_state_loads(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, models = served
+    entry = dataclasses.replace(weights_table.released_weights()["mixer_nano.release"], wrapped_under="model_state",
+                                sha256=None)
+    server.files["/release/mixer_nano_release.pth"] = _pth({"model_state": models["mixer_nano"].state_dict(),
+                                                            "optimizer_state": {"step": 3}})
+    monkeypatch.setattr(weights_table, "released_weights", lambda: {entry.name: entry})
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(create_model("mixer_nano", pretrained=True).eval()(x), models["mixer_nano"](x),
+                                   rtol=0, atol=0)

@@ -1,8 +1,9 @@
 """Load foreign or own weights into a model: ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors``.
 
 Wrappers written by common training scripts are unwrapped (``{"state_dict": ...}``, ``{"model": ...}``,
-``{"state_dict_ema": ...}``, ``{"model_ema": ...}``) and a DataParallel/DDP ``module.`` prefix is stripped. A model
-class may define ``checkpoint_filter_fn(state_dict, model) -> state_dict`` (timm's hook) to remap foreign layouts.
+``{"model_state": ...}``, ``{"state_dict_ema": ...}``, ``{"model_ema": ...}``) and a DataParallel/DDP ``module.``
+prefix is stripped. A model class may define ``checkpoint_filter_fn(state_dict, model) -> state_dict`` (timm's
+hook) to remap foreign layouts.
 Weights of another input channel count (RGB weights for a grey model, say) are adapted in the model's first conv
 (``pretrained_cfg["first_conv"]``) by :func:`adapt_input_conv`, with a notice.
 """
@@ -25,7 +26,7 @@ from visionmix.runlog import logger
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Checked in this order; "state_dict" first so a training checkpoint loads its live (non-EMA) weights.
-WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+WRAPPER_KEYS = ("state_dict", "model", "model_state", "state_dict_ema", "model_ema")
 _SHOW = 5  # keys listed per kind of mismatch
 _LOG = logger("models")
 
