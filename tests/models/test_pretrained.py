@@ -242,7 +242,7 @@ def test_a_hub_transfer_cut_half_way_is_resumed_by_range(served) -> None:
 
 
 @pytest.mark.parametrize("bad", ["404", "hash", "html", "no_network"])
-def test_bad_hub_files_are_one_line_naming_them_and_leave_no_file(served, tmp_path: Path,
+def test_bad_hub_files_are_one_line_naming_them_and_leave_no_file(served, tmp_path: Path, caplog,
                                                                   monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
     server, _ = served
     entry = weights_table.released_weights()["resnet_nano.hub_in1k"]
@@ -261,9 +261,10 @@ def test_bad_hub_files_are_one_line_naming_them_and_leave_no_file(served, tmp_pa
         server.httpd.server_close()
         match = rf"^cannot reach {url} \(.*\); offline: download it on a machine with internet .*checkpoint_path=FILE"
     monkeypatch.setattr(weights_table, "released_weights", lambda: {entry.name: entry})
-    with pytest.raises(DownloadError, match=match) as info:
+    with caplog.at_level("INFO"), pytest.raises(DownloadError, match=match) as info:
         create_model("resnet_nano", pretrained=True)
     assert "\n" not in str(info.value)
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("huggingface_hub")]  # one line only
     hub_files = [p for p in (tmp_path / "hf").rglob("*") if p.is_file() and {"blobs", "snapshots"} & set(p.parts)]
     assert not hub_files
 

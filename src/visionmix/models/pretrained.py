@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -202,6 +203,9 @@ def _hub_download(weights: ReleasedWeights, *, local_only: bool, missing_ok: boo
     from visionmix.download import OFFLINE_ROUTE
 
     source = weights.source()
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)  # its retries' lines; the outcome is one line here
     try:
         return Path(hf_hub_download(weights.hf_hub_id, weights.hf_filename, revision=weights.hf_revision,
                                     endpoint=os.environ.get("HF_ENDPOINT") or None, local_files_only=local_only))
@@ -218,6 +222,8 @@ def _hub_download(weights: ReleasedWeights, *, local_only: bool, missing_ok: boo
         cause = err
     except OSError as err:  # a transfer that broke beyond huggingface_hub's own resumes
         raise DownloadError(f"{source}: {str(err).splitlines()[0]}; run again to resume it") from err
+    finally:
+        hub_logger.setLevel(level)
     raise DownloadError(f"{source}: HTTP {cause.response.status_code} {cause.response.reason_phrase}") from cause
 
 
