@@ -10,6 +10,7 @@ Weights of another input channel count (RGB weights for a grey model, say) are a
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -27,6 +28,10 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Checked in this order; "state_dict" first so a training checkpoint loads its live (non-EMA) weights.
 WRAPPER_KEYS = ("state_dict", "model", "model_state", "state_dict_ema", "model_ema")
+# Classes a published checkpoint may pickle besides tensors and containers: DeiT-style training scripts (SPACH's and
+# UniFormer's main.py) save their command line, an argparse.Namespace of plain values rebuilt without running code,
+# under "args" beside the weights. Anything else that is not tensors and containers is refused.
+SAFE_CLASSES = (argparse.Namespace,)
 _SHOW = 5  # keys listed per kind of mismatch
 _LOG = logger("models")
 
@@ -44,7 +49,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(SAFE_CLASSES)):
             warnings.simplefilter("ignore")  # torch.load's notes on pickle protocols: the outcome is checked here
             state: object = (load_file(str(path), device="cpu") if suffix == SAFETENSORS_SUFFIX
                              else torch.load(path, map_location="cpu", weights_only=True))
