@@ -156,6 +156,21 @@ def test_bad_files_are_one_error_naming_them(served, monkeypatch: pytest.MonkeyP
     assert not _RunsCode.ran.exists()
 
 
+@pytest.mark.parametrize("name", ["resnet_nano", "mixer_nano"])
+def test_a_good_file_that_does_not_fit_the_models_arguments_stays_in_the_cache(served, name: str) -> None:
+    """Weights for 28 px built at 32 px: the error says the arguments change the shapes, and the file (fit for the
+    model as registered) is not downloaded again."""
+    server, models = served
+    with pytest.raises(ValueError, match=rf"does not fit .*; the file fits {name} as registered, so the arguments "
+                                         r"this model was built with change its shapes \(the file stays in the cache"):
+        create_model(name, pretrained=True, **({"img_size": 32} if name == "mixer_nano" else {"stem_width": 8}))
+    requests = len(server.requests)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(create_model(name, pretrained=True).eval()(x), models[name](x), rtol=0, atol=0)
+    assert len(server.requests) == requests
+
+
 def test_pretrained_and_checkpoint_path_are_exclusive(served) -> None:
     with pytest.raises(ValueError, match="pretrained=True or checkpoint_path=, not both"):
         create_model("resnet_nano", pretrained=True, checkpoint_path="x.pth")

@@ -243,7 +243,8 @@ def _convert(raw: Path, converted: Path, weights: ReleasedWeights) -> None:
 def load_pretrained(model: nn.Module, weights: ReleasedWeights) -> list[str]:
     """Load ``weights`` (fetched) into ``model``: strictly when its classifier has the weights' class count, else
     every key but the classifier's, which starts fresh (the dropped keys are named once). Returns them. A file
-    that does not fit is removed from the cache before the error propagates."""
+    that does not fit its own model as registered is removed from the cache before the error propagates; one that
+    fits it but not ``model`` (built with another ``img_size``, say) stays, and the error says so."""
     from visionmix.models.loading import load_checkpoint, load_for_finetuning, read_state_dict
     from visionmix.runlog import logger
 
@@ -253,9 +254,30 @@ def load_pretrained(model: nn.Module, weights: ReleasedWeights) -> list[str]:
             load_checkpoint(model, path)
             return []
         dropped = load_for_finetuning(model, read_state_dict(path), path)
-    except ValueError:  # a file of another model: out of the cache, so that the next call downloads it again
-        evict(weights)
-        raise
+    except ValueError as err:
+        if not _fits_its_model(weights, path):  # a file of another model: downloaded again next time
+            evict(weights)
+            raise
+        raise InvalidValue(f"{err}; the file fits {weights.model} as registered, so the arguments this model was "
+                           f"built with change its shapes (the file stays in the cache)") from err
     logger("models").warning(f"{weights.name}: {weights.num_classes}-class classifier not loaded into a "
                              f"{model.num_classes}-class model (fresh: {', '.join(dropped)})")
     return dropped
+
+
+def _fits_its_model(weights: ReleasedWeights, path: Path) -> bool:
+    """Whether the file at ``path`` loads strictly into the model ``weights`` are for, as registered with the weights'
+    class count (built on the meta device: shapes only)."""
+    import torch
+
+    from visionmix.models import create_model
+    from visionmix.models.loading import read_state_dict, state_dict_problems
+
+    try:
+        state = read_state_dict(path)
+    except ValueError:
+        return False
+    with torch.device("meta"):
+        reference = create_model(weights.model, num_classes=weights.num_classes)
+    filter_fn = getattr(type(reference), "checkpoint_filter_fn", None)
+    return not state_dict_problems(reference.state_dict(), filter_fn(state, reference) if filter_fn else state)
