@@ -171,6 +171,15 @@ def test_a_good_file_that_does_not_fit_the_models_arguments_stays_in_the_cache(s
     assert len(server.requests) == requests
 
 
+def test_a_tag_builds_its_weights_class_count_when_num_classes_is_unset_or_none(served, monkeypatch) -> None:
+    entry = dataclasses.replace(weights_table.released_weights()["resnet_nano.hub_in1k"], num_classes=7)
+    monkeypatch.setattr(weights_table, "released_weights", lambda: {entry.name: entry})
+    for kwargs in ({}, {"num_classes": None}):  # None is timm's "the default" (an unset CLI option)
+        model = create_model("resnet_nano.hub_in1k", **kwargs)
+        assert (model.num_classes, model.pretrained_cfg["num_classes"]) == (7, 7)
+    assert create_model("resnet_nano.hub_in1k", num_classes=3).num_classes == 3
+
+
 def test_pretrained_and_checkpoint_path_are_exclusive(served) -> None:
     with pytest.raises(ValueError, match="pretrained=True or checkpoint_path=, not both"):
         create_model("resnet_nano", pretrained=True, checkpoint_path="x.pth")
