@@ -180,6 +180,21 @@ def test_a_tag_builds_its_weights_class_count_when_num_classes_is_unset_or_none(
     assert create_model("resnet_nano.hub_in1k", num_classes=3).num_classes == 3
 
 
+@pytest.mark.parametrize("key", ["model", "model_ema"])
+def test_the_key_the_table_names_is_the_one_loaded(served, monkeypatch: pytest.MonkeyPatch, key: str) -> None:
+    """A release holding live and EMA weights: the table's wrapped_under picks which are the released ones."""
+    server, models = served
+    other = _random("mixer_nano", 5)
+    live, ema = (models["mixer_nano"], other) if key == "model" else (other, models["mixer_nano"])
+    server.files["/release/mixer_nano_release.pth"] = _pth({"model": live.state_dict(), "model_ema": ema.state_dict()})
+    entry = dataclasses.replace(weights_table.released_weights()["mixer_nano.release"], wrapped_under=key, sha256=None)
+    monkeypatch.setattr(weights_table, "released_weights", lambda: {entry.name: entry})
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(create_model("mixer_nano", pretrained=True).eval()(x), models["mixer_nano"](x),
+                                   rtol=0, atol=0)
+
+
 def test_pretrained_and_checkpoint_path_are_exclusive(served) -> None:
     with pytest.raises(ValueError, match="pretrained=True or checkpoint_path=, not both"):
         create_model("resnet_nano", pretrained=True, checkpoint_path="x.pth")

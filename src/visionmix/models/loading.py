@@ -36,8 +36,10 @@ _SHOW = 5  # keys listed per kind of mismatch
 _LOG = logger("models")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat CPU state dict, unwrapped and without a ``module.`` prefix."""
+def read_state_dict(path: str | Path, wrapped_under: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat CPU state dict, unwrapped and without a ``module.`` prefix.
+    ``wrapped_under`` names the key that holds the weights where a publisher states it (a file with both ``model``
+    and ``model_ema``, say); a file without that key is unwrapped as any other."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -60,6 +62,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         # a text file, a truncated or foreign archive: each makes torch.load fail in its own way
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise InvalidValue(f"{path} is damaged or not a {suffix} checkpoint ({reason})") from exc
+    if wrapped_under is not None and isinstance(state, Mapping) and isinstance(state.get(wrapped_under), Mapping):
+        state = state[wrapped_under]
     return _unwrap(state, path)
 
 

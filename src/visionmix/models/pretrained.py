@@ -234,7 +234,7 @@ def _convert(raw: Path, converted: Path, weights: ReleasedWeights) -> None:
     from visionmix.files import staged
     from visionmix.models.loading import read_state_dict
 
-    state = read_state_dict(raw)  # unwraps "model"/"state_dict", refuses a pickle that would run code
+    state = read_state_dict(raw, weights.wrapped_under)  # refuses a pickle that would run code
     with staged(converted, force=True) as tmp:
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
                   metadata={"source": weights.source(), "name": weights.name})
