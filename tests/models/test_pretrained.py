@@ -195,6 +195,63 @@ def test_the_key_the_table_names_is_the_one_loaded(served, monkeypatch: pytest.M
                                    rtol=0, atol=0)
 
 
+def _pretrained_outputs(entry: ReleasedWeights, x: torch.Tensor, out: str) -> None:
+    """In a spawned process: ``entry``'s model built with pretrained=True, its outputs on ``x`` saved to ``out``."""
+    torch.set_num_threads(1)
+    weights_table.released_weights = lambda: {entry.name: entry}
+    with torch.no_grad():
+        torch.save(create_model(entry.model, pretrained=True).eval()(x), out)
+
+
+def test_two_processes_fetching_a_hub_pth_at_once_end_with_one_good_file(served, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """UniFormer's layout on the Hub (Sense-X/uniformer_image: a plain state dict in a .pth): two processes download
+    it through huggingface_hub's cache and convert it at once; one GET, one blob, one converted file, both models
+    exact, and the converted file equal to checkpoint_path= of the served one."""
+    import multiprocessing
+
+    server, _ = served
+    model = _random("uniformer_nano", 2)
+    hub_path = "/visionmix-test/uniformer_image/resolve/main/uniformer_nano_in1k.pth"
+    server.files[hub_path] = _pth(model.state_dict())
+    (tmp_path / "served.pth").write_bytes(server.files[hub_path])
+    server.delay = 0.5  # the second process asks while the first is receiving
+    entry = ReleasedWeights(name="uniformer_nano.in1k", **{
+        **BASE, "hf_hub_id": "visionmix-test/uniformer_image", "hf_filename": "uniformer_nano_in1k.pth",
+        "hf_revision": "main", "file_format": "pth"})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # the children's huggingface_hub reads it at import
+    x = torch.randn(2, 1, 28, 28)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_pretrained_outputs, args=(entry, x, str(tmp_path / f"out{i}.pt"))) for i in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(120)
+    assert [proc.exitcode for proc in procs] == [0, 0]
+    with torch.no_grad():
+        expected = model(x)
+        from_file = create_model("uniformer_nano", checkpoint_path=str(tmp_path / "served.pth")).eval()(x)
+    torch.testing.assert_close(from_file, expected, rtol=0, atol=0)
+    for i in range(2):
+        torch.testing.assert_close(torch.load(tmp_path / f"out{i}.pt"), expected, rtol=0, atol=0)
+    assert [path for path, _ in server.requests] == [hub_path]
+    files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".lock"
+                   and ".cache" not in p.parts and p.parent != tmp_path)
+    assert files == ["hf/CACHEDIR.TAG", f"hf/models--visionmix-test--uniformer_image/blobs/"
+                     f"{hashlib.sha256(server.files[hub_path]).hexdigest()}",
+                     "hf/models--visionmix-test--uniformer_image/refs/main",
+                     f"hf/models--visionmix-test--uniformer_image/snapshots/{HUB_COMMIT}/uniformer_nano_in1k.pth",
+                     "home/weights/uniformer_nano.in1k/uniformer_nano_in1k.safetensors"]
+
+
+def test_a_hub_download_asks_nothing_of_the_real_hub(served) -> None:
+    """huggingface_hub's once-a-process agent-registry request (to huggingface.co) is off in the tests (conftest)."""
+    from huggingface_hub.utils import _detect_agent
+
+    create_model("resnet_nano", pretrained=True)
+    assert _detect_agent._registry is None  # never looked up, so never fetched
+
+
 def test_pretrained_and_checkpoint_path_are_exclusive(served) -> None:
     with pytest.raises(ValueError, match="pretrained=True or checkpoint_path=, not both"):
         create_model("resnet_nano", pretrained=True, checkpoint_path="x.pth")
