@@ -252,6 +252,21 @@ def test_a_hub_download_asks_nothing_of_the_real_hub(served) -> None:
     assert _detect_agent._registry is None  # never looked up, so never fetched
 
 
+def test_weights_download_refuses_an_existing_copy_before_downloading(served, tmp_path: Path, capsys) -> None:
+    from visionmix.cli import main
+
+    server, _ = served
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "mixer_nano.release.safetensors").write_bytes(b"the user's file")
+    assert main(["weights", "download", "mixer_nano", "--to", str(tmp_path / "out")]) == 2
+    assert "mixer_nano.release.safetensors already exists; pass --force" in capsys.readouterr().err
+    assert server.requests == []  # nothing downloaded for a copy that cannot be written
+    assert main(["weights", "download", "mixer_nano", "--to", str(tmp_path / "out"), "--force"]) == 0
+    copy = tmp_path / "out" / "mixer_nano.release.safetensors"
+    assert copy.read_bytes() == next((tmp_path / "home").rglob("*.safetensors")).read_bytes()
+    assert sorted(p.name for p in copy.parent.iterdir()) == [copy.name]  # no temporary file left
+
+
 def test_pretrained_and_checkpoint_path_are_exclusive(served) -> None:
     with pytest.raises(ValueError, match="pretrained=True or checkpoint_path=, not both"):
         create_model("resnet_nano", pretrained=True, checkpoint_path="x.pth")
