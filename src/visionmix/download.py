@@ -39,13 +39,13 @@ def download_url(url: str, dest: str | Path, *, sha256: str | None = None, timeo
             return dest
         part = dest.with_name(dest.name + ".part")
         _receive(url, part, timeout)
-        _check_not_html(url, part)
-        if sha256 is not None:
-            got = file_sha256(part)
-            if got != sha256.lower():
-                part.unlink()
-                raise DownloadError(f"{url}: the file's sha256 is {got}, the publisher states {sha256}; the "
-                                    f"download was deleted (a changed or corrupted file)")
+        try:
+            check_not_html(url, part)
+            if sha256 is not None:
+                check_sha256(url, part, sha256)
+        except DownloadError:
+            part.unlink()
+            raise
         os.replace(part, dest)
     return dest
 
@@ -100,10 +100,18 @@ def _receive(url: str, part: Path, timeout: float) -> None:
                             f"resume it")
 
 
-def _check_not_html(url: str, part: Path) -> None:
-    with part.open("rb") as f:
+def check_not_html(url: str, path: Path) -> None:
+    """Refuse ``path`` (the download of ``url``) when it is an HTML page (the caller deletes it)."""
+    with path.open("rb") as f:
         head = f.read(512).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
-        part.unlink()
         raise DownloadError(f"{url} answered with an HTML page, not the weights (a login, quota or error page); "
                             f"the download was deleted")
+
+
+def check_sha256(url: str, path: Path, sha256: str) -> None:
+    """Refuse ``path`` (the download of ``url``) unless its sha256 is ``sha256`` (the caller deletes it)."""
+    got = file_sha256(path)
+    if got != sha256.lower():
+        raise DownloadError(f"{url}: the file's sha256 is {got}, the publisher states {sha256}; the download was "
+                            f"deleted (a changed or corrupted file)")

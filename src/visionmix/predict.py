@@ -154,12 +154,16 @@ def read_classes(path: str | Path) -> tuple[str, ...]:
     return names
 
 
-def load_predictor(source: str | Path, *, model_name: str | None = None,
+def load_predictor(source: str | Path | None, *, model_name: str | None = None,
                    classes_file: str | Path | None = None) -> tuple[nn.Module, EvalTransform, tuple[str, ...]]:
     """``(model, transform, classes)`` for :func:`predict` from a run directory, or from a foreign checkpoint file
-    of the registered model ``model_name`` with the class names of ``classes_file`` (its head is built for them)."""
+    of the registered model ``model_name`` with the class names of ``classes_file`` (its head is built for them),
+    or (``source=None``) from the released weights ``model_name`` (``<model>[.<tag>]``) with their label set's
+    names (:func:`~visionmix.models.pretrained.label_names`) unless ``classes_file`` gives others."""
     from visionmix.engine.run_files import load_run, run_meta
 
+    if source is None:
+        return _released_predictor(model_name, classes_file)
     source = Path(source)
     if not source.exists():
         raise FileNotFoundError(f"no such run directory or checkpoint: {source}")
@@ -181,3 +185,20 @@ def load_predictor(source: str | Path, *, model_name: str | None = None,
     classes = read_classes(classes_file)
     model = create_model(model_name, num_classes=len(classes), checkpoint_path=str(source)).eval()
     return model, resolve_eval_transform(model.pretrained_cfg), classes
+
+
+def _released_predictor(model_name: str | None,
+                        classes_file: str | Path | None) -> tuple[nn.Module, EvalTransform, tuple[str, ...]]:
+    from visionmix.models import create_model
+    from visionmix.models.pretrained import label_names
+
+    if model_name is None:
+        raise InvalidValue("released weights need --model NAME[.TAG] (see 'visionmix models --pretrained')")
+    model = create_model(model_name, pretrained=True).eval()
+    cfg = model.pretrained_cfg
+    classes = read_classes(classes_file) if classes_file is not None else label_names(cfg["label_set"],
+                                                                                       model.num_classes)
+    if len(classes) != model.num_classes:
+        raise InvalidValue(f"--classes {classes_file} names {len(classes)} classes, and the weights "
+                           f"{model_name} have {model.num_classes}")
+    return model, resolve_eval_transform(cfg), classes

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -64,6 +67,34 @@ def test_weights_only_refuses_pickled_objects(tmp_path):
     torch.save({"state_dict": _model(0).state_dict(), "obj": object()}, path)
     with pytest.raises(ValueError, match="evil.pth is not a plain state dict: it pickles objects other than"):
         read_state_dict(path)
+
+
+class _RunsCode:
+    """Unpickling this would create ``marker`` (a pickle can call any function)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.marker,))
+
+
+def test_a_deit_style_training_checkpoint_loads_and_code_in_its_args_is_refused(tmp_path):
+    """SPACH's and UniFormer's DeiT-based main.py save {"model", "optimizer", "lr_scheduler", "epoch", "model_ema",
+    "args": argparse.Namespace}: the Namespace of plain values is read, one hiding an object is not."""
+    live, ema = _model(0), _model(1)
+    args = argparse.Namespace(model="spach_ms_s_patch4_224_conv", lr=5e-4, epochs=300, input_size=224, mixup=0.8,
+                              resume="", output_dir="out", cutmix_minmax=None, drop_path=0.1)
+    checkpoint = {"model": live.state_dict(), "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+                  "lr_scheduler": {"t_initial": 300}, "epoch": 299, "model_ema": ema.state_dict(), "args": args}
+    path = tmp_path / "spach_ms_conv_s.pth"
+    torch.save(checkpoint, path)
+    _assert_same_weights(live, create_model("spach_ms_nano_attn", checkpoint_path=str(path)))
+    marker = tmp_path / "ran"
+    torch.save({**checkpoint, "args": argparse.Namespace(lr=5e-4, hook=_RunsCode(marker))}, path)
+    with pytest.raises(ValueError, match="spach_ms_conv_s.pth is not a plain state dict"):
+        read_state_dict(path)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("content", [b"hello world\n", b"", b'{"a": 1}', b"PK\x03\x04 a broken zip archive"])

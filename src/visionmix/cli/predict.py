@@ -24,14 +24,22 @@ A file that cannot be decoded is reported on stderr and skipped.
 
 exit status: 0 every image was classified, 1 some were skipped, 2 none could be read or an argument is wrong.
 
-example: visionmix predict runs/mixer photos/ --topk 3 --json""")
+With --model NAME --pretrained the model's released weights classify the images, with their evaluation transform
+and label set (ImageNet-1k's class names).
+
+examples: visionmix predict runs/mixer photos/ --topk 3 --json
+          visionmix predict --model mixer_b16_224 --pretrained photos/""")
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="run directory written by 'visionmix train', or with --model a checkpoint file "
-                        "(.pth/.safetensors)")
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and directories of them")
-    p.add_argument("--model", metavar="NAME", help="the registered model whose weights the checkpoint file holds")
-    p.add_argument("--classes", metavar="FILE", help="with --model: the class names, one per line (required: a "
-                                                     "checkpoint file holds none)")
+                        "(.pth/.safetensors); with --pretrained the first image")
+    p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR", help="image files and directories of them")
+    p.add_argument("--model", metavar="NAME", help="the registered model whose weights the checkpoint file holds "
+                                                   "(with --pretrained: NAME[.TAG] of released weights)")
+    p.add_argument("--pretrained", action="store_true",
+                   help="with --model: its released weights (downloaded once, see 'visionmix models --pretrained') "
+                        "and their label set's class names (ImageNet-1k's shipped; class indices for others)")
+    p.add_argument("--classes", metavar="FILE", help="with --model: the class names, one per line (required for a "
+                                                     "checkpoint file: it holds none)")
     p.add_argument("--topk", type=count_arg, default=5, help="classes printed per image, at most the model's")
     p.add_argument("--batch-size", type=count_arg, default=32, help="images per forward pass")
     p.add_argument("--backend", choices=("auto", *BACKENDS),
@@ -55,8 +63,12 @@ def run(args: argparse.Namespace) -> int:
     from visionmix.deployment import deploy, inference_device
     from visionmix.predict import find_images, load_predictor, predict
 
-    paths = find_images(args.images)
-    model, transform, classes = load_predictor(args.checkpoint, model_name=args.model, classes_file=args.classes)
+    images = [args.checkpoint, *args.images] if args.pretrained else args.images
+    if not images:
+        raise InvalidValue("predict needs image files or directories after the run directory or checkpoint")
+    paths = find_images(images)
+    model, transform, classes = load_predictor(None if args.pretrained else args.checkpoint, model_name=args.model,
+                                               classes_file=args.classes)
     backend = args.backend or ("onnxruntime" if args.quantize else "eager")
     device = "cpu" if args.quantize else inference_device(args.device)
     deployed = deploy(model, torch.zeros(args.batch_size, transform.in_chans, *transform.size), backend,
@@ -77,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if not done:
         found = (f"none of {skipped} image files could be read" if skipped
                  else f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
-        raise InvalidValue(f"{found} in {' '.join(args.images)}")
+        raise InvalidValue(f"{found} in {' '.join(images)}")
     if skipped:
         print(f"{PROG}: classified {done} images, skipped {skipped}", file=sys.stderr)
     return 1 if skipped else 0

@@ -16,9 +16,10 @@ def add_parser(subparsers: Any) -> None:
     actions = p.add_subparsers(title="actions", metavar="ACTION")
     download = add_command(actions, "download", "download released weights into the cache (or a directory)", """\
 Download the released weights NAME (a model's default tag) or NAME.TAG (see 'visionmix models --pretrained') into
-the cache ($VISIONMIX_HOME, default ~/.cache/visionmix), verified where the publisher states a sha256, converted to
-.safetensors; with --to DIR also copy them there as DIR/NAME.TAG.safetensors, for a machine without internet
-(there: create_model(NAME, checkpoint_path=FILE)). The files come from their publishers under their licences.
+the cache (Hugging Face Hub files: huggingface_hub's, $HF_HOME; others: $VISIONMIX_HOME, default
+~/.cache/visionmix), verified where the publisher states a sha256, converted to .safetensors; with --to DIR also
+copy them there as DIR/NAME.TAG.safetensors, for a machine without internet (there: create_model(NAME,
+checkpoint_path=FILE)). The files come from their publishers under their licences.
 
 example: visionmix weights download mixer_b16_224 mixer_l16_224.goog_in21k --to weights/""")
     download.add_argument("names", nargs="+", metavar="NAME[.TAG]", help="released weights to download")

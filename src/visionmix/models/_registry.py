@@ -180,7 +180,8 @@ def create_model(model_name: str, pretrained: bool = False, pretrained_cfg: dict
         weights = resolve(model_name)
         if pretrained and checkpoint_path is not None:
             raise InvalidValue("pass pretrained=True or checkpoint_path=, not both")
-        kwargs.setdefault("num_classes", weights.num_classes)
+        if kwargs.get("num_classes") is None:  # unset or None (timm's "default"): the weights' class count
+            kwargs["num_classes"] = weights.num_classes
     for key, why in _UNSUPPORTED.items():
         if kwargs.pop(key, None) not in (None, False):
             raise InvalidValue(f"create_model({key}=...) is not supported: {why}")

@@ -1,14 +1,16 @@
 """Load foreign or own weights into a model: ``.pth``/``.pt`` (``torch.load(weights_only=True)``) or ``.safetensors``.
 
 Wrappers written by common training scripts are unwrapped (``{"state_dict": ...}``, ``{"model": ...}``,
-``{"state_dict_ema": ...}``, ``{"model_ema": ...}``) and a DataParallel/DDP ``module.`` prefix is stripped. A model
-class may define ``checkpoint_filter_fn(state_dict, model) -> state_dict`` (timm's hook) to remap foreign layouts.
+``{"model_state": ...}``, ``{"state_dict_ema": ...}``, ``{"model_ema": ...}``) and a DataParallel/DDP ``module.``
+prefix is stripped. A model class may define ``checkpoint_filter_fn(state_dict, model) -> state_dict`` (timm's
+hook) to remap foreign layouts.
 Weights of another input channel count (RGB weights for a grey model, say) are adapted in the model's first conv
 (``pretrained_cfg["first_conv"]``) by :func:`adapt_input_conv`, with a notice.
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -25,13 +27,19 @@ from visionmix.runlog import logger
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 SAFETENSORS_SUFFIX = ".safetensors"
 # Checked in this order; "state_dict" first so a training checkpoint loads its live (non-EMA) weights.
-WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
+WRAPPER_KEYS = ("state_dict", "model", "model_state", "state_dict_ema", "model_ema")
+# Classes a published checkpoint may pickle besides tensors and containers: DeiT-style training scripts (SPACH's and
+# UniFormer's main.py) save their command line, an argparse.Namespace of plain values rebuilt without running code,
+# under "args" beside the weights. Anything else that is not tensors and containers is refused.
+SAFE_CLASSES = (argparse.Namespace,)
 _SHOW = 5  # keys listed per kind of mismatch
 _LOG = logger("models")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a checkpoint file into a flat CPU state dict, unwrapped and without a ``module.`` prefix."""
+def read_state_dict(path: str | Path, wrapped_under: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat CPU state dict, unwrapped and without a ``module.`` prefix.
+    ``wrapped_under`` names the key that holds the weights where a publisher states it (a file with both ``model``
+    and ``model_ema``, say); a file without that key is unwrapped as any other."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -43,7 +51,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(SAFE_CLASSES)):
             warnings.simplefilter("ignore")  # torch.load's notes on pickle protocols: the outcome is checked here
             state: object = (load_file(str(path), device="cpu") if suffix == SAFETENSORS_SUFFIX
                              else torch.load(path, map_location="cpu", weights_only=True))
@@ -54,6 +62,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         # a text file, a truncated or foreign archive: each makes torch.load fail in its own way
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise InvalidValue(f"{path} is damaged or not a {suffix} checkpoint ({reason})") from exc
+    if wrapped_under is not None and isinstance(state, Mapping) and isinstance(state.get(wrapped_under), Mapping):
+        state = state[wrapped_under]
     return _unwrap(state, path)
 
 
