@@ -22,9 +22,9 @@ from safetensors.torch import save
 
 from http_server import HUB_COMMIT, Server
 from visionmix.errors import DownloadError
-from visionmix.models import create_model, list_models, model_entry
+from visionmix.models import create_model
 from visionmix.models import pretrained as weights_table
-from visionmix.models.pretrained import ReleasedWeights, released_weights
+from visionmix.models.pretrained import ReleasedWeights
 
 BASE = dict(default=True, hf_hub_id=None, hf_filename=None, hf_revision=None, url=None, file_format="safetensors",
             wrapped_under=None, num_classes=10, label_set="digits", input_size=(1, 28, 28), crop_pct=0.9,
@@ -270,23 +270,6 @@ def test_weights_download_refuses_an_existing_copy_before_downloading(served, tm
 def test_pretrained_and_checkpoint_path_are_exclusive(served) -> None:
     with pytest.raises(ValueError, match="pretrained=True or checkpoint_path=, not both"):
         create_model("resnet_nano", pretrained=True, checkpoint_path="x.pth")
-
-
-def test_the_table_of_released_weights_is_consistent() -> None:
-    table = released_weights()
-    assert table, "the table is empty"
-    registered = set(list_models())
-    for name, w in table.items():
-        assert name == f"{w.model}.{w.tag}" and w.model in registered, name
-        assert (w.hf_hub_id is None) != (w.url is None), name
-        assert w.hf_hub_id is None or (w.hf_filename and w.hf_revision), name
-        assert w.file_format in ("safetensors", "pth") and w.facts_from and not w.checked_against_download
-        assert len(w.mean) == len(w.std) == w.input_size[0] and all(s > 0 for s in w.std), name
-        assert 0 < w.crop_pct <= 1 and w.interpolation in ("bicubic", "bilinear") and w.num_classes > 0, name
-        assert tuple(model_entry(w.model).cfg["input_size"]) == w.input_size, name
-    models = {w.model for w in table.values()}
-    for model in models:
-        assert sum(w.default for w in table.values() if w.model == model) == 1, model
 
 
 def test_the_cli_downloads_into_a_directory_and_lists_the_released_weights(served, tmp_path: Path, capsys,

@@ -18,8 +18,8 @@ def test_list_models_patterns():
     assert list_models("s2mlpv2_*") == ["s2mlpv2_medium", "s2mlpv2_nano", "s2mlpv2_small"]
     assert list_models(["s2mlpv2_s*", "mixer_s32*"]) == ["mixer_s32_224", "s2mlpv2_small"]
     ms = list_models("spach_ms_*", exclude_filters="*nano*")
-    assert len(ms) == 11 and all(n.startswith("spach_ms_") and "nano" not in n for n in ms)
-    assert len(list_models(module="spach")) == 26  # 20 official + 6 nano
+    assert len(ms) == 12 and all(n.startswith("spach_ms_") and "nano" not in n for n in ms)
+    assert len(list_models(module="spach")) == 27  # 21 official (with Hybrid-MS-S+) + 6 nano
     assert list_models("spach_ms_x*_conv") == ["spach_ms_xs_patch4_224_conv", "spach_ms_xxs_patch4_224_conv"]
     assert set(list_models()) >= set(mixers) and visionmix.list_models is list_models
 

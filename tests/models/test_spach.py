@@ -118,6 +118,10 @@ def test_layout_and_size_equal_official(ref):
     """All 24 official SPACH layouts: key count, first/last keys with shapes, every key pattern, exact params."""
     with torch.device("meta"):
         model = create_model(ref["name"], **ref["kwargs"])
+    _assert_layout(model, ref)
+
+
+def _assert_layout(model: torch.nn.Module, ref: dict) -> None:
     rows = [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
     assert len(rows) == ref["n_keys"]
     assert rows[:len(ref["first"])] == ref["first"]
@@ -175,10 +179,32 @@ def test_params_and_macs_match_spec(name, model_stats):
     assert stats.macs / 1e9 == pytest.approx(ref.gmacs, rel=0.02)
 
 
-def test_conv4_stem_macs_match_spec(model_stats):
-    stats = model_stats("spach_ms_s_patch4_224_hybrid", stem_type="conv4")
-    assert stats.params == pytest.approx(63.139e6, rel=1e-3)
-    assert stats.macs / 1e9 == pytest.approx(12.177, rel=0.02)
+def test_hybrid_s_plus_is_the_s_hybrid_with_the_official_conv4_stem(model_stats):
+    """Hybrid-MS-S+ (spach_ms_hybrid_s+.pth): the official SpachMS of the S hybrid built with --stem-type conv4, key
+    for key; the paper's 63M parameters and 12.3G FLOPs (our counter: 12.18 GMACs)."""
+    ref = next(p.values[0] for p in _parse_reference() if p.id == "spach_ms_s_patch4_224_hybrid[stem_type=conv4]")
+    with torch.device("meta"):
+        model = create_model("spach_ms_s_plus_patch4_224_hybrid")
+    _assert_layout(model, ref)
+    stats = model_stats("spach_ms_s_plus_patch4_224_hybrid")
+    assert round(stats.params / 1e6) == 63
+    assert stats.params == model_entry("spach_ms_s_plus_patch4_224_hybrid").reference.params
+    assert stats.macs / 1e9 == pytest.approx(12.3, rel=0.02)
+
+
+def test_hybrid_s_plus_loads_a_checkpoint_in_the_official_layout(tmp_path):
+    """A file as the official main.py saves it ({'model': state_dict, ...}) loads strictly into the S+ name, and the
+    model it gives computes what the saved one does."""
+    torch.manual_seed(0)
+    saved = create_model("spach_ms_s_patch4_224_hybrid", stem_type="conv4", num_classes=5).eval()
+    for p in saved.head.parameters():
+        torch.nn.init.normal_(p)  # a zero head would hide a wrong load
+    path = tmp_path / "spach_ms_hybrid_s+.pth"
+    torch.save({"model": saved.state_dict(), "epoch": 299, "args": None}, path)
+    loaded = create_model("spach_ms_s_plus_patch4_224_hybrid", num_classes=5, checkpoint_path=str(path)).eval()
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), saved(x), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------- behaviour

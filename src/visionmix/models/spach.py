@@ -277,6 +277,13 @@ for _size, (_dim, _heads, _ratio, _arch, _params, _gmacs, _top1) in _HYBRID.item
     _register_spach(f"spach_ms_{_size}_patch4_224_hybrid", _arch, Reference(params=_params, gmacs=_gmacs, top1=_top1),
                     patch_size=4, hidden_dim=_dim, num_heads=_heads, channel_ratio=_ratio)
 
+# Hybrid-MS-S+ (README: 83.9, 63M, 12.3G; the file spach_ms_hybrid_s+.pth of release v1.0): the S hybrid with the
+# official --stem-type conv4. Not shared_spatial_func: the official SpachMS asserts one spatial type per stage for it,
+# and the hybrid's stages 2-4 mix conv and attention.
+_register_spach("spach_ms_s_plus_patch4_224_hybrid", _HYBRID["s"][3],
+                Reference(params=63_138_728, gmacs=12.177, top1=83.9), patch_size=4, hidden_dim=128, num_heads=4,
+                channel_ratio=3.0, stem_type="conv4")
+
 # Nano models for 28x28 grey input (10 classes): patch 4 -> 7x7 tokens (single stage, C=192), or patch 2 -> 14x14
 # then 7x7 (two stages, C=96 then 192). Attention blocks carry twice the weights of conv/mlp blocks, so the attention
 # variants have half the blocks: the three mixing types then match in parameters and MACs (SPACH's fairness rule).
