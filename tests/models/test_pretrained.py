@@ -418,7 +418,7 @@ def test_threads_downloading_the_same_weights_at_once_end_with_one_good_file(ser
     assert sorted(path for path, _ in server.requests) == sorted(server.files)  # each file fetched once
 
 
-@pytest.mark.parametrize("name", sorted(released_weights()))
+@pytest.mark.parametrize("name", sorted(weights_table.released_weights()))
 def test_every_entry_of_the_table_is_fetched_unwrapped_and_converted_from_the_local_server(
         name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each real entry's file, as a small stand-in in the entry's format and wrapping, at the entry's Hub path or
@@ -427,7 +427,7 @@ def test_every_entry_of_the_table_is_fetched_unwrapped_and_converted_from_the_lo
 
     from visionmix.models.loading import read_state_dict
 
-    entry = released_weights()[name]
+    entry = weights_table.released_weights()[name]
     create_model(entry.model, num_classes=entry.num_classes, device="meta")
     state = {"stand_in.weight": torch.randn(3, 2)}
     wrapped = {entry.wrapped_under: state, "epoch": 1} if entry.wrapped_under else state
