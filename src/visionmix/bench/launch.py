@@ -73,7 +73,9 @@ class RunSpec:
 
 
 class Launcher(Protocol):
-    """Executes run specs. ``name`` goes into every run's provenance and the comparison's ``plan.json``."""
+    """Executes run specs. ``name`` goes into every run's provenance and the comparison's ``plan.json``. A launcher
+    whose runs train on other machines (Slurm) also sets ``remote = True``: ``compare`` then does not resolve the
+    recipe's device on this one."""
 
     name: str
     procs_per_run: int

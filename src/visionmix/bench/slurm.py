@@ -233,7 +233,7 @@ class SlurmLauncher:
                     if state in ACTIVE_STATES:
                         continue
                     del waiting[run_dir]
-                    _check_ended(spec, jobs[run_dir], state or "no longer known to Slurm", out_dir)
+                    _check_ended(spec, jobs[run_dir], state or "UNKNOWN (Slurm no longer lists it)", out_dir)
                     on_done(spec)
                 line = _progress(specs, jobs, states)
                 if line != shown:
