@@ -97,6 +97,8 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
     launcher's). Every argument is checked before anything is trained. Returns one row per model, with its paired
     difference to the baseline (pairs, delta, ci_low, ci_high, verdict).
     """
+    import torch
+
     from visionmix.engine import TrainConfig
     from visionmix.engine.config import INIT_PRETRAINED, report_fields
     from visionmix.engine.distributed import resolve_device
@@ -131,8 +133,11 @@ def compare(models: Sequence[str], out_dir: str | Path, *, data: str = "fashion-
 
         for model in models[1:]:
             resolve(model)  # every model has released weights, before the first one trains
-    device = resolve_device(base.device)
     launcher = launcher or InlineLauncher(progress=progress)
+    if getattr(launcher, "remote", False):  # the runs train on other machines (Slurm): not this one's devices
+        device = torch.device("cuda" if base.device.startswith("cuda") else "cpu")
+    else:
+        device = resolve_device(base.device)
     threads = launcher.prepare(device.type, threads_per_run)
     out_dir = Path(out_dir)
     runs_dir = out_dir / "runs"

@@ -73,7 +73,9 @@ class RunSpec:
 
 
 class Launcher(Protocol):
-    """Executes run specs. ``name`` goes into every run's provenance and the comparison's ``plan.json``."""
+    """Executes run specs. ``name`` goes into every run's provenance and the comparison's ``plan.json``. A launcher
+    whose runs train on other machines (Slurm) also sets ``remote = True``: ``compare`` then does not resolve the
+    recipe's device on this one."""
 
     name: str
     procs_per_run: int
@@ -412,14 +414,17 @@ def run_spec(spec: RunSpec, *, capture: bool = True, progress: bool = False) -> 
     from visionmix.engine import run_files
 
     run_dir = Path(spec.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / ERROR_FILE).unlink(missing_ok=True)
+    main = int(os.environ.get("RANK", "0")) == 0  # under Slurm every task of a run calls this; rank 0 writes
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ERROR_FILE).unlink(missing_ok=True)
     log = run_dir / (STDERR_FILE if capture else run_files.LOG_FILE)
     threads = torch.get_num_threads()
     started = time.perf_counter()
     try:
         torch.set_num_threads(spec.threads)
-        _record_attempt(spec)
+        if main:
+            _record_attempt(spec)
         if spec.procs > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
             summary = _elastic_train(spec)
         else:
@@ -429,11 +434,13 @@ def run_spec(spec: RunSpec, *, capture: bool = True, progress: bool = False) -> 
     except Exception as err:  # the run's row says what went wrong; the other runs go on
         if capture:
             traceback.print_exc()
-        record_error(spec, describe(err), log)
+        if main:
+            record_error(spec, describe(err), log)
         return RunOutcome(spec.model, spec.seed, error=describe(err), log=str(log))
     finally:
         torch.set_num_threads(threads)
-        _record_attempt(spec, wall_s=time.perf_counter() - started)
+        if main:
+            _record_attempt(spec, wall_s=time.perf_counter() - started)
     return RunOutcome(spec.model, spec.seed, summary=summary)
 
 
@@ -468,18 +475,31 @@ def _elastic_train(spec: RunSpec) -> dict[str, Any]:
     return results[0]
 
 
+SLURM_OPTIONS = ("slurm_partition", "slurm_time", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_opt",
+                 "nodes_per_run", "no_wait")
+
+
 def _inline(options: Mapping[str, Any]) -> Launcher:
     _only_for("local", options, "jobs", "jobs_per_gpu")
+    _only_for("slurm", options, *SLURM_OPTIONS)
     return InlineLauncher(options.get("procs_per_run") or 1, progress=options.get("progress", True))
 
 
 def _local(options: Mapping[str, Any]) -> Launcher:
+    _only_for("slurm", options, *SLURM_OPTIONS)
     return LocalLauncher(options.get("jobs"), jobs_per_gpu=options.get("jobs_per_gpu") or 1,
                          procs_per_run=options.get("procs_per_run") or 1)
 
 
+def _slurm(options: Mapping[str, Any]) -> Launcher:
+    _only_for("local", options, "jobs", "jobs_per_gpu")
+    from visionmix.bench import slurm  # needs submitit (visionmix[slurm]): the error names the extra
+
+    return slurm.make_launcher(options)
+
+
 def _only_for(launcher: str, options: Mapping[str, Any], *names: str) -> None:
-    given = [name for name in names if options.get(name) is not None]
+    given = [name for name in names if options.get(name) is not None and options.get(name) is not False]
     if given:
         flag = "--" + given[0].replace("_", "-")
         raise InvalidValue(f"{flag} applies to --launcher {launcher} only")
@@ -488,7 +508,7 @@ def _only_for(launcher: str, options: Mapping[str, Any], *names: str) -> None:
 # --launcher NAME -> its factory, given the comparison's launcher options as the command line parsed them (jobs,
 # jobs_per_gpu, procs_per_run, progress, and a launcher's own, e.g. slurm_partition); options of another launcher
 # are an error. A launcher needing an optional package imports it in its factory (one line naming the extra if not).
-LAUNCHERS: dict[str, Callable[[Mapping[str, Any]], Launcher]] = {"inline": _inline, "local": _local}
+LAUNCHERS: dict[str, Callable[[Mapping[str, Any]], Launcher]] = {"inline": _inline, "local": _local, "slurm": _slurm}
 
 
 def default_launcher(options: Mapping[str, Any]) -> str:

@@ -33,6 +33,24 @@ def add_command(subparsers: Any, name: str, help: str, description: str | None =
     return subparsers.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
 
 
+def add_slurm_options(group: argparse._ArgumentGroup) -> None:
+    """The ``sbatch`` options of ``--launcher slurm`` (``visionmix.bench.slurm``), shared by compare and train."""
+    from visionmix.engine.config import count_arg
+
+    group.add_argument("--slurm-partition", metavar="NAME", help="slurm: the partition (default: the cluster's)")
+    group.add_argument("--slurm-time", type=count_arg, metavar="MIN",
+                       help="slurm: time limit per job in minutes; a run that needs longer saves a checkpoint before "
+                            "the limit, requeues itself and resumes (default: the partition's)")
+    group.add_argument("--slurm-account", metavar="NAME", help="slurm: the account to charge")
+    group.add_argument("--slurm-qos", metavar="NAME", help="slurm: the quality of service")
+    group.add_argument("--slurm-constraint", metavar="FEATURES", help="slurm: node features, e.g. volta32gb")
+    group.add_argument("--slurm-opt", action="append", metavar="KEY=VALUE",
+                       help="slurm: any other sbatch option without its dashes, e.g. mem=16G (repeatable)")
+    group.add_argument("--no-wait", action="store_true",
+                       help="slurm: submit and return; run the same command again later to gather the results "
+                            "(and resubmit runs that failed or were cancelled)")
+
+
 def is_main_process() -> bool:
     """Whether this is rank 0 of a torchrun job (or not under torchrun): the process that prints."""
     return os.environ.get("RANK", "0") == "0"

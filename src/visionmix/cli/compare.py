@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from visionmix.cli.common import PROG, add_command
+from visionmix.cli.common import PROG, add_command, add_slurm_options
+from visionmix.errors import InvalidValue
 
 
 def add_parser(subparsers: Any) -> None:
@@ -66,22 +67,40 @@ def add_launcher_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
 
     runs = p.add_argument_group("where the runs execute")
     runs.add_argument("--launcher", choices=tuple(LAUNCHERS),
-                      help="inline: one run after another in this process; local: --jobs worker processes at once "
-                           "(default: local where several GPUs are visible or --jobs/--jobs-per-gpu is given, else "
-                           "inline)")
+                      help="inline: one run after another in this process; local: --jobs worker processes at once; "
+                           "slurm: each run a Slurm job, all in one job array (needs visionmix[slurm]) (default: "
+                           "local where several GPUs are visible or --jobs/--jobs-per-gpu is given, else inline)")
     runs.add_argument("--threads-per-run", type=count_arg, metavar="T",
                       help="CPU threads of each run's process, for every launcher (default: inline: this process's; "
-                           "local: cores / --jobs, or 1 without --jobs). Weights are bit-identical across launchers "
-                           "at equal T")
+                           "local: cores / --jobs, or 1 without --jobs; slurm: 1, the CPUs of each task). Weights are "
+                           "bit-identical across launchers at equal T")
     runs.add_argument("--jobs", type=count_arg, metavar="N",
                       help="local: runs at once (default: on CPU cores / T, one thread each without T; with CUDA "
                            "what the visible GPUs hold)")
     runs.add_argument("--jobs-per-gpu", type=count_arg, metavar="K",
                       help="local, with CUDA: K runs share one GPU (CUDA_VISIBLE_DEVICES per worker) (default: 1)")
     runs.add_argument("--procs-per-run", type=count_arg, metavar="P",
-                      help="processes per run (DDP, started with torch.distributed.run's elastic launcher): one per "
-                           "GPU with CUDA, gloo processes on CPU (default: 1)")
+                      help="processes per run (DDP, started with torch.distributed.run's elastic launcher, or as the "
+                           "tasks of a Slurm job): one per GPU with CUDA, gloo processes on CPU (default: 1)")
+    runs.add_argument("--nodes-per-run", type=count_arg, metavar="K",
+                      help="slurm: nodes per run, --procs-per-run / K processes on each (default: 1)")
+    add_slurm_options(runs)
+    runs.add_argument("--cancel", action="store_true",
+                      help="slurm: cancel the jobs of the comparison in --out (each saves a checkpoint; the compare "
+                           "command run again resubmits and resumes them)")
     return runs
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    from visionmix.bench.slurm import cancel
+
+    given = [flag for flag, value in (("--models", args.models), ("--preset", args.preset)) if value]
+    if given:
+        raise InvalidValue(f"--cancel takes only --out (the comparison's jobs are in OUT/slurm), not {given[0]}")
+    cancelled = cancel(Path(args.out))
+    print(f"cancelled Slurm job(s) {', '.join(cancelled)}" if cancelled else "no Slurm job of this comparison is "
+          "pending or running")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     from visionmix.bench.presets import resolve_comparison
     from visionmix.engine.config import config_values
 
+    if args.cancel:
+        return _cancel(args)
     plan = resolve_comparison(args.preset, args.models, config_values(args), seeds=args.seeds,
                               baseline=args.baseline)
     launcher = make_launcher(args.launcher, {**vars(args), "progress": not args.no_progress})
@@ -109,6 +130,8 @@ def run(args: argparse.Namespace) -> int:
     if (out / "claims.csv").is_file():
         print(f"claims: {out / 'claims.csv'} (and the claims section of results.md)")
     failed = [r["model"] for r in rows if r["status"] != "ok"]
+    if args.no_wait:  # submitted: the same command gathers them later
+        return 0
     if failed:
         print(f"{PROG}: {len(failed)} of {len(rows)} models did not finish cleanly: {', '.join(failed)}",
               file=sys.stderr)

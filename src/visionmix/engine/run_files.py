@@ -13,7 +13,8 @@ Layout of a run directory::
     train.log                    what the run said (epoch lines, notices, warnings) and a crash's traceback
     eval*.json, confusion*.png   written by ``visionmix eval``
     run.json, error.json,        a launcher's (``visionmix compare``): the run's spec and provenance, its failure,
-    stdout.log, stderr.log       and the output of its worker process; not the run's own, never deleted
+    stdout.log, stderr.log,      and the output of its worker process; slurm/: the jobs of ``train --launcher
+    slurm/                       slurm``; not the run's own, never deleted
 
 Every file is written to a temporary name in the same directory, flushed to disk and renamed over its target.
 The step-tagged files are complete before ``checkpoint.json`` switches to them, and files that neither it nor
@@ -51,7 +52,8 @@ SUMMARY_FILE = "summary.json"
 LOG_FILE = "train.log"  # what the run said, its warnings and the traceback of what stopped it (visionmix.runlog)
 # what a launcher (visionmix.bench.launch) keeps beside a run: its spec and provenance, its error, its output
 RUN_FILE, ERROR_FILE, STDOUT_FILE, STDERR_FILE = "run.json", "error.json", "stdout.log", "stderr.log"
-LAUNCH_FILES = (RUN_FILE, ERROR_FILE, STDOUT_FILE, STDERR_FILE)
+SLURM_DIR = "slurm"  # the Slurm launcher's: submitit's files and jobs.json (of train --launcher slurm: in a run)
+LAUNCH_FILES = (RUN_FILE, ERROR_FILE, STDOUT_FILE, STDERR_FILE, SLURM_DIR)
 FORMAT = "visionmix-run/1"
 EVAL_FORM_SUFFIX = {"trained": "", "deployed": "-deploy", "int8": "-int8"}  # eval{suffix}.json, confusion{suffix}.png
 RUN_FILES = (CHECKPOINT_FILE, PREVIOUS_FILE, METRICS_FILE, SUMMARY_FILE, LOG_FILE,
