@@ -23,12 +23,10 @@ alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 munge_works() { command -v munge >/dev/null && munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
-wait_for() {  # wait_for SECONDS COMMAND...: until COMMAND succeeds
-  limit=$1; shift
-  i=0
+wait_for() {  # wait_for SECONDS COMMAND...: until COMMAND succeeds, at most SECONDS of wall time
+  deadline=$(($(date +%s) + $1)); shift
   while ! "$@" >/dev/null 2>&1; do
-    i=$((i + 1))
-    [ "$i" -le $((limit * 5)) ] || return 1
+    [ "$(date +%s)" -lt "$deadline" ] || return 1
     sleep 0.2
   done
 }
@@ -99,7 +97,7 @@ EOF
   mv "$CONF.new" "$CONF"  # changed: running daemons must restart
 }
 
-cluster_works() { timeout 20 srun --quiet --ntasks=1 --time=1 true; }
+cluster_works() { timeout 10 srun --quiet --ntasks=1 --time=1 true; }
 
 start() {
   [ "$(id -u)" = 0 ] || fail "needs root (it installs packages and starts system daemons)" 3
@@ -110,7 +108,11 @@ start() {
     say "slurm.conf changed: restarting the daemons"
     stop_slurm
   fi
-  alive "$STATE/slurmctld.pid" || slurmctld
+  # with no slurmd running no job can be: a fresh slurmctld starts from a clean state (-c), not from jobs of a cluster
+  # that ended without stop (they would hold the node's CPUs for ever)
+  if ! alive "$STATE/slurmctld.pid"; then
+    if alive "$STATE/slurmd.pid"; then slurmctld; else slurmctld -c; fi
+  fi
   wait_for 20 scontrol ping || fail "slurmctld did not answer (see $STATE/log/slurmctld.log)"
   alive "$STATE/slurmd.pid" || slurmd
   scontrol update nodename="$(hostname -s)" state=resume >/dev/null 2>&1 || true  # a node left down by a past stop
