@@ -16,7 +16,8 @@ import pytest
 
 from visionmix.bench import launch
 from visionmix.bench.compare import PLAN_FILE, compare
-from visionmix.bench.launch import InlineLauncher, LocalLauncher, make_launcher
+from visionmix.bench.launch import InlineLauncher, LocalLauncher
+from visionmix.bench.launchers import LAUNCHERS, make_launcher
 from visionmix.cli import main
 from visionmix.engine.run_files import RUN_FILE, STDERR_FILE
 
@@ -175,7 +176,7 @@ def test_bad_launcher_options_are_one_line_and_exit_2(tmp_path, capsys, options,
 def test_make_launcher_defaults_and_registration():
     assert make_launcher(None, {}).name == "inline"  # no GPUs here: one run after another
     assert make_launcher(None, {"jobs": 2}).name == "local"  # --jobs alone means the local launcher
-    assert set(launch.LAUNCHERS) >= {"inline", "local"}
+    assert set(LAUNCHERS) >= {"inline", "local"}
 
 
 @pytest.mark.slow

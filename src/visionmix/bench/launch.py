@@ -7,7 +7,8 @@ which launcher ran it, only on its spec (with equal ``threads``: float reduction
 - :class:`LocalLauncher` runs ``--jobs`` worker processes at once (:func:`main` with ``--serve``, each kept for
   run after run), each with its own threads and, with CUDA, its own GPUs (``CUDA_VISIBLE_DEVICES``;
   ``--jobs-per-gpu`` runs share one);
-- a Slurm launcher (``--launcher slurm``, registered in :data:`LAUNCHERS`) submits it with submitit.
+- :mod:`visionmix.bench.slurm` submits it with submitit (``--launcher slurm``); :mod:`visionmix.bench.launchers`
+  names them all.
 
 A run of several processes (``procs`` > 1) is started by :func:`run_spec` itself with torch's elastic launcher
 (``torch.distributed.run``'s API) when the environment has no process group yet; under Slurm every task calls
@@ -206,7 +207,7 @@ class LocalLauncher:
                 worker.signal(signal.SIGTERM)
 
         try:
-            with _handling_signals(handler):
+            with handling_signals(handler):
                 while pending or any(w.spec is not None for w in workers.values()):
                     for slot, env in enumerate(self.slots):
                         worker = workers.get(slot)
@@ -238,7 +239,7 @@ class LocalLauncher:
 _INTERRUPTED_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM, -signal.SIGINT, -signal.SIGTERM)
 
 
-class _handling_signals:
+class handling_signals:
     """``handler`` for SIGINT/SIGTERM within the block (from the main thread only; elsewhere nothing changes)."""
 
     def __init__(self, handler: Callable[[int, object], None]) -> None:
@@ -473,59 +474,6 @@ def _elastic_train(spec: RunSpec) -> dict[str, Any]:
         message = first.message if first is not None and isinstance(first.message, str) else str(err)
         raise RuntimeError(f"a process of the run failed: {' '.join(message.split())[:300]}") from err
     return results[0]
-
-
-SLURM_OPTIONS = ("slurm_partition", "slurm_time", "slurm_account", "slurm_qos", "slurm_constraint", "slurm_opt",
-                 "nodes_per_run", "no_wait")
-
-
-def _inline(options: Mapping[str, Any]) -> Launcher:
-    _only_for("local", options, "jobs", "jobs_per_gpu")
-    _only_for("slurm", options, *SLURM_OPTIONS)
-    return InlineLauncher(options.get("procs_per_run") or 1, progress=options.get("progress", True))
-
-
-def _local(options: Mapping[str, Any]) -> Launcher:
-    _only_for("slurm", options, *SLURM_OPTIONS)
-    return LocalLauncher(options.get("jobs"), jobs_per_gpu=options.get("jobs_per_gpu") or 1,
-                         procs_per_run=options.get("procs_per_run") or 1)
-
-
-def _slurm(options: Mapping[str, Any]) -> Launcher:
-    _only_for("local", options, "jobs", "jobs_per_gpu")
-    from visionmix.bench import slurm  # needs submitit (visionmix[slurm]): the error names the extra
-
-    return slurm.make_launcher(options)
-
-
-def _only_for(launcher: str, options: Mapping[str, Any], *names: str) -> None:
-    given = [name for name in names if options.get(name) is not None and options.get(name) is not False]
-    if given:
-        flag = "--" + given[0].replace("_", "-")
-        raise InvalidValue(f"{flag} applies to --launcher {launcher} only")
-
-
-# --launcher NAME -> its factory, given the comparison's launcher options as the command line parsed them (jobs,
-# jobs_per_gpu, procs_per_run, progress, and a launcher's own, e.g. slurm_partition); options of another launcher
-# are an error. A launcher needing an optional package imports it in its factory (one line naming the extra if not).
-LAUNCHERS: dict[str, Callable[[Mapping[str, Any]], Launcher]] = {"inline": _inline, "local": _local, "slurm": _slurm}
-
-
-def default_launcher(options: Mapping[str, Any]) -> str:
-    """``local`` where several GPUs are visible (one run per GPU) or ``jobs``/``jobs_per_gpu`` is given, else
-    ``inline``."""
-    local = any(options.get(name) is not None for name in ("jobs", "jobs_per_gpu")) or len(visible_gpus()) > 1
-    return "local" if local else "inline"
-
-
-def make_launcher(name: str | None = None, options: Mapping[str, Any] | None = None) -> Launcher:
-    """The launcher ``name`` (default :func:`default_launcher`) built from ``options`` (see :data:`LAUNCHERS`)."""
-    from visionmix.checks import check_choice
-
-    options = dict(options or {})
-    name = name or default_launcher(options)
-    check_choice("launcher", name, tuple(LAUNCHERS))
-    return LAUNCHERS[name](options)
 
 
 def _serve(answer_fd: int) -> int:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from visionmix.bench.launch import RunSpec, _handling_signals, gather, record_error, redirect_output, run_spec
+from visionmix.bench.launch import RunSpec, gather, handling_signals, record_error, redirect_output, run_spec
 from visionmix.checks import check_positive
 from visionmix.engine.run_files import ERROR_FILE, SLURM_DIR, STDERR_FILE
 from visionmix.errors import InvalidValue, TrainingInterrupted
@@ -225,7 +225,7 @@ class SlurmLauncher:
         def handler(signum: int, frame: object) -> None:
             stop.setdefault("signum", signum)
 
-        with _handling_signals(handler):
+        with handling_signals(handler):
             while waiting and not stop:
                 states = job_states([jobs[r] for r in waiting])
                 for run_dir, spec in list(waiting.items()):
@@ -336,7 +336,7 @@ def cancel(out_dir: Path) -> list[str]:
 
 
 def make_launcher(options: Mapping[str, Any]) -> SlurmLauncher:
-    """The launcher of ``--launcher slurm`` from the command line's options (see :data:`visionmix.bench.launch.
+    """The launcher of ``--launcher slurm`` from the command line's options (see :data:`visionmix.bench.launchers.
     LAUNCHERS`)."""
     extra = dict(_key_value(item) for item in options.get("slurm_opt") or ())
     return SlurmLauncher(options.get("procs_per_run") or 1, nodes_per_run=options.get("nodes_per_run") or 1,

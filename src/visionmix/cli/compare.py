@@ -62,7 +62,7 @@ example: visionmix compare --models resnet_nano,mixer_nano --data fashion-mnist 
 def add_launcher_options(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     """The options of where and how the runs execute (``visionmix.bench.launch``); a launcher's own options go into
     the returned group."""
-    from visionmix.bench.launch import LAUNCHERS
+    from visionmix.bench.launchers import LAUNCHERS
     from visionmix.engine.config import count_arg
 
     runs = p.add_argument_group("where the runs execute")
@@ -105,7 +105,7 @@ def _cancel(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from visionmix.bench.compare import compare
-    from visionmix.bench.launch import make_launcher
+    from visionmix.bench.launchers import make_launcher
     from visionmix.bench.plots import PLOTS
     from visionmix.bench.presets import resolve_comparison
     from visionmix.engine.config import config_values

@@ -31,7 +31,7 @@ def _released(pattern: str) -> int:
     for w in released_weights().values():
         if fnmatch.fnmatchcase(w.model, pattern) or fnmatch.fnmatchcase(w.name, pattern):
             rows.append((w.name + (" *" if w.default else ""), str(w.num_classes), w.label_set,
-                         "-" if w.top1 is None else f"{w.top1:.2f}", w.license, w.hf_hub_id or w.url))
+                         "-" if w.top1 is None else f"{w.top1:g}", w.license, w.hf_hub_id or w.url))
     if len(rows) == 1:
         raise InvalidValue(f"no released weights match {pattern!r} (list them all with 'visionmix models "
                            f"--pretrained')")
