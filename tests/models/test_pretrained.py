@@ -205,9 +205,9 @@ def _pretrained_state(entry: ReleasedWeights, out: str) -> None:
 
 def test_two_processes_fetching_a_hub_pth_at_once_end_with_one_good_file(served, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """UniFormer's layout on the Hub (Sense-X/uniformer_image: a plain state dict in a .pth): two processes download
-    it through huggingface_hub's cache and convert it at once; one GET, one blob, one converted file, both models
-    exact, and the converted file equal to checkpoint_path= of the served one."""
+    """A Hub .pth holding a plain state dict (one of the two layouts UniFormer's Hub files may have): two processes
+    download it through huggingface_hub's cache and convert it at once; one GET, one blob, one converted file, both
+    models exact, and the converted file equal to checkpoint_path= of the served one."""
     import multiprocessing
 
     server, _ = served
