@@ -10,10 +10,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from comparisons import assert_same_comparison, results, weights
 from visionmix.bench import launch
 from visionmix.bench.compare import PLAN_FILE, compare
 from visionmix.bench.launch import InlineLauncher, LocalLauncher
@@ -39,44 +39,27 @@ def both(tmp_path_factory):
     return out, logs
 
 
-def _results(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())
-
-
-def _weights(run: Path) -> bytes:
-    meta = json.loads((run / "checkpoint.json").read_text())
-    return (run / meta["files"]["weights"]).read_bytes()
-
-
 @pytest.mark.slow
-def test_inline_and_local_give_identical_accuracies_and_bit_identical_weights(both):
+def test_inline_and_local_give_identical_accuracies_and_bit_identicalweights(both):
     out, _ = both
-    inline, local = _results(out / "inline"), _results(out / "local")
-    finished = [(r["model"], r["seed"], r["summary"]["top1"]) for r in inline["runs"] if r["summary"]]
-    assert len(finished) == 4
-    assert finished == [(r["model"], r["seed"], r["summary"]["top1"]) for r in local["runs"] if r["summary"]]
-    assert [m["top1"] for m in inline["models"]] == [m["top1"] for m in local["models"]]
-    for model in MODELS[:2]:
-        for seed in (0, 1):
-            run = Path("runs") / model / f"seed{seed}"
-            assert _weights(out / "inline" / run) == _weights(out / "local" / run), run
+    assert_same_comparison(out / "inline", out / "local", MODELS[:2])
 
 
 @pytest.mark.slow
 def test_a_failing_run_is_a_row_with_its_error_and_log_and_the_others_finish(both):
     out, logs = both
-    results = _results(out / "local")
-    rows = {row["model"]: row for row in results["models"]}
+    report = results(out / "local")
+    rows = {row["model"]: row for row in report["models"]}
     assert rows["resnet_nano"]["status"] == rows["mixer_nano"]["status"] == "ok"
     failed = rows["mixer_s32_224"]
     assert failed["status"] == "failed" and failed["top1"] is None
-    for run in (r for r in results["runs"] if r["model"] == "mixer_s32_224"):
+    for run in (r for r in report["runs"] if r["model"] == "mixer_s32_224"):
         log = out / "local" / "runs" / "mixer_s32_224" / f"seed{run['seed']}" / STDERR_FILE
         assert run["summary"] is None and run["error"] and run["log"] == str(log)
         assert "Traceback" in log.read_text() and f"(log: {log})" in failed["error"]
     failures = [line for line in logs["local"] if "mixer_s32_224" in line]
     assert len(failures) == 2 and all("failed: " in line and STDERR_FILE in line for line in failures)
-    inline_failed = {r["model"]: r for r in _results(out / "inline")["models"]}["mixer_s32_224"]
+    inline_failed = {r["model"]: r for r in results(out / "inline")["models"]}["mixer_s32_224"]
     assert inline_failed["status"] == "failed" and "train.log" in inline_failed["error"]  # inline: the engine's log
 
 
@@ -84,7 +67,7 @@ def test_a_failing_run_is_a_row_with_its_error_and_log_and_the_others_finish(bot
 def test_provenance_plan_and_time_accounting_are_recorded(both):
     out, _ = both
     for name in ("inline", "local"):
-        meta = _results(out / name)["meta"]
+        meta = results(out / name)["meta"]
         assert (meta["launcher"], meta["threads_per_run"], meta["procs_per_run"]) == (name, 1, 1)
         env = meta["environment"]
         for key in ("visionmix", "git_commit", "torch", "mkl", "onednn", "cpu_model", "cpu_flags", "cpu_capability",
@@ -101,11 +84,11 @@ def test_provenance_plan_and_time_accounting_are_recorded(both):
         assert record["spec"] == next(r for r in plan["runs"] if r["model"] == "resnet_nano" and r["seed"] == 1)
         timing = meta["time"]
         assert 0 < timing["training_share"] < 1 and set(timing["bench_s"]) == set(MODELS[:2])
-        run = next(r for r in _results(out / name)["runs"] if r["summary"])
+        run = next(r for r in results(out / name)["runs"] if r["summary"])
         parts = ("data_load_s", "setup_s", "batches_s", "steps_s", "bn_s", "eval_s", "checkpoint_s")
         assert all(run["time"][p] >= 0 for p in parts) and run["time"]["steps_s"] > 0
         assert sum(run["time"][p] for p in parts) <= run["time"]["wall_s"] + 8 * 0.0005  # each rounded to 1 ms
-    assert _results(out / "local")["runs"][0]["time"]["startup_s"] > 0  # a worker process had to start
+    assert results(out / "local")["runs"][0]["time"]["startup_s"] > 0  # a worker process had to start
 
 
 @pytest.mark.slow
@@ -228,7 +211,7 @@ def test_a_killed_worker_is_a_failed_row_the_other_run_finishes_and_a_rerun_resu
     os.kill(json.loads((victim / RUN_FILE).read_text())["attempts"][-1]["pid"], signal.SIGKILL)
     stdout, stderr = first.communicate(timeout=180)
     assert first.returncode == 1, stderr  # a run failed; the command itself did not
-    rows = {r["seed"]: r for r in _results(out)["runs"]}
+    rows = {r["seed"]: r for r in results(out)["runs"]}
     assert rows[0]["error"] == "the worker process killed by SIGKILL" and rows[0]["log"] == str(victim / STDERR_FILE)
     assert rows[1]["summary"] is not None and "seed 0: the worker process killed by SIGKILL" in stdout
     second = subprocess.run([sys.executable, "-m", "visionmix", *argv], env=env, capture_output=True, text=True,
@@ -251,4 +234,4 @@ def test_a_run_of_two_processes_equals_torchrun_of_the_same_run(tmp_path):
                                "--out", str(tmp_path / "torchrun")], env=dict(os.environ, OMP_NUM_THREADS="1"),
                               capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr
-    assert _weights(run) == _weights(tmp_path / "torchrun")
+    assert weights(run) == weights(tmp_path / "torchrun")

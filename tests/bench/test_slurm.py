@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from comparisons import assert_same_comparison, results, weights
 from visionmix.bench.compare import compare
 from visionmix.bench.launch import InlineLauncher
 from visionmix.cli import main
@@ -49,15 +50,6 @@ def cluster() -> None:
     reason = _cluster_reason()
     if reason:
         pytest.skip(reason)
-
-
-def _results(out: Path) -> dict:
-    return json.loads((out / "results.json").read_text())
-
-
-def _weights(run: Path) -> bytes:
-    meta = json.loads((run / "checkpoint.json").read_text())
-    return (run / meta["files"]["weights"]).read_bytes()
 
 
 def _jobs(out: Path) -> dict[str, str]:
@@ -106,17 +98,9 @@ def both(cluster, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_slurm_and_inline_give_identical_accuracies_and_bit_identical_weights(both):
+def test_slurm_and_inline_give_identical_accuracies_and_bit_identicalweights(both):
     out, _ = both
-    inline, slurm = _results(out / "inline"), _results(out / "slurm")
-    finished = [(r["model"], r["seed"], r["summary"]["top1"]) for r in inline["runs"] if r["summary"]]
-    assert len(finished) == 4
-    assert finished == [(r["model"], r["seed"], r["summary"]["top1"]) for r in slurm["runs"] if r["summary"]]
-    assert [m["top1"] for m in inline["models"]] == [m["top1"] for m in slurm["models"]]
-    for model in MODELS:
-        for seed in (0, 1):
-            run = Path("runs") / model / f"seed{seed}"
-            assert _weights(out / "inline" / run) == _weights(out / "slurm" / run), run
+    assert_same_comparison(out / "inline", out / "slurm", MODELS)
 
 
 @pytest.mark.slow
@@ -129,7 +113,7 @@ def test_the_runs_go_as_one_job_array_recorded_and_followed(both):
     assert any(line.startswith("Slurm: submitted 4 run(s) as job(s)") for line in lines)
     assert "Slurm: 0 pending, 0 running, 4 done, 0 failed" in lines
     assert sum(line.startswith("[") and "top-1" in line for line in lines) == 4
-    meta = _results(out / "slurm")["meta"]
+    meta = results(out / "slurm")["meta"]
     assert (meta["launcher"], meta["threads_per_run"]) == ("slurm", 1)
     attempt = json.loads((out / "slurm" / "runs" / "mixer_nano" / "seed1" / RUN_FILE).read_text())["attempts"][-1]
     assert attempt["launcher"] == "slurm" and attempt["environment"]["threads"] == 1 and attempt["startup_s"] > 0
@@ -147,7 +131,7 @@ def test_no_wait_submits_and_returns_and_the_same_command_gathers(cluster, tmp_p
     second = _visionmix(*argv)
     assert second.returncode == 0, second.stderr
     assert "[1/1] resnet_nano seed 0: already done" in second.stdout and "submitted" not in second.stdout
-    assert _results(out)["models"][0]["status"] == "ok"
+    assert results(out)["models"][0]["status"] == "ok"
 
 
 @pytest.mark.slow
@@ -184,7 +168,7 @@ def test_a_run_cancelled_mid_way_is_reported_and_resubmitted_by_the_next_invocat
     subprocess.run(["scancel", job], check=True)
     stdout, stderr = first.communicate(timeout=300)
     assert first.returncode == 1, stderr  # a run failed; the command itself did not
-    rows = {r["seed"]: r for r in _results(out)["runs"]}
+    rows = {r["seed"]: r for r in results(out)["runs"]}
     assert rows[0]["error"] == f"Slurm job {job} ended CANCELLED before the run finished", rows[0]
     assert rows[0]["log"] == str(victim / "stderr.log") and rows[1]["summary"] is not None
     assert f"[1/2] resnet_nano seed 0: failed: Slurm job {job} ended CANCELLED" in stdout
@@ -217,7 +201,7 @@ def test_a_job_past_its_time_limit_requeues_and_ends_with_the_weights_of_an_unin
     assert f"requeued Slurm job {_jobs(out)[str(run)]}" in (run / "stdout.log").read_text()
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert epochs == list(range(1, 17))
-    assert _weights(run) == _weights(tmp_path / "reference")
+    assert weights(run) == weights(tmp_path / "reference")
 
 
 @pytest.mark.slow
@@ -235,7 +219,7 @@ def test_a_run_of_two_processes_on_slurm_equals_torchrun_of_the_same_run(cluster
                                "--out", str(tmp_path / "torchrun")], env=ENV, capture_output=True, text=True,
                               timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr
-    assert _weights(run) == _weights(tmp_path / "torchrun")
+    assert weights(run) == weights(tmp_path / "torchrun")
 
 
 @pytest.mark.slow
@@ -246,7 +230,7 @@ def test_train_on_slurm_gives_the_weights_of_an_inline_train(cluster, tmp_path):
     assert f"run directory {tmp_path / 'slurm'}" in slurm.stdout and "Slurm: submitted 1 run(s)" in slurm.stdout
     inline = _visionmix(*argv, "--out", str(tmp_path / "inline"))
     assert inline.returncode == 0, inline.stderr
-    assert _weights(tmp_path / "slurm") == _weights(tmp_path / "inline")
+    assert weights(tmp_path / "slurm") == weights(tmp_path / "inline")
     again = _visionmix(*argv, "--launcher", "slurm", "--out", str(tmp_path / "slurm"))  # the same command: gathers
     assert again.returncode == 0 and "submitted" not in again.stdout and "top-1" in again.stdout, again.stderr
 
