@@ -9,10 +9,13 @@ recipe) is run with ``visionmix compare`` as
 alternately, ``--repeats`` times each, every time into a fresh directory. For each we report the wall time of the
 whole command (start-up, training, benchmarks, report), the training share (the runs' training time over their wall
 time, from ``results.json``'s ``meta.time``) and the mean top-1, and the ratio inline / local. ``--quick``: 2 models x
-1 seed on 640 digits images, one repeat, to check the script (seconds, not a measurement).
+1 seed on 640 digits images, one repeat, to check the script (seconds, not a measurement). ``--claims DIR``: instead,
+the whole ``--preset claims`` once with the local layout into ``DIR`` (kept: its report is docs/results/claims), with
+its wall time, training share, where the rest went and the verdicts.
 
     flock /work/coord/bench.lock .venv/bin/python benchmarks/compare.py --quick
     flock /work/coord/bench.lock .venv/bin/python benchmarks/compare.py --out runs/bench-compare.json
+    flock /work/coord/bench.lock .venv/bin/python benchmarks/compare.py --claims runs/claims --out runs/claims.json
 """
 
 from __future__ import annotations
@@ -41,6 +44,14 @@ def grid(quick: bool) -> list[str]:
     return ["--preset", "claims", "--models", ",".join(MODELS), "--seeds", "2", "--epochs", "0.1"]
 
 
+def claims(out: Path) -> dict:
+    """``--preset claims`` end to end with the local layout into ``out``: wall time, time accounting, verdicts."""
+    record = run_once("local", ["--preset", "claims"], out)
+    report = json.loads((out / "results.json").read_text())
+    record["verdicts"] = {f"{c['model_a']} vs {c['model_b']}": c["verdict"] for c in report["claims"]}
+    return record
+
+
 def run_once(layout: str, options: list[str], out: Path) -> dict:
     """One ``visionmix compare`` into ``out``: its wall time and what its results.json says."""
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
@@ -63,7 +74,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny grid on digits, one repeat (checks the script)")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each layout (alternating)")
     parser.add_argument("--out", type=Path, help="also write the measurements as JSON here")
+    parser.add_argument("--claims", type=Path, metavar="DIR", help="run --preset claims once (local layout) into DIR")
     args = parser.parse_args()
+    if args.claims:
+        record = claims(args.claims)
+        parts = ", ".join(f"{k} {v:.0f} s" for k, v in record["runs"].items())
+        print(f"--preset claims, local: {record['wall_s']:.1f} s wall ({record['wall_s'] / 60:.1f} min), training "
+              f"share {record['training_share']:.1%}, benchmarks {record['bench_s']:.1f} s, mean top-1 "
+              f"{record['mean_top1']:.2f}%\nruns: {parts}")
+        for pair, verdict in record["verdicts"].items():
+            print(f"  {pair}: {verdict}")
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"cores": os.cpu_count(), **record}, indent=2) + "\n")
+        return
     repeats = 1 if args.quick else args.repeats
     options = grid(args.quick)
     measured = []

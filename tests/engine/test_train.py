@@ -449,11 +449,12 @@ def test_recompute_bn_statistics_is_the_average_over_the_batches_with_drop_path_
 
 
 def test_a_short_run_ends_with_bn_statistics_of_its_final_weights(tmp_path: Path) -> None:
-    from visionmix.engine.config import RECOMPUTE_BN_IMAGES
+    from visionmix.engine.config import RECOMPUTE_BN_BATCH, RECOMPUTE_BN_IMAGES
     from visionmix.engine.evaluate import recompute_bn_statistics
 
-    on = train(replace(CFG, recompute_bn="auto"), tmp_path / "on", progress=False)  # 12 steps < 1000: on
-    off = train(replace(CFG, recompute_bn="off"), tmp_path / "off", progress=False)
+    cfg = replace(CFG, eval_batch_size=32)  # the recomputation's batches are RECOMPUTE_BN_BATCH, not these
+    on = train(replace(cfg, recompute_bn="auto"), tmp_path / "on", progress=False)  # 12 steps < 1000: on
+    off = train(replace(cfg, recompute_bn="off"), tmp_path / "off", progress=False)
     model_on, _ = load_run(tmp_path / "on")
     model_off, _ = load_run(tmp_path / "off")
     weights = {k: v for k, v in model_on.state_dict().items() if "running" not in k and "num_batches" not in k}
@@ -462,16 +463,16 @@ def test_a_short_run_ends_with_bn_statistics_of_its_final_weights(tmp_path: Path
     train_ds = build_dataset("digits", "train", max_samples=CFG.max_train_samples)
     from visionmix.data import BatchLoader
 
-    assert len(train_ds) < RECOMPUTE_BN_IMAGES
+    assert len(train_ds) < RECOMPUTE_BN_IMAGES and RECOMPUTE_BN_BATCH not in (cfg.eval_batch_size, len(train_ds))
     direct = copy.deepcopy(model_off)
-    recompute_bn_statistics(direct, (x for x, _ in BatchLoader(train_ds, CFG.eval_batch_size, train=False)))
+    recompute_bn_statistics(direct, (x for x, _ in BatchLoader(train_ds, RECOMPUTE_BN_BATCH, train=False)))
     torch.testing.assert_close(model_on.norm.running_mean, direct.norm.running_mean)
     torch.testing.assert_close(model_on.norm.running_var, direct.norm.running_var)
     first = [{k: h[k] for k in ("eval_loss", "eval_top1", "train_loss")} for h in (on["history"][0], off["history"][0])]
     assert first[0] == first[1]  # only the last epoch's evaluation sees the new statistics
     assert on["history"][1]["eval_loss"] != off["history"][1]["eval_loss"]
     with pytest.raises(ValueError, match="recompute_bn must be one of 'auto', 'on', 'off'; got 'yes'"):
-        train(replace(CFG, recompute_bn="yes"), tmp_path / "x", progress=False)
+        train(replace(cfg, recompute_bn="yes"), tmp_path / "x", progress=False)
 
 
 def test_a_two_headed_model_trains_both_heads_with_the_official_loss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -10,7 +10,7 @@ from visionmix.cli.common import add_command, say
 
 def add_parser(subparsers: Any) -> None:
     from visionmix.deployment import QUANTIZE
-    from visionmix.engine.config import count_arg, count_or_zero_arg
+    from visionmix.engine.config import EVAL_BATCH_SIZE, count_arg, count_or_zero_arg
     from visionmix.engine.evaluate import EVAL_WEIGHTS
 
     p = add_command(subparsers, "eval", "evaluate a trained run", """\
@@ -28,7 +28,7 @@ form on onnxruntime (eval-int8.json) with its top-1 change: quantisation is loss
                    help="evaluate on a fixed subset of this many images, 0 = all (default: the run's own setting)")
     p.add_argument("--weights", default="auto", choices=EVAL_WEIGHTS,
                    help="auto = the EMA weights if the run kept them")
-    p.add_argument("--batch-size", type=count_arg, default=500, help="evaluation batch size")
+    p.add_argument("--batch-size", type=count_arg, default=EVAL_BATCH_SIZE, help="evaluation batch size")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto = cuda when available")
     p.set_defaults(run=run)
 

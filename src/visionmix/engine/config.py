@@ -24,7 +24,9 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")  # auto: bf16 on CUDA, fp32 on CPU
 FREEZE_MODES = ("none", "backbone")
 RECOMPUTE_BN = ("auto", "on", "off")
 RECOMPUTE_BN_BELOW_STEPS = 1000  # "auto": shorter runs end with BN statistics recomputed from the final weights
-RECOMPUTE_BN_IMAGES = 10_000  # training images (un-augmented, fixed order) the recomputation passes through
+RECOMPUTE_BN_IMAGES = 5_000  # training images (un-augmented, fixed order) the recomputation passes through
+RECOMPUTE_BN_BATCH = 100  # its batch size, fixed: the statistics depend on it, --eval-batch-size changes only speed
+EVAL_BATCH_SIZE = 100  # on CPU 1.6-1.8x faster than 500 (the activations of 100 28 px images stay in cache)
 SKIPPED_STEPS_LIMIT = 20  # fp16: this many steps in a row skipped by the gradient scaler stop the run
 BUDGET_FILL = 0.97  # a time-budgeted run is sized to this share of its budget: headroom for speed drift
 MAX_LR = 1.0  # AdamW moves every weight by about lr per step: above 1 no run learns anything
@@ -263,7 +265,7 @@ class TrainConfig:
                                         "torch.use_deterministic_algorithms (a warning names an op that has none); "
                                         "on CUDA a resumed run then continues bit for bit, at some speed",
                                  group="hardware", in_report=False)
-    eval_batch_size: int = option(500, "evaluation batch size", type=count_arg,
+    eval_batch_size: int = option(EVAL_BATCH_SIZE, "evaluation batch size", type=count_arg,
                                   group="hardware", valid=Whole(1), in_report=False)
     time_budget_min: float | None = option(
         None, "train for at most this long (evaluation and checkpoint writes excluded; --epochs is then an upper "

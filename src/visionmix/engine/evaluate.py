@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visionmix.data import BatchLoader, ImageDataset
+from visionmix.engine.config import EVAL_BATCH_SIZE
 from visionmix.engine.distributed import DistContext, all_reduce_sum
 from visionmix.errors import InvalidValue
 from visionmix.files import atomic_write
@@ -22,7 +23,7 @@ from visionmix.module_state import eval_mode, no_tf32
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: ImageDataset | BatchLoader, device: torch.device | str | None = None, *,
-             batch_size: int = 500, ctx: DistContext | None = None) -> dict[str, Any]:
+             batch_size: int = EVAL_BATCH_SIZE, ctx: DistContext | None = None) -> dict[str, Any]:
     """Evaluate ``model`` in eval mode (its mode is restored afterwards) on every sample of ``data``.
 
     Returns percentages ``top1``, ``top5`` (top-min(5, C)), ``per_class`` (``None`` for a class with no sample),
@@ -153,7 +154,7 @@ class _OnCpu(nn.Module):
 
 def evaluate_run(run_dir: str | Path, *, split: str = "test", deploy: bool = False, quantize: str | None = None,
                  data_dir: str | None = None, max_samples: int | None = None, weights: str = "auto",
-                 batch_size: int = 500, device: str | torch.device = "cpu") -> dict[str, Any]:
+                 batch_size: int = EVAL_BATCH_SIZE, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Evaluate a run directory's model on ``split`` and write ``eval.json`` + ``confusion.png`` into it; ``deploy``
     also evaluates ``visionmix.reparameterize(model)`` (``eval-deploy.json``, ``confusion-deploy.png``) and
     ``quantize="int8"`` its int8 onnxruntime form (``visionmix.deploy(..., quantize="int8")``; ``*-int8.*``).

@@ -28,7 +28,7 @@ from torch import nn
 
 from visionmix.data import BatchLoader, CropFlip, build_dataset, normalize, stable_seed
 from visionmix.data.evaluation import EvalTransform, resolve_eval_transform
-from visionmix.engine.config import BAD_IMAGE_SHARE, STREAMED, TrainConfig
+from visionmix.engine.config import BAD_IMAGE_SHARE, RECOMPUTE_BN_BATCH, STREAMED, TrainConfig
 from visionmix.engine.distributed import DistContext
 
 STREAM_STATS_IMAGES = 2000  # training images a streamed set's mean/std are estimated from
@@ -115,8 +115,9 @@ class _SmallRecipe:
 @dataclass
 class Pipeline:
     """A run's data: ``train`` yields ``(x, target)`` (class indices, or soft targets under mixup), ``test`` and
-    ``bn`` (un-augmented training images, for :func:`~visionmix.engine.evaluate.recompute_bn_statistics`) yield
-    ``(x, labels)``; ``criterion(logits, target)`` is the training loss."""
+    ``bn`` (un-augmented training images in batches of ``RECOMPUTE_BN_BATCH``, for
+    :func:`~visionmix.engine.evaluate.recompute_bn_statistics`) yield ``(x, labels)``; ``criterion(logits, target)``
+    is the training loss."""
 
     info: DataInfo
     train: Loader
@@ -144,7 +145,7 @@ def build_pipeline(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
     test = BatchLoader(test_ds, cfg.eval_batch_size, train=False, rank=ctx.rank, world_size=ctx.world_size,
                        device=ctx.device)
     on_device = train_ds.to(ctx.device)  # one copy on the device, shared by the training and BN loaders
-    bn = BatchLoader(on_device, cfg.eval_batch_size, train=False, device=ctx.device)
+    bn = BatchLoader(on_device, RECOMPUTE_BN_BATCH, train=False, device=ctx.device)
     if cfg.recipe == "small":
         train = BatchLoader(on_device, cfg.batch_size, train=True, augment=cfg.augment, seed=cfg.seed,
                             rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
@@ -169,7 +170,7 @@ def _streamed(cfg: TrainConfig, ctx: DistContext) -> Pipeline:
                     len(train_src), len(test_src))
     common = {"rank": ctx.rank, "world_size": ctx.world_size, "workers": cfg.workers, "device": ctx.device}
     test = streamed_eval_loader(cfg, test_src, info, rank=ctx.rank, world_size=ctx.world_size, device=ctx.device)
-    bn = streamed_eval_loader(cfg, train_src, info, device=ctx.device)
+    bn = streamed_eval_loader(cfg, train_src, info, device=ctx.device, batch_size=RECOMPUTE_BN_BATCH)
     if cfg.recipe == "deit":
         return _deit(cfg, ctx, train_src, info, test, bn)
     padding = max(1, size // 8) if cfg.augment == "crop-flip" else 0

@@ -25,6 +25,7 @@ from visionmix.data import stable_seed
 from visionmix.engine import run_files
 from visionmix.engine.config import (
     BUDGET_FILL,
+    RECOMPUTE_BN_BATCH,
     RECOMPUTE_BN_BELOW_STEPS,
     RECOMPUTE_BN_IMAGES,
     SKIPPED_STEPS_LIMIT,
@@ -466,11 +467,11 @@ class Trainer:
         """The run's last step is done: BN statistics of the model (and of its EMA) from the final weights, computed
         on rank 0 over RECOMPUTE_BN_IMAGES un-augmented training images (then broadcast with the other buffers)."""
         if self.ctx.is_main:
-            batches = math.ceil(min(self.data.info.train_samples, RECOMPUTE_BN_IMAGES) / self.cfg.eval_batch_size)
+            batches = math.ceil(min(self.data.info.train_samples, RECOMPUTE_BN_IMAGES) / RECOMPUTE_BN_BATCH)
             models = [self.raw_model, *([self.ema.module] if self.ema else [])]
             counts = [recompute_bn_statistics(m, (x for x, _ in islice(self.data.bn, batches))) for m in models]
             if counts[0]:
-                images = min(self.data.info.train_samples, batches * self.cfg.eval_batch_size)
+                images = min(self.data.info.train_samples, batches * RECOMPUTE_BN_BATCH)
                 self._log(f"recomputed the statistics of {counts[0]} BatchNorm layers from the final weights on "
                           f"{images} training images")
         if self.ema is not None:
