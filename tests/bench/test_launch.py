@@ -164,8 +164,8 @@ def test_make_launcher_defaults_and_registration():
 
 @pytest.mark.slow
 def test_sigterm_stops_local_workers_after_saving_and_a_rerun_resumes(tmp_path):
-    out = tmp_path / "cmp"
-    argv = ["compare", "--models", "resnet_nano", *TINY, "--epochs", "12", "--seeds", "2", "--jobs", "2",
+    out = tmp_path / "cmp"  # 3 runs on 2 workers: the third is still pending when the signal comes
+    argv = ["compare", "--models", "resnet_nano", *TINY, "--epochs", "12", "--seeds", "3", "--jobs", "2",
             "--threads-per-run", "1", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     first = subprocess.Popen([sys.executable, "-m", "visionmix", *argv], env=env, stdout=subprocess.PIPE,
@@ -185,6 +185,8 @@ def test_sigterm_stops_local_workers_after_saving_and_a_rerun_resumes(tmp_path):
     for run in runs:  # each worker saved where it stopped, mid-run
         meta = json.loads((run / "checkpoint.json").read_text())
         assert 1 <= meta["epoch"] < 12 and not (run / "summary.json").exists()
+    pending = out / "runs" / "resnet_nano" / "seed2"
+    assert not (pending / "checkpoint.json").exists()  # not started after the signal
     second = subprocess.run([sys.executable, "-m", "visionmix", *argv], env=env, capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 0, second.stderr
@@ -192,6 +194,7 @@ def test_sigterm_stops_local_workers_after_saving_and_a_rerun_resumes(tmp_path):
         epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert epochs == list(range(1, 13))  # resumed, each epoch once
         assert len(json.loads((run / RUN_FILE).read_text())["attempts"]) == 2
+    assert len(json.loads((pending / RUN_FILE).read_text())["attempts"]) == 1
 
 
 @pytest.mark.slow

@@ -208,7 +208,7 @@ class LocalLauncher:
 
         try:
             with handling_signals(handler):
-                while pending or any(w.spec is not None for w in workers.values()):
+                while (pending and not stop) or any(w.spec is not None for w in workers.values()):
                     for slot, env in enumerate(self.slots):
                         worker = workers.get(slot)
                         if pending and not stop and (worker is None or worker.spec is None):
