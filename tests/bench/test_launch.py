@@ -111,6 +111,28 @@ def test_a_rerun_launches_nothing_finished_and_retries_the_failures(both, capsys
     assert sum("already done" in line for line in lines) == 4 and sum("failed" in line for line in lines) == 2
 
 
+def test_a_signal_while_an_inline_run_ends_stops_the_comparison_before_the_next_run(monkeypatch, tmp_path):
+    from visionmix.engine.train import _signal_flag
+    from visionmix.errors import TrainingInterrupted
+
+    ran = []
+
+    def run_ending_as_the_signal_comes(spec, **kwargs):  # the trainer's handler holds it; the run then ends
+        with _signal_flag() as flag:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert flag == {"signum": signal.SIGTERM}
+        ran.append(spec.seed)
+
+    monkeypatch.setattr(launch, "run_spec", run_ending_as_the_signal_comes)
+    specs = [launch.RunSpec(model="resnet_nano", seed=seed, config={}, run_dir=str(tmp_path / str(seed)), threads=1)
+             for seed in range(3)]
+    before, done = signal.getsignal(signal.SIGTERM), []
+    with pytest.raises(TrainingInterrupted, match="SIGTERM: stopped before the next run"):
+        InlineLauncher(progress=False).launch(specs, tmp_path, done.append, print)
+    assert ran == [0] and [s.seed for s in done] == [0]
+    assert signal.getsignal(signal.SIGTERM) is before  # every handler restored
+
+
 def test_local_slots_spread_runs_over_the_visible_gpus(monkeypatch):
     monkeypatch.setattr(launch, "visible_gpus", lambda: ["0", "1", "2", "3"])
     launcher = LocalLauncher(jobs_per_gpu=2)

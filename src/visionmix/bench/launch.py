@@ -142,9 +142,20 @@ class InlineLauncher:
 
     def launch(self, specs: Sequence[RunSpec], out_dir: Path, on_done: Callable[[RunSpec], None],
                log: Callable[[str], None]) -> dict[str, str]:
-        for spec in specs:
-            run_spec(spec, capture=False, progress=self.progress)
-            on_done(spec)
+        stop: dict[str, int] = {}
+
+        def handler(signum: int, frame: object) -> None:  # between runs, or passed on by a run that was ending
+            if stop and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            stop.setdefault("signum", signum)
+
+        with handling_signals(handler):
+            for spec in specs:
+                if stop:
+                    raise TrainingInterrupted(f"{signal.Signals(stop['signum']).name}: stopped before the next run",
+                                              stop["signum"])
+                run_spec(spec, capture=False, progress=self.progress)
+                on_done(spec)
         return {}
 
 

@@ -56,7 +56,9 @@ from visionmix.runlog import console_logging, run_log
 
 @contextmanager
 def _signal_flag() -> Iterator[dict[str, int]]:
-    """Turn the first SIGINT/SIGTERM into a flag checked after each step; a second SIGINT interrupts at once."""
+    """Turn the first SIGINT/SIGTERM into a flag checked after each step; a second SIGINT interrupts at once. A
+    signal that came after the last step (the run then ends normally) is passed on to the Python handler that was
+    installed before the run (e.g. a comparison's, which then starts no further run)."""
     flag: dict[str, int] = {}
     if threading.current_thread() is not threading.main_thread():
         yield flag
@@ -73,6 +75,9 @@ def _signal_flag() -> Iterator[dict[str, int]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+    before = previous.get(flag.get("signum", 0))
+    if callable(before) and before is not signal.default_int_handler:
+        before(flag["signum"], None)
 
 
 def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
