@@ -98,8 +98,9 @@ PRESETS: dict[str, Preset] = {
     # machine was shared, so an upper bound on time): resnet 189, skresnet 169, doconv 149, spach_ms attn 223,
     # uniformer 110, ulsam 104, condconv 66, psresnet 57, weightnet 47, dbb 46 (training form); the 18 models sum to
     # about 0.15 s per training image per seed, and one evaluation on the 10,000 test images costs 15-95 s a model
-    # (about 565 s for all). 15,000 training images (0.25 epoch) x 3 seeds: 3 x (15,000 x 0.15 + 565) + 18 x 20 s of
-    # benchmark = 8,900 s, about 2.5 hours; it resumes, so it may be run in parts.
+    # (about 565 s for all, at the former evaluation batch of 500; batches of 100 are 1.6-1.8x faster). 15,000
+    # training images (0.25 epoch) x 3 seeds: 3 x (15,000 x 0.15 + 565) + 18 x 20 s of benchmark = 8,900 s, about
+    # 2.5 hours; it resumes, so it may be run in parts.
     "claims": Preset(
         models=("resnet_nano", "seresnet_nano", "skresnet_nano", "ulsam_resnet_nano", "condconv_resnet_nano",
                 "weightnet_resnet_nano", "dbb_resnet_nano", "doconv_resnet_nano", "psresnet_nano",
