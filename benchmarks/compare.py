@@ -10,8 +10,8 @@ alternately, ``--repeats`` times each, every time into a fresh directory. For ea
 whole command (start-up, training, benchmarks, report), the training share (the runs' training time over their wall
 time, from ``results.json``'s ``meta.time``) and the mean top-1, and the ratio inline / local. ``--quick``: 2 models x
 1 seed on 640 digits images, one repeat, to check the script (seconds, not a measurement). ``--claims DIR``: instead,
-the whole ``--preset claims`` once with the local layout into ``DIR`` (kept: its report is docs/results/claims), with
-its wall time, training share, where the rest went and the verdicts.
+the whole ``--preset claims`` once with the local layout into ``DIR`` (kept, to copy its report to
+docs/results/claims), with its wall time, training share, where the rest went and the verdicts.
 
     flock /work/coord/bench.lock .venv/bin/python benchmarks/compare.py --quick
     flock /work/coord/bench.lock .venv/bin/python benchmarks/compare.py --out runs/bench-compare.json
