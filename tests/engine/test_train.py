@@ -448,6 +448,27 @@ def test_recompute_bn_statistics_is_the_average_over_the_batches_with_drop_path_
     assert model.training and model.norm.momentum == 0.3 and int(model.norm.num_batches_tracked) == 3
 
 
+def test_recompute_bn_statistics_equals_momentum_none_bit_for_bit_without_reading_the_device() -> None:
+    from visionmix.engine.evaluate import recompute_bn_statistics
+    from visionmix.transfers import HostSyncCounter
+
+    torch.manual_seed(0)
+    model = tinynets.TinyNet().eval()
+    reference = copy.deepcopy(model)
+    batches = [torch.randn(16, 1, 28, 28) for _ in range(5)]
+    reference.norm.reset_running_stats()
+    reference.norm.momentum = None  # BatchNorm's own cumulative average (1 / num_batches_tracked)
+    reference.norm.train()
+    with torch.no_grad():
+        for x in batches:
+            reference(x)
+    with HostSyncCounter("cpu") as counter:
+        recompute_bn_statistics(model, batches)
+    assert counter.counts["reads"] == 0, counter.ops  # a GPU never waits for the host here
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(model.norm, name), getattr(reference.norm, name)), name
+
+
 def test_a_short_run_ends_with_bn_statistics_of_its_final_weights(tmp_path: Path) -> None:
     from visionmix.engine.config import RECOMPUTE_BN_BATCH, RECOMPUTE_BN_IMAGES
     from visionmix.engine.evaluate import recompute_bn_statistics
