@@ -3,9 +3,10 @@ recipe's batch stage with flip, RandAugment, erasing and mixup/cutmix on the dev
 clipping, the weights' EMA, the step statistics and the checkpoints), bf16 autocast and channels_last on CUDA, for
 uniformer_small, spach_ms_s_patch4_224_conv and mixer_b16_224 at 224 px. Data: in memory (Fashion-MNIST when it is
 installed, else the embedded digits, upsampled: the pixels do not change the speed) and, with Fashion-MNIST
-installed, streamed from a JPEG ImageFolder (``visionmix data pack --from fashion-mnist``, RandomResizedCrop in
---workers processes). Images/s is the run's own: optimizer steps x batch / training time (the first step, with
-cuDNN's autotuning, included).
+installed, streamed from a JPEG ImageFolder (``visionmix data pack --from fashion-mnist``); both crop
+(RandomResizedCrop) in --workers processes. Images/s is the run's own: optimizer steps x batch / training time,
+after an untimed 2-step run of the same model, so that CUDA's lazy loading and cuDNN's autotuning are not charged
+to whichever column runs first (on an H200 they made uniformer_small's first 20 steps 11x slower than its second).
 
     .venv/bin/python benchmarks/gpu.py [--quick] [--batch-size 128] [--workers 8] [--steps 20]
 
@@ -32,7 +33,7 @@ def fashion_mnist_installed() -> bool:
 
 
 def train_speed(name: str, data: str, *, size: int, batch: int, steps: int, device: torch.device, out_dir: Path,
-                data_dir: str | None = None, workers: int = 0) -> float:
+                data_dir: str | None = None, workers: int) -> float:
     """Training images/s of ``steps`` optimizer steps of ``name`` through the trainer, deit recipe."""
     cuda = device.type == "cuda"
     subset = {} if data == "imagefolder" else {"max_train_samples": batch * steps, "max_eval_samples": batch}
@@ -69,8 +70,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'bf16' if device.type == 'cuda' else 'fp32'}, channels_last:")
         print(f"  {'model':<28} {f'in memory ({in_memory})':>24} {'streamed':>10}")
         for name in models:
+            train_speed(name, in_memory, size=size, batch=batch, steps=2, device=device, out_dir=Path(tmp) / "warm-up",
+                        workers=args.workers)
             fed = train_speed(name, in_memory, size=size, batch=batch, steps=steps, device=device,
-                              out_dir=Path(tmp))
+                              out_dir=Path(tmp), workers=args.workers)
             streamed = "n/a (needs Fashion-MNIST)"
             if folder is not None:
                 speed = train_speed(name, "imagefolder", size=size, batch=batch, steps=steps, device=device,
