@@ -100,7 +100,8 @@ PRESETS: dict[str, Preset] = {
     # about 0.15 s per training image per seed, and one evaluation on the 10,000 test images costs 15-95 s a model
     # (about 565 s for all, at the former evaluation batch of 500; batches of 100 are 1.6-1.8x faster). 15,000
     # training images (0.25 epoch) x 3 seeds: 3 x (15,000 x 0.15 + 565) + 18 x 20 s of benchmark = 8,900 s, about
-    # 2.5 hours; it resumes, so it may be run in parts.
+    # 2.5 hours; it resumes, so it may be run in parts. Measured: 130 min inline at 2 threads, 98 min with --jobs 2
+    # (one thread per run; evaluation in batches of 100, BN statistics from 5k images) on 2 cores (README).
     "claims": Preset(
         models=("resnet_nano", "seresnet_nano", "skresnet_nano", "ulsam_resnet_nano", "condconv_resnet_nano",
                 "weightnet_resnet_nano", "dbb_resnet_nano", "doconv_resnet_nano", "psresnet_nano",
@@ -108,7 +109,7 @@ PRESETS: dict[str, Preset] = {
                 "spach_ms_nano_mlp", "uniformer_nano", "mixer_nano", "s2mlpv2_nano"),
         data="fashion-mnist", seeds=3, recipe={"epochs": 0.25, "batch_size": 64, "warmup_epochs": 0.02},
         description="the papers' claims (PAPER_CLAIMS) on full Fashion-MNIST: every nano model for a quarter epoch "
-                    "(15,000 images, 234 steps), 3 seeds, paired against resnet_nano; about 2.5 h on 2 CPU threads",
+                    "(15,000 images, 234 steps), 3 seeds, paired against resnet_nano; about 100 min on 2 CPU cores",
         baseline="resnet_nano",
     ),
 }
