@@ -417,13 +417,15 @@ def test_pack_into_a_full_disk_is_one_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
 def test_a_pack_stopped_midway_is_replaced_by_the_next_one(tmp_path: Path, sig: signal.Signals) -> None:
     """A pack killed while writing leaves its split marked incomplete (readers refuse it); the same command run
-    again replaces everything it left, temporary files included, and no --force is needed for that."""
+    again replaces everything it left, temporary files included, and no --force is needed for that. 3,000 images:
+    the pack must still be running when the signal comes, about 2 s after its fourth shard here (with 600 it once finished
+    first, on a loaded machine)."""
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):
         (tmp_path / "tree" / "train" / cls).mkdir(parents=True)
-        for i in range(300):
+        for i in range(1500):
             Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
-                tmp_path / "tree" / "train" / cls / f"{i:03d}.png")
+                tmp_path / "tree" / "train" / cls / f"{i:04d}.png")
     argv = ["data", "pack", str(tmp_path / "tree"), str(tmp_path / "out"), "--shard-size", "10"]
     proc = _start(*argv, cwd=tmp_path)
     _wait_for(tmp_path / "out" / "train-000003.tar", proc)
@@ -437,7 +439,7 @@ def test_a_pack_stopped_midway_is_replaced_by_the_next_one(tmp_path: Path, sig: 
     again = visionmix(*argv, cwd=tmp_path)
     assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == ["info.json", *(f"train-{i:06d}.tar" for i in range(60))]
+    assert names == ["info.json", *(f"train-{i:06d}.tar" for i in range(300))]
 
 
 @pytest.fixture(scope="module")
