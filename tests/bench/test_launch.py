@@ -1,6 +1,7 @@
-"""visionmix.bench.launch: the same comparison inline and on local worker processes gives the same results and
-bit-identical weights; a failing run is a row with its error and log; provenance, time accounting and the plan are
-recorded; bad launcher options are one line and exit status 2; SIGTERM stops local workers and a re-run resumes."""
+"""visionmix.bench.launch and .local: the same comparison inline and on local worker processes gives the same
+results and bit-identical weights; a failing run is a row with its error and log; provenance, time accounting and the
+plan are recorded; bad launcher options are one line and exit status 2; SIGTERM stops local workers and a re-run
+resumes."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ import pytest
 from comparisons import assert_same_comparison, results, weights
 from visionmix.bench import launch
 from visionmix.bench.compare import PLAN_FILE, compare
-from visionmix.bench.launch import InlineLauncher, LocalLauncher
+from visionmix.bench.launch import InlineLauncher
 from visionmix.bench.launchers import LAUNCHERS, make_launcher
+from visionmix.bench.local import LocalLauncher
 from visionmix.cli import main
 from visionmix.engine.run_files import RUN_FILE, STDERR_FILE
 

@@ -1,7 +1,7 @@
 """``--launcher NAME``: the registry of launchers (:data:`LAUNCHERS`) and the default one for this machine.
 
-The launchers themselves live in :mod:`visionmix.bench.launch` (inline, local worker processes) and
-:mod:`visionmix.bench.slurm` (Slurm jobs through submitit); this module sits above both.
+The launchers themselves live in :mod:`visionmix.bench.launch` (inline), :mod:`visionmix.bench.local` (local
+worker processes) and :mod:`visionmix.bench.slurm` (Slurm jobs through submitit); this module sits above them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from visionmix.bench import slurm
-from visionmix.bench.launch import InlineLauncher, Launcher, LocalLauncher, visible_gpus
+from visionmix.bench.launch import InlineLauncher, Launcher, visible_gpus
+from visionmix.bench.local import LocalLauncher
 from visionmix.checks import check_choice
 from visionmix.errors import InvalidValue
 
