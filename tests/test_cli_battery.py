@@ -418,8 +418,8 @@ def test_pack_into_a_full_disk_is_one_line(tmp_path: Path) -> None:
 def test_a_pack_stopped_midway_is_replaced_by_the_next_one(tmp_path: Path, sig: signal.Signals) -> None:
     """A pack killed while writing leaves its split marked incomplete (readers refuse it); the same command run
     again replaces everything it left, temporary files included, and no --force is needed for that. 3,000 images:
-    the pack must still be running when the signal comes, about 2 s after its fourth shard here (with 600 it once finished
-    first, on a loaded machine)."""
+    the pack must still be running when the signal comes, about 2 s after its fourth shard here (with 600 it once
+    finished first, on a loaded machine)."""
     rng = np.random.default_rng(0)
     for cls in ("a", "b"):
         (tmp_path / "tree" / "train" / cls).mkdir(parents=True)
