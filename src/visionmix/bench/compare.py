@@ -2,8 +2,8 @@
 then accuracy next to parameters, MACs and measured speed.
 
 ``compare`` plans one run per model and seed (same data, epochs and hyper-parameters: a
-:class:`~visionmix.bench.launch.RunSpec` each), has a launcher (:mod:`visionmix.bench.launch`: in this process, in
-local worker processes, on Slurm) train those not finished yet, gathers every run's ``summary.json``, benchmarks
+:class:`~visionmix.bench.launch.RunSpec` each), has a launcher (:mod:`visionmix.bench.launchers`: in this process,
+in local worker processes, on Slurm) train those not finished yet, gathers every run's ``summary.json``, benchmarks
 the deployed form (``visionmix.reparameterize``) of each trained model once, and writes into ``out_dir``::
 
     plan.json               the runs (their specs) and the launcher, threads and processes per run
