@@ -6,7 +6,8 @@ installed, else the embedded digits, upsampled: the pixels do not change the spe
 installed, streamed from a JPEG ImageFolder (``visionmix data pack --from fashion-mnist``); both crop
 (RandomResizedCrop) in --workers processes. Images/s is the run's own: optimizer steps x batch / training time,
 after an untimed 2-step run of the same model, so that CUDA's lazy loading and cuDNN's autotuning are not charged
-to whichever column runs first (on an H200 they made uniformer_small's first 20 steps 11x slower than its second).
+to whichever column runs first (on an H200, without the warm-up and with the in-memory column cropping in the main
+process, uniformer_small's in-memory run was 11x slower than its streamed one).
 
     .venv/bin/python benchmarks/gpu.py [--quick] [--batch-size 128] [--workers 8] [--steps 20]
 
